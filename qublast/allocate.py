@@ -1,0 +1,96 @@
+"""Mixed-precision allocation: an exact multiple-choice knapsack, then measured repair.
+
+Every block picks one format. The solver keeps, block after block, the Pareto frontier of
+(total bytes, total predicted loss) over all partial assignments: a dynamic programme over
+byte totals that keeps only the states no other state beats on both axes. It is exact (no
+byte rounding) and small in practice because blocks share a few sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import BudgetError
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One block's option: format name, bytes it stores, predicted loss (dCE)."""
+
+    format: str
+    bytes: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A format per block with its total bytes and predicted loss."""
+
+    formats: tuple[str, ...]
+    bytes: int
+    loss: float
+
+
+def pareto_frontier(options: list[list[Choice]]) -> list[Plan]:
+    """All assignments not dominated in (bytes, loss), sorted by bytes ascending, loss descending."""
+    frontier = [Plan((), 0, 0.0)]
+    for block_options in options:
+        states = [
+            Plan(p.formats + (c.format,), p.bytes + c.bytes, p.loss + c.loss)
+            for p in frontier
+            for c in block_options
+        ]
+        states.sort(key=lambda s: (s.bytes, s.loss))
+        frontier = []
+        for state in states:
+            if not frontier or state.loss < frontier[-1].loss:
+                frontier.append(state)
+    return frontier
+
+
+def solve_for_size(options: list[list[Choice]], max_bytes: int) -> Plan:
+    """Least predicted loss with total bytes <= ``max_bytes``."""
+    feasible = [p for p in pareto_frontier(options) if p.bytes <= max_bytes]
+    if not feasible:
+        smallest = sum(min(c.bytes for c in block) for block in options)
+        raise BudgetError(f"size budget {max_bytes} bytes is below the smallest reachable {smallest} bytes")
+    return feasible[-1]
+
+
+def solve_for_loss(options: list[list[Choice]], max_loss: float) -> Plan:
+    """Fewest bytes with predicted loss <= ``max_loss`` (all-fp16 always qualifies when max_loss >= 0)."""
+    for plan in pareto_frontier(options):
+        if plan.loss <= max_loss:
+            return plan
+    raise BudgetError(f"no allocation has predicted loss <= {max_loss:.6f} nats")
+
+
+def best_upgrade(formats: list[str], options: list[list[Choice]]) -> tuple[int, Choice] | None:
+    """The (block, larger option) with the most predicted loss saved per extra byte."""
+    best, best_rate = None, None
+    for index, (current, block_options) in enumerate(zip(formats, options)):
+        now = next(c for c in block_options if c.format == current)
+        for option in block_options:
+            if option.bytes <= now.bytes:
+                continue
+            rate = (now.loss - option.loss) / (option.bytes - now.bytes)
+            if best_rate is None or rate > best_rate:
+                best, best_rate = (index, option), rate
+    return best
+
+
+def repair(
+    plan: Plan, options: list[list[Choice]], *, max_loss: float, measure: Callable[[list[str]], float], log: Callable[[str], None] = print
+) -> tuple[list[str], list[dict]]:
+    """Measure the plan; while measured loss > ``max_loss``, apply ``best_upgrade`` and measure again."""
+    formats = list(plan.formats)
+    history = [{"formats": list(formats), "measured": measure(formats)}]
+    while history[-1]["measured"] > max_loss:
+        step = best_upgrade(formats, options)
+        if step is None:
+            break
+        index, option = step
+        log(f"repair: measured dCE {history[-1]['measured']:.5f} > {max_loss:.5f}; block {index}: {formats[index]} -> {option.format}")
+        formats[index] = option.format
+        history.append({"formats": list(formats), "measured": measure(formats), "upgraded": index, "to": option.format})
+    return formats, history

@@ -1,0 +1,116 @@
+"""Running a causal LM one block at a time on a fixed batch of token windows.
+
+``BlockRunner`` runs the model once, keeping block 0's input hidden state and the keyword
+arguments every block received (masks, rotary embeddings: whatever the architecture passes).
+It can then run blocks ``i..L`` from any hidden state and score the logits against the fp
+model's: the sensitivity sweep's inner loop, with memory for one hidden state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .arch import ArchSpec
+
+
+def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Sub-module at a dotted path."""
+    return model.get_submodule(path)
+
+
+def blocks_of(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.ModuleList:
+    """The decoder layers."""
+    return get_module(model, spec.blocks)
+
+
+@dataclass(frozen=True)
+class Score:
+    """Mean cross-entropy of next-token prediction and mean KL(fp || this) per token."""
+
+    ce: float
+    kl: float
+
+
+class BlockRunner:
+    """Block-by-block execution on token windows ``ids`` [N, S] (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, spec: ArchSpec, ids: torch.Tensor, *, chunk: int = 2):
+        self.model, self.spec, self.ids, self.chunk = model, spec, ids, chunk
+        self.layers = blocks_of(model, spec)
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.first_hidden, self.layer_kwargs = self._capture()
+        final = self.run_from(0, self.first_hidden)
+        self.ref_logprobs = [torch.log_softmax(logits, dim=-1) for logits in self._head_chunks(final)]
+        self.fp_score = self.score(final)
+
+    @torch.no_grad()
+    def _capture(self) -> tuple[torch.Tensor, list[dict]]:
+        captured: list[dict] = [None] * len(self.layers)  # type: ignore[list-item]
+        first: list[torch.Tensor] = []
+
+        def hook(index):
+            def pre_hook(_module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if index == 0:
+                    first.append(hidden.detach())
+                captured[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if index == len(self.layers) - 1:
+                    raise _StopForward
+
+            return pre_hook
+
+        handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        try:
+            self.model(input_ids=self.ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return first[0], captured
+
+    @torch.no_grad()
+    def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Output hidden state of block ``index``: [N, S, H]."""
+        out = self.layers[index](hidden, **self.layer_kwargs[index])
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def run_from(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden state after blocks ``index..L-1``: [N, S, H]."""
+        for i in range(index, len(self.layers)):
+            hidden = self.run_block(i, hidden)
+        return hidden
+
+    @torch.no_grad()
+    def _head_chunks(self, hidden: torch.Tensor):
+        """Logits [chunk, S, V] for successive window chunks (bounded memory)."""
+        norm = get_module(self.model, self.spec.final_norm)
+        head = get_module(self.model, self.spec.lm_head)
+        for start in range(0, hidden.shape[0], self.chunk):
+            logits = head(norm(hidden[start : start + self.chunk])).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            yield logits
+
+    @torch.no_grad()
+    def score(self, hidden: torch.Tensor) -> Score:
+        """CE and KL to the fp model for a final hidden state."""
+        ce_sum = kl_sum = 0.0
+        count = 0
+        for k, logits in enumerate(self._head_chunks(hidden)):
+            start = k * self.chunk
+            targets = self.ids[start : start + logits.shape[0], 1:]  # [c, S-1]
+            logprobs = torch.log_softmax(logits, dim=-1)
+            ce_sum += F.nll_loss(logprobs[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
+            ref = self.ref_logprobs[k]
+            kl_sum += (ref.exp() * (ref - logprobs)).sum().item()
+            count += targets.numel()
+        n_positions = self.ids.numel()
+        return Score(ce=ce_sum / count, kl=kl_sum / n_positions)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the last block's inputs are known."""

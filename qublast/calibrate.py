@@ -1,0 +1,172 @@
+"""Calibration: sensitivity sweep -> allocation -> measured repair -> recipe + scales.
+
+The model is left exactly as it came in (fp weights); the decisions live in the recipe.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .allocate import Choice, Plan, repair, solve_for_loss, solve_for_size
+from .apply import plan_applied
+from .arch import ArchSpec
+from .blocks import BlockRunner, blocks_of, get_module
+from .errors import InputError
+from .evaluate import mean_ce
+from .formats import CANDIDATES, FORMATS
+from .quant import CLIP_GRID
+from .recipe import RECIPE_FORMAT, RECIPE_VERSION
+from .sensitivity import sweep
+from .sizes import block_bytes, linear_entry, model_sizes
+
+DEFAULT_MAX_PPL_INCREASE = 0.01
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Everything calibration decides with; validated when built. Exactly one mode is active."""
+
+    max_ppl_increase: float | None = None
+    target_size: float | None = None  # fraction of the block linears' fp16 bytes
+    uniform: str | None = None
+    lm_head: str = "fp16"
+    candidates: tuple[str, ...] = CANDIDATES
+    seqlen: int = 512
+    sens_windows: int = 8
+    holdout_windows: int = 8
+    seed: int = 0
+    safety: float = 0.9  # repair until held-out dCE <= safety * ln(1 + P)
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
+
+    def __post_init__(self):
+        modes = [m for m in (self.max_ppl_increase, self.target_size, self.uniform) if m is not None]
+        if len(modes) > 1:
+            raise InputError("give only one of --max-ppl-increase, --target-size, --uniform")
+        if not modes:
+            object.__setattr__(self, "max_ppl_increase", DEFAULT_MAX_PPL_INCREASE)
+        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
+            raise InputError(f"--max-ppl-increase must be > 0, got {self.max_ppl_increase}")
+        if self.target_size is not None and not 0 < self.target_size <= 1:
+            raise InputError(f"--target-size must be a fraction in (0, 1], got {self.target_size}")
+        for name in (*self.candidates, self.lm_head, *( [self.uniform] if self.uniform else [])):
+            if name not in FORMATS:
+                raise InputError(f"unknown format {name!r}; known: {', '.join(FORMATS)}")
+        if "fp16" not in self.candidates:
+            raise InputError("the candidate formats must include fp16")
+        if not 0 < self.safety <= 1:
+            raise InputError(f"safety must be in (0, 1], got {self.safety}")
+
+    @property
+    def mode(self) -> str:
+        if self.uniform:
+            return "uniform"
+        return "target_size" if self.target_size is not None else "max_ppl_increase"
+
+    @property
+    def mode_value(self):
+        return {"uniform": self.uniform, "target_size": self.target_size, "max_ppl_increase": self.max_ppl_increase}[self.mode]
+
+
+def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray, calib_label: str, cfg: CalibConfig, log=print) -> tuple[dict, dict]:
+    """Decide a format per block; returns ``(recipe, scales)``. The model keeps its fp weights."""
+    from .text import calib_windows
+
+    sens, holdout = calib_windows(calib_ids, cfg.seqlen, (cfg.sens_windows, cfg.holdout_windows), seed=cfg.seed)
+    layers = blocks_of(model, spec)
+    table, allocation = None, {}
+    if cfg.mode == "uniform":
+        formats = [cfg.uniform] * len(layers)
+    else:
+        runner = BlockRunner(model, spec, torch.from_numpy(sens))
+        journal = cfg.cache_dir / f"sensitivity-{_fingerprint(model_info, sens, cfg)[:16]}.jsonl"
+        log(f"sensitivity: {len(layers)} blocks x {len(cfg.candidates) - 1} formats on {sens.size} tokens (journal {journal})")
+        table = sweep(runner, cfg.candidates, journal=journal, fingerprint=_fingerprint(model_info, sens, cfg))
+        del runner
+        options = [[Choice(f, block_bytes(layer, spec, f), row[f].dce) for f in cfg.candidates] for layer, row in zip(layers, table)]
+        formats, allocation = _allocate(model, spec, options, holdout, cfg, log)
+    with plan_applied(model, spec, formats, lm_head=cfg.lm_head) as qweights:
+        heldout_ce = mean_ce(model, holdout)
+    allocation["heldout_ce_quant"] = heldout_ce
+    recipe = _recipe(model, spec, formats, qweights, table, allocation, model_info=model_info, cfg=cfg, calib_label=calib_label)
+    scales = {path: qw.scale for path, qw in qweights.items()}
+    return recipe, scales
+
+
+def _allocate(model, spec, options, holdout, cfg: CalibConfig, log) -> tuple[list[str], dict]:
+    fp_ce = mean_ce(model, holdout)
+    info: dict = {"heldout_ce_fp": fp_ce}
+    if cfg.mode == "target_size":
+        fp16_bytes = sum(next(c.bytes for c in block if c.format == "fp16") for block in options)
+        budget = int(cfg.target_size * fp16_bytes)
+        plan = solve_for_size(options, budget)
+        info.update(budget_bytes=budget, predicted_dce=plan.loss)
+        return list(plan.formats), info
+    max_loss = math.log1p(cfg.max_ppl_increase)
+    plan: Plan = solve_for_loss(options, cfg.safety * max_loss)
+    info.update(max_dce=max_loss, repair_target_dce=cfg.safety * max_loss, predicted_dce=plan.loss)
+
+    def measure(formats: list[str]) -> float:
+        with plan_applied(model, spec, formats, lm_head=cfg.lm_head):
+            return mean_ce(model, holdout) - fp_ce
+
+    formats, history = repair(plan, options, max_loss=cfg.safety * max_loss, measure=measure, log=log)
+    info["repair"] = history
+    return formats, info
+
+
+def _recipe(model, spec, formats, qweights, table, allocation, *, model_info, cfg: CalibConfig, calib_label) -> dict:
+    layers = blocks_of(model, spec)
+    blocks = []
+    for index, (layer, fmt) in enumerate(zip(layers, formats)):
+        linears = []
+        for name in spec.linears:
+            path = f"{spec.blocks}.{index}.{name}"
+            entry = linear_entry(get_module(layer, name), name=name, path=path, fmt_name=fmt)
+            if path in qweights:
+                entry["error"] = qweights[path].stats.as_dict()
+            linears.append(entry)
+        blocks.append({
+            "index": index,
+            "format": fmt,
+            "bytes": sum(e["bytes"] for e in linears),
+            "bytes_fp16": block_bytes(layer, spec, "fp16"),
+            "sensitivity": {f: {"dce": s.dce, "kl": s.kl} for f, s in table[index].items()} if table else {},
+            "linears": linears,
+        })
+    head_entry = linear_entry(get_module(model, spec.lm_head), name=spec.lm_head, path=spec.lm_head, fmt_name=cfg.lm_head)
+    if spec.lm_head in qweights:
+        head_entry["error"] = qweights[spec.lm_head].stats.as_dict()
+    return {
+        "format": RECIPE_FORMAT,
+        "version": RECIPE_VERSION,
+        "model": model_info,
+        "calibration": {
+            "text": calib_label, "seqlen": cfg.seqlen, "sens_windows": cfg.sens_windows,
+            "holdout_windows": cfg.holdout_windows, "seed": cfg.seed, "candidates": list(cfg.candidates),
+            "clip_grid": list(CLIP_GRID), "safety": cfg.safety,
+        },
+        "constraint": {"mode": cfg.mode, "value": cfg.mode_value},
+        "lm_head": {"format": cfg.lm_head, "tied": _tied(model, spec), "linears": [head_entry]},
+        "blocks": blocks,
+        "allocation": allocation,
+        "metrics": model_sizes(model, spec, formats, lm_head=cfg.lm_head),
+    }
+
+
+def _tied(model, spec) -> bool:
+    from .sizes import is_tied
+
+    return is_tied(model, spec)
+
+
+def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(model_info["weight_sha256"].encode())
+    digest.update(np.ascontiguousarray(sens).tobytes())
+    digest.update(repr((cfg.candidates, CLIP_GRID)).encode())
+    return digest.hexdigest()

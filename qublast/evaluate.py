@@ -1,0 +1,39 @@
+"""Perplexity of a PyTorch model on token windows: PPL = exp(mean NLL over predicted tokens)."""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class PplResult:
+    """Perplexity with the totals it came from."""
+
+    ppl: float
+    nll_sum: float
+    tokens: int  # predicted tokens: windows * (seqlen - 1)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2, desc: str = "ppl torch") -> PplResult:
+    """Each window [seqlen] is scored on its own: tokens 1..S-1 predicted from their prefix."""
+    nll_sum, tokens = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", file=sys.stderr):
+        ids = torch.from_numpy(windows[start : start + batch_size])  # [B, S]
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, S, V]
+        nll_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        tokens += ids[:, 1:].numel()
+    return PplResult(math.exp(nll_sum / tokens), nll_sum, tokens)
+
+
+@torch.no_grad()
+def mean_ce(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2) -> float:
+    """Mean next-token cross-entropy in nats over the windows."""
+    result = perplexity(model, windows, batch_size=batch_size, desc="held-out CE")
+    return result.nll_sum / result.tokens

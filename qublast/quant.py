@@ -1,0 +1,115 @@
+"""Quantization primitives: pure functions over tensors, each reporting its error.
+
+A quantized weight is plain data: integer codes ``q`` (int8 storage, values within the
+format's signed range), fp32 ``scale`` of shape ``[out, in // block_size]`` holding
+fp16-representable values, and ``block_size``. ``dequantize`` gives ``q * scale`` exactly as
+ONNX ``DequantizeLinear`` computes it, so PyTorch and the deployed graph agree bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Clip ratios tried per scale group; 1.0 is plain absmax.
+CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.02 * i, 2) for i in range(21))
+
+
+@dataclass(frozen=True)
+class QuantStats:
+    """Error of one quantized tensor against its original."""
+
+    rel_err: float  # ||W - Q(W)||_F / ||W||_F
+    max_abs_err: float
+    mse: float
+    clip_mean: float  # mean chosen clip ratio (1.0 = absmax)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Symmetric integer weight: ``w ~= q * scale`` with one scale per group of ``block_size``."""
+
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # fp32 [out, in // block_size]
+    bits: int
+    block_size: int
+    stats: QuantStats
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [out, in] weight as the deployed graph reconstructs it."""
+        return dequantize(self.q, self.scale, self.block_size)
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range of a ``bits``-bit code, e.g. (-8, 7) for 4 bits."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``q * scale`` with each scale broadcast over its block: [out, in] fp32."""
+    out_f, in_f = q.shape
+    groups = q.float().view(out_f, in_f // block_size, block_size)  # [out, G, bs]
+    return (groups * scale.unsqueeze(-1)).view(out_f, in_f)
+
+
+def quantize_weight(
+    w: torch.Tensor, *, bits: int, block_size: int, clip_grid: tuple[float, ...] = CLIP_GRID
+) -> QuantizedWeight:
+    """Quantize ``w`` [out, in] symmetrically with a per-group clip search minimising MSE.
+
+    ``block_size == in`` gives per-output-channel scales. Scales are rounded to fp16 values
+    so an fp16 deployment reproduces them exactly.
+    """
+    out_f, in_f = w.shape
+    if in_f % block_size:
+        raise ValueError(f"block size {block_size} does not divide input size {in_f}")
+    qmin, qmax = qrange(bits)
+    groups = w.detach().float().reshape(out_f, in_f // block_size, block_size)  # [out, G, bs]
+    absmax = groups.abs().amax(dim=-1)  # [out, G]
+    best_err = torch.full_like(absmax, float("inf"))
+    best_scale = torch.ones_like(absmax)
+    best_ratio = torch.ones_like(absmax)
+    for ratio in clip_grid:
+        scale = _fp16_scale(absmax * ratio / qmax)
+        q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
+        err = (q * scale.unsqueeze(-1) - groups).pow(2).sum(dim=-1)  # [out, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    q = torch.clamp(torch.round(groups / best_scale.unsqueeze(-1)), qmin, qmax)
+    q = q.to(torch.int8).view(out_f, in_f)
+    stats = _error_stats(w.detach().float(), dequantize(q, best_scale, block_size), best_ratio)
+    return QuantizedWeight(q=q, scale=best_scale, bits=bits, block_size=block_size, stats=stats)
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scale rounded to fp16, never zero (an all-zero group keeps scale 1)."""
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.clamp(min=float(torch.finfo(torch.float16).tiny))
+    return scale.half().float()
+
+
+def _error_stats(w: torch.Tensor, wq: torch.Tensor, ratio: torch.Tensor) -> QuantStats:
+    diff = wq - w
+    norm = w.norm().item()
+    return QuantStats(
+        rel_err=diff.norm().item() / norm if norm > 0 else 0.0,
+        max_abs_err=diff.abs().max().item(),
+        mse=diff.pow(2).mean().item(),
+        clip_mean=ratio.mean().item(),
+    )
+
+
+def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, *, bits: int, block_size: int) -> torch.Tensor:
+    """Integer codes of ``w`` [out, in] for given scales [out, in // block_size]: int8 [out, in]."""
+    out_f, in_f = w.shape
+    if scale.shape != (out_f, in_f // block_size):
+        raise ValueError(f"scale shape {tuple(scale.shape)} does not fit weight {tuple(w.shape)} / block {block_size}")
+    qmin, qmax = qrange(bits)
+    groups = w.detach().float().reshape(out_f, in_f // block_size, block_size)  # [out, G, bs]
+    q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
+    return q.to(torch.int8).view(out_f, in_f)

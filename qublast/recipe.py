@@ -1,0 +1,117 @@
+"""The recipe: the versioned, self-describing record of what calibration decided.
+
+``recipe.json`` layout (version 1)::
+
+    {"format": "qublast-recipe", "version": 1,
+     "model": {"id", "model_type", "weight_sha256", "num_blocks"},
+     "calibration": {text, seqlen, windows, seed, candidates, ...},
+     "constraint": {"mode": "max_ppl_increase" | "target_size" | "uniform", "value"},
+     "lm_head": {"format", "linears": [...]},
+     "blocks": [{"index", "format", "bytes", "bytes_fp16",
+                 "sensitivity": {format: {"dce", "kl"}},
+                 "linears": [{"name", "format", "bits", "block_size", "shape", "bytes", "error"}]}],
+     "allocation": {"predicted_dce", "heldout_dce", "repair": [...]},
+     "metrics": {"ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes",
+                 "size_bytes_blocks_fp16", "size_bytes_blocks", "eval_tokens", "seqlen", ...}}
+
+``scales.safetensors`` holds, for every quantized linear (full module path ``P``), the fp32
+tensor ``P.scale`` of shape [out, in // block_size]. Integer codes are not stored: they are
+``clamp(round(w / scale))`` of the checkpoint's weight, which export recomputes exactly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import RecipeError
+from .files import atomic_write_bytes, atomic_write_text
+from .formats import FORMATS
+
+RECIPE_FORMAT = "qublast-recipe"
+RECIPE_VERSION = 1
+REQUIRED_KEYS = ("model", "calibration", "constraint", "lm_head", "blocks", "allocation", "metrics")
+REQUIRED_METRICS = (
+    "ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes",
+    "size_bytes_blocks_fp16", "size_bytes_blocks", "eval_tokens", "seqlen",
+)
+
+
+def write_recipe(recipe: dict, path: str | Path) -> None:
+    """Validate and write ``recipe`` atomically."""
+    validate(recipe)
+    atomic_write_text(path, json.dumps(recipe, indent=1) + "\n")
+
+
+def read_recipe(path: str | Path) -> dict:
+    """Read and validate a recipe; any defect is a one-line ``RecipeError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe {path} is not valid JSON: {exc}") from exc
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: dict) -> None:
+    """Check the schema: format tag, version, required keys, known formats, block indices."""
+    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
+        raise RecipeError("not a QuBLAST recipe (missing format tag)")
+    if recipe.get("version") != RECIPE_VERSION:
+        raise RecipeError(f"recipe version {recipe.get('version')!r} is not supported (expected {RECIPE_VERSION})")
+    missing = [k for k in REQUIRED_KEYS if k not in recipe]
+    if missing:
+        raise RecipeError(f"recipe lacks {', '.join(missing)}")
+    blocks = recipe["blocks"]
+    if [b.get("index") for b in blocks] != list(range(recipe["model"].get("num_blocks", -1))):
+        raise RecipeError("recipe blocks do not cover the model's blocks in order")
+    for block in blocks:
+        for entry in [block] + block.get("linears", []):
+            if entry.get("format") not in FORMATS:
+                raise RecipeError(f"block {block['index']}: unknown format {entry.get('format')!r}")
+    if recipe["lm_head"].get("format") not in FORMATS:
+        raise RecipeError(f"lm_head: unknown format {recipe['lm_head'].get('format')!r}")
+
+
+def check_model(recipe: dict, weight_sha256: str) -> None:
+    """Refuse a recipe made for another checkpoint."""
+    expected = recipe["model"]["weight_sha256"]
+    if expected != weight_sha256:
+        raise RecipeError(
+            f"recipe was made for weights {expected[:12]}…, this checkpoint is {weight_sha256[:12]}…"
+        )
+
+
+def write_scales(scales: dict, path: str | Path) -> None:
+    """Write ``{module_path: scale tensor}`` as ``scales.safetensors`` atomically."""
+    from safetensors.torch import save
+
+    tensors = {f"{name}.scale": t.contiguous() for name, t in sorted(scales.items())}
+    atomic_write_bytes(path, save(tensors, metadata={"format": RECIPE_FORMAT, "version": str(RECIPE_VERSION)}))
+
+
+def read_scales(path: str | Path) -> dict:
+    """``{module_path: scale tensor}`` from ``scales.safetensors``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise RecipeError(f"cannot read scales {path}: {exc}") from exc
+    return {name.removesuffix(".scale"): t for name, t in tensors.items()}
+
+
+def quantized_linears(recipe: dict) -> dict[str, dict]:
+    """``{full module path: linear entry}`` for every linear the recipe quantizes."""
+    out = {}
+    for block in recipe["blocks"]:
+        for lin in block["linears"]:
+            if lin["bits"] is not None:
+                out[lin["path"]] = lin
+    for lin in recipe["lm_head"].get("linears", []):
+        if lin["bits"] is not None:
+            out[lin["path"]] = lin
+    return out

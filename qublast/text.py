@@ -1,0 +1,120 @@
+"""Evaluation and calibration text, tokenized into fixed-length windows.
+
+Evaluation follows DESIGN.md: WikiText-2 raw test rows joined with "\\n\\n", tokenized once,
+cut into non-overlapping windows. Calibration takes seeded random windows from train or
+validation text, never from the test split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+WIKITEXT_DATASETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
+    "wikitext103": ("wikitext", "wikitext-103-raw-v1"),
+}
+EMBEDDED_EVAL = "wikitext2_test_excerpt.raw"
+EMBEDDED_CALIB = "wikitext2_valid_excerpt.txt"
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where a text comes from: a file, a hub dataset name, or a file shipped with QuBLAST."""
+
+    label: str
+    text: str
+
+
+def wikitext_rows_to_text(lines: list[str]) -> str:
+    """Rows as the HF loader gives them (blank -> "", else line + "\\n"), joined with "\\n\\n"."""
+    rows = ["" if not line.strip() else line.rstrip("\n") + "\n" for line in lines]
+    return "\n\n".join(rows)
+
+
+def eval_text(*, path: str | None = None, dataset: str | None = None) -> TextSource:
+    """Evaluation text: a WikiText-format file, a WikiText dataset's test split, or the embedded excerpt."""
+    if path:
+        lines = _read(path).splitlines(keepends=True)
+        return TextSource(f"file:{path}", wikitext_rows_to_text(lines))
+    if dataset:
+        rows = _load_dataset_rows(dataset, "test")
+        return TextSource(f"{dataset}:test", "\n\n".join(rows))
+    lines = _embedded(EMBEDDED_EVAL).splitlines(keepends=True)
+    return TextSource(f"embedded:{EMBEDDED_EVAL}", wikitext_rows_to_text(lines))
+
+
+def calib_text(*, path: str | None = None, dataset: str | None = None, split: str = "validation") -> TextSource:
+    """Calibration text: a plain text file, a WikiText dataset's train/validation split, or the embedded excerpt."""
+    if split == "test":
+        raise InputError("calibration never uses the test split; use train or validation")
+    if path:
+        return TextSource(f"file:{path}", _read(path))
+    if dataset:
+        rows = _load_dataset_rows(dataset, split)
+        return TextSource(f"{dataset}:{split}", "\n\n".join(rows))
+    return TextSource(f"embedded:{EMBEDDED_CALIB}", _embedded(EMBEDDED_CALIB))
+
+
+def tokenize(tokenizer, text: str) -> np.ndarray:
+    """Token ids of the whole text, no special tokens added: int64 [T]."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def eval_windows(ids: np.ndarray, seqlen: int, *, max_windows: int | None = None) -> np.ndarray:
+    """Non-overlapping windows from the start: int64 [N, seqlen]; the short tail is dropped."""
+    n = len(ids) // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise InputError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def calib_windows(ids: np.ndarray, seqlen: int, counts: tuple[int, ...], *, seed: int) -> tuple[np.ndarray, ...]:
+    """Disjoint sets of seeded random non-overlapping windows, one ``[count, seqlen]`` array per count."""
+    slots = len(ids) // seqlen
+    need = sum(counts)
+    if slots < need:
+        raise InputError(
+            f"calibration text has {len(ids)} tokens: {slots} windows of {seqlen}, {need} needed"
+        )
+    order = np.random.default_rng(seed).permutation(slots)[:need]
+    grid = ids[: slots * seqlen].reshape(slots, seqlen)
+    sets, start = [], 0
+    for count in counts:
+        sets.append(grid[np.sort(order[start : start + count])])
+        start += count
+    return tuple(sets)
+
+
+def _read(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"text file not found: {path}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"text file is not UTF-8: {path}") from exc
+
+
+def _embedded(name: str) -> str:
+    return resources.files("qublast.data").joinpath(name).read_text(encoding="utf-8")
+
+
+def _load_dataset_rows(dataset: str, split: str) -> list[str]:
+    if dataset not in WIKITEXT_DATASETS:
+        raise InputError(f"unknown dataset {dataset!r}; known: {', '.join(WIKITEXT_DATASETS)}")
+    try:
+        from datasets import load_dataset
+
+        return list(load_dataset(*WIKITEXT_DATASETS[dataset], split=split)["text"])
+    except Exception as exc:  # the hub may be unreachable: say so in one line
+        raise InputError(
+            f"cannot load dataset {dataset} ({split}): {exc.__class__.__name__}; pass a text file instead"
+        ) from exc
