@@ -38,9 +38,9 @@ class CalibConfig:
     candidates: tuple[str, ...] = CANDIDATES
     seqlen: int = 512
     sens_windows: int = 8
-    holdout_windows: int = 8
+    holdout_windows: int = 16
     seed: int = 0
-    safety: float = 0.9  # repair until held-out dCE <= safety * ln(1 + P)
+    safety: float = 0.8  # repair until held-out dCE <= safety * ln(1 + P)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
     def __post_init__(self):

@@ -28,6 +28,7 @@ def linear_entry(linear: torch.nn.Linear, *, name: str, path: str, fmt_name: str
         "bits": fmt.weight_bits,
         "block_size": block_size_for(fmt, linear.in_features) if fmt.weight_bits else None,
         "shape": [linear.out_features, linear.in_features],
+        "bias": linear.bias is not None,
         "bytes": linear_bytes_in(linear, fmt_name),
     }
 

@@ -1,0 +1,77 @@
+"""``python -m qublast.export``: calibrate, export and verify a bundle (thin CLI over ``export/``).
+
+Every ``QublastError`` ends the run with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .calibrate import CalibConfig
+from .errors import QublastError
+from .formats import CANDIDATES, FORMATS
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qublast.export", description=__doc__.splitlines()[0])
+    p.add_argument("--target", default="jetson", help="jetson (TensorRT build script) or cpu")
+    p.add_argument("--model", help="hub id, local HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", type=Path, default=Path("bundle"), help="bundle directory (default: ./bundle)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--max-ppl-increase", type=float, help="max relative PPL increase, e.g. 0.01 (default)")
+    mode.add_argument("--target-size", type=float, help="block linears' size as a fraction of their fp16 bytes")
+    mode.add_argument("--uniform", choices=sorted(FORMATS), help="every block in one format (baselines)")
+    p.add_argument("--recipe", type=Path, help="reuse a recipe.json (scales.safetensors beside it)")
+    p.add_argument("--lm-head", default="fp16", choices=sorted(FORMATS), help="lm_head format (default fp16)")
+    p.add_argument("--candidates", default=",".join(CANDIDATES), help="formats blocks may take")
+    p.add_argument("--calib-text", help="calibration text file (train/validation text, never test)")
+    p.add_argument("--calib-dataset", help="calibration dataset name (wikitext2), validation split")
+    p.add_argument("--eval-text", help="evaluation file in WikiText raw layout (e.g. wiki.test.raw)")
+    p.add_argument("--eval-dataset", help="evaluation dataset name (wikitext2, wikitext103), test split")
+    p.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default 512)")
+    p.add_argument("--max-eval-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-windows", type=int, default=8, help="windows for the sensitivity sweep")
+    p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows for measured repair")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--safety", type=float, default=0.8, help="repair until held-out dCE <= safety * ln(1+P)")
+    p.add_argument("--context", type=int, default=2048, help="max context for the TensorRT profiles")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qublast")
+    p.add_argument("--trust-remote-code", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """Flags -> ``ExportConfig`` (validation happens in the config classes)."""
+    from export.pipeline import ExportConfig
+
+    calib = CalibConfig(
+        max_ppl_increase=args.max_ppl_increase, target_size=args.target_size, uniform=args.uniform,
+        lm_head=args.lm_head, candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
+        seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
+        seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
+    )
+    return ExportConfig(
+        out=args.out, target=args.target, model=args.model, recipe=args.recipe, calib=calib,
+        calib_text=args.calib_text, calib_dataset=args.calib_dataset, eval_text=args.eval_text,
+        eval_dataset=args.eval_dataset, seqlen=args.seqlen, max_eval_windows=args.max_eval_windows,
+        context=args.context, threads=args.threads, trust_remote_code=args.trust_remote_code,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        from export.pipeline import run
+
+        run(config_from_args(args))
+    except QublastError as exc:
+        print(f"qublast: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

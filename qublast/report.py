@@ -1,0 +1,144 @@
+"""``report.md``, ``sensitivity.png`` and ``size_vs_ppl.png`` of a bundle, from its recipe alone."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .files import atomic_write_text
+
+GGUF_CAVEAT = (
+    "Caveat: the \"full-precision\" baseline of this checkpoint is itself a dequantized GGUF "
+    "({gguf}) model, so re-quantizing it to INT8 is nearly free and INT4 errors are smaller than on "
+    "a truly fp16-trained checkpoint. Results on it show the pipeline works and rank methods; they "
+    "are not a claim about fp16 checkpoints."
+)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def write_report(recipe: dict, out_dir: Path) -> None:
+    """Write the three report files for ``recipe`` into ``out_dir``."""
+    _plot_sensitivity(recipe, out_dir / "sensitivity.png")
+    _plot_size_vs_ppl(recipe, out_dir / "size_vs_ppl.png")
+    atomic_write_text(out_dir / "report.md", render(recipe))
+
+
+def render(recipe: dict) -> str:
+    """Markdown report: model, constraint, PPLs, sizes, per-block table."""
+    m, model = recipe["metrics"], recipe["model"]
+    lines = [f"# QuBLAST report: {model['id']}", ""]
+    if model.get("gguf") and any(tag in model["gguf"].upper() for tag in ("Q2", "Q3", "Q4", "Q5", "Q6", "Q8")):
+        lines += [f"> {GGUF_CAVEAT.format(gguf=model['gguf'])}", ""]
+    c, ev = recipe["constraint"], recipe.get("evaluation", {})
+    lines += [
+        f"- constraint: `{c['mode']} = {c['value']}`; lm_head: `{recipe['lm_head']['format']}`"
+        f" (tied to embeddings: {recipe['lm_head'].get('tied')}); embeddings kept fp16",
+        f"- evaluation: {ev.get('text')}, {ev.get('windows')} windows of {m['seqlen']} tokens, {m['eval_tokens']} predicted tokens",
+        f"- calibration: {recipe['calibration']['text']}, seed {recipe['calibration']['seed']}",
+        f"- ONNX Runtime session: {ev.get('ort_session')}",
+        "",
+        "| | PPL | vs fp |",
+        "|---|---|---|",
+        f"| fp (PyTorch fp32) | {m['ppl_fp']:.4f} | |",
+        f"| quantized, PyTorch | {m['ppl_quant_torch']:.4f} | {100 * (m['ppl_quant_torch'] / m['ppl_fp'] - 1):+.2f}% |",
+        f"| quantized, ONNX Runtime (deployed graph) | {m['ppl_quant_ort']:.4f} | {100 * (m['ppl_quant_ort'] / m['ppl_fp'] - 1):+.2f}% |",
+        "",
+        "| size | fp16 | deployed | reduction |",
+        "|---|---|---|---|",
+        f"| whole model | {_mb(m['size_bytes_fp16'])} | {_mb(m['size_bytes'])} | {100 * (1 - m['size_bytes'] / m['size_bytes_fp16']):.1f}% |",
+        f"| block linears | {_mb(m['size_bytes_blocks_fp16'])} | {_mb(m['size_bytes_blocks'])} | {100 * (1 - m['size_bytes_blocks'] / m['size_bytes_blocks_fp16']):.1f}% |",
+        "",
+        f"ONNX files on disk (fp32 graph, kept tensors stored fp32): {_mb(m.get('onnx_file_bytes', 0))}. "
+        f"Logit agreement PyTorch vs ORT: {m.get('logit_agreement')}. Timings (s): {_timings(m)}",
+        "",
+        "## Blocks",
+        "",
+        "| block | format | bytes | dCE w8 | dCE w4 | KL w4 | worst linear rel. error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for block in recipe["blocks"]:
+        sens = block.get("sensitivity", {})
+        errs = [(lin["error"]["rel_err"], lin["name"]) for lin in block["linears"] if "error" in lin]
+        worst = f"{max(errs)[1]} {max(errs)[0]:.4f}" if errs else "-"
+        lines.append(
+            f"| {block['index']} | {block['format']} | {block['bytes']} | {_f(sens, 'w8', 'dce')} | "
+            f"{_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {worst} |"
+        )
+    lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe['allocation'])}\n```", ""]
+    return "\n".join(lines)
+
+
+def _f(sens: dict, fmt: str, key: str) -> str:
+    return f"{sens[fmt][key]:+.5f}" if fmt in sens else "-"
+
+
+def _timings(m: dict) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in m.get("timings", {}).items())
+
+
+def _allocation_text(allocation: dict) -> str:
+    out = [f"{k}: {v}" for k, v in allocation.items() if k != "repair"]
+    for step in allocation.get("repair", []):
+        counts = {f: step["formats"].count(f) for f in sorted(set(step["formats"]))}
+        out.append(f"repair step: measured held-out dCE {step['measured']:+.5f}, formats {counts}")
+    return "\n".join(out)
+
+
+def _plot_sensitivity(recipe: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    blocks = recipe["blocks"]
+    formats = sorted({f for b in blocks for f in b.get("sensitivity", {}) if f != "fp16"})
+    for fmt in formats:
+        ax.plot([b["index"] for b in blocks], [b["sensitivity"][fmt]["dce"] for b in blocks], marker="o", label=fmt)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("block")
+    ax.set_ylabel("dCE when only this block is quantized (nats/token)")
+    ax.set_title("Per-block sensitivity" if formats else "Per-block sensitivity (not measured: uniform recipe)")
+    if formats:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
+    """Predicted PPL of every Pareto-optimal allocation vs size, with the chosen one measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .allocate import Choice, pareto_frontier
+
+    m = recipe["metrics"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    blocks = recipe["blocks"]
+    if all(b.get("sensitivity") for b in blocks):
+        options = [[Choice(f, _bytes_in(b, f), s["dce"]) for f, s in b["sensitivity"].items()] for b in blocks]
+        frontier = pareto_frontier(options)
+        fp16 = m["size_bytes_blocks_fp16"]
+        ax.plot([p.bytes / fp16 for p in frontier], [m["ppl_fp"] * math.exp(p.loss) for p in frontier], ".-", ms=3, label="predicted (sum of block dCE)")
+    x = m["size_bytes_blocks"] / m["size_bytes_blocks_fp16"]
+    ax.plot([x], [m["ppl_quant_torch"]], "s", label="chosen: PyTorch")
+    ax.plot([x], [m["ppl_quant_ort"]], "x", ms=10, label="chosen: ONNX Runtime")
+    ax.axhline(m["ppl_fp"], color="grey", lw=0.5, label="fp")
+    ax.set_xlabel("block linears, fraction of fp16 bytes")
+    ax.set_ylabel("PPL")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bytes_in(block: dict, fmt: str) -> int:
+    """Block bytes in ``fmt`` from its linears' shapes (the recipe stores only the chosen format's)."""
+    from .formats import get_format, linear_bytes
+
+    return sum(linear_bytes(get_format(fmt), *lin["shape"], has_bias=lin.get("bias", False)) for lin in block["linears"])

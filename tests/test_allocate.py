@@ -1,0 +1,172 @@
+"""The multiple-choice knapsack against brute force, and measured repair with a fake measure."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from qublast.allocate import Choice, Plan, best_upgrade, pareto_frontier, repair, solve_for_loss, solve_for_size
+from qublast.errors import BudgetError
+
+SEEDS = range(8)
+
+
+def _instance(seed: int, blocks: int = 6, per_block: int = 3) -> list[list[Choice]]:
+    """Random options; losses are multiples of 1/8 (exact float sums, ties happen), some negative."""
+    rng = random.Random(seed)
+    options = []
+    for b in range(blocks):
+        sizes = rng.sample(range(1, 12), per_block)
+        options.append([Choice(f"f{k}", sizes[k], rng.randint(-4, 16) / 8) for k in range(per_block)])
+    return options
+
+
+def _all_plans(options):
+    for combo in itertools.product(*options):
+        yield tuple(c.format for c in combo), sum(c.bytes for c in combo), sum(c.loss for c in combo)
+
+
+def _brute_frontier(options) -> set[tuple[int, float]]:
+    points = {(b, l) for _, b, l in _all_plans(options)}
+    return {
+        p for p in points
+        if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points)
+    }
+
+
+def _totals(options, formats) -> tuple[int, float]:
+    chosen = [next(c for c in block if c.format == f) for block, f in zip(options, formats)]
+    return sum(c.bytes for c in chosen), sum(c.loss for c in chosen)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pareto_frontier_matches_brute_force(seed):
+    options = _instance(seed)
+    frontier = pareto_frontier(options)
+    assert {(p.bytes, p.loss) for p in frontier} == _brute_frontier(options)
+    assert len(frontier) == len({(p.bytes, p.loss) for p in frontier})  # one plan per point
+    assert [p.bytes for p in frontier] == sorted(p.bytes for p in frontier)
+    assert all(a.bytes < b.bytes and a.loss > b.loss for a, b in zip(frontier, frontier[1:]))
+    for plan in frontier:
+        assert len(plan.formats) == len(options)
+        assert _totals(options, plan.formats) == (plan.bytes, plan.loss)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_solve_for_size_matches_brute_force(seed):
+    options = _instance(seed)
+    plans = list(_all_plans(options))
+    smallest = min(b for _, b, _ in plans)
+    largest = max(b for _, b, _ in plans)
+    for budget in range(smallest, largest + 2):
+        plan = solve_for_size(options, budget)
+        best = min(l for _, b, l in plans if b <= budget)
+        assert plan.bytes <= budget
+        assert plan.loss == best
+        assert _totals(options, plan.formats) == (plan.bytes, plan.loss)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_solve_for_loss_matches_brute_force(seed):
+    options = _instance(seed)
+    plans = list(_all_plans(options))
+    losses = sorted({l for _, _, l in plans})
+    for max_loss in losses[:: max(1, len(losses) // 25)] + [losses[-1] + 1.0]:
+        plan = solve_for_loss(options, max_loss)
+        fewest = min(b for _, b, l in plans if l <= max_loss)
+        assert plan.loss <= max_loss
+        assert plan.bytes == fewest
+        # among the fewest-byte plans it has the least loss
+        assert plan.loss == min(l for _, b, l in plans if b == fewest and l <= max_loss)
+        assert _totals(options, plan.formats) == (plan.bytes, plan.loss)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_budget_errors(seed):
+    options = _instance(seed)
+    smallest = sum(min(c.bytes for c in block) for block in options)
+    with pytest.raises(BudgetError, match=str(smallest)):
+        solve_for_size(options, smallest - 1)
+    assert solve_for_size(options, smallest).bytes == smallest
+    least = min(l for _, _, l in _all_plans(options))
+    with pytest.raises(BudgetError):
+        solve_for_loss(options, least - 0.125)
+    assert solve_for_loss(options, least).loss == least
+
+
+# Repair: three blocks, fp16 / w8 / w4; predicted losses are optimistic, the "true" ones are not.
+REPAIR_OPTIONS = [
+    [Choice("fp16", 100, 0.0), Choice("w8", 50, 0.010), Choice("w4", 25, 0.040)],
+    [Choice("fp16", 100, 0.0), Choice("w8", 50, 0.002), Choice("w4", 25, 0.030)],
+    [Choice("fp16", 200, 0.0), Choice("w8", 100, 0.004), Choice("w4", 50, 0.100)],
+]
+TRUE_LOSS = {"fp16": 0.0, "w8": 0.02, "w4": 0.06}
+
+
+def _measure(formats: list[str]) -> float:
+    return sum(TRUE_LOSS[f] * (i + 1) for i, f in enumerate(formats))
+
+
+def _rate_table(formats, options) -> list[tuple[float, int, str]]:
+    """Every upgrade as (loss saved per extra byte, block, format), computed independently."""
+    rates = []
+    for i, f in enumerate(formats):
+        now = {c.format: c for c in options[i]}[f]
+        for c in options[i]:
+            if c.bytes > now.bytes:
+                rates.append(((now.loss - c.loss) / (c.bytes - now.bytes), i, c.format))
+    return rates
+
+
+def test_best_upgrade_picks_highest_rate():
+    formats = ["w4", "w4", "w4"]
+    step = best_upgrade(formats, REPAIR_OPTIONS)
+    rates = _rate_table(formats, REPAIR_OPTIONS)
+    top = max(r for r, _, _ in rates)
+    assert step is not None
+    index, option = step
+    assert (top, index, option.format) in rates
+    # block 2 w4 -> w8 saves 0.096 over 50 bytes: the best rate here
+    assert (index, option.format) == (2, "w8")
+    assert best_upgrade(["fp16", "fp16", "fp16"], REPAIR_OPTIONS) is None
+
+
+def test_repair_upgrades_until_measured_fits():
+    plan = Plan(("w4", "w4", "w4"), 100, 0.17)
+    max_loss = 0.1
+    logs: list[str] = []
+    calls: list[list[str]] = []
+
+    def measure(formats):
+        calls.append(list(formats))
+        return _measure(formats)
+
+    formats, history = repair(plan, REPAIR_OPTIONS, max_loss=max_loss, measure=measure, log=logs.append)
+    assert history[0] == {"formats": ["w4", "w4", "w4"], "measured": _measure(["w4", "w4", "w4"])}
+    assert history[-1]["measured"] <= max_loss
+    assert all(h["measured"] > max_loss for h in history[:-1])
+    assert formats == history[-1]["formats"]
+    assert len(history) >= 3 and len(logs) == len(history) - 1 and len(calls) == len(history)
+    for before, after in zip(history, history[1:]):
+        rates = _rate_table(before["formats"], REPAIR_OPTIONS)
+        top = max(r for r, _, _ in rates)
+        assert (top, after["upgraded"], after["to"]) in rates
+        changed = [i for i, (a, b) in enumerate(zip(before["formats"], after["formats"])) if a != b]
+        assert changed == [after["upgraded"]]
+        assert after["formats"][after["upgraded"]] == after["to"]
+        assert after["measured"] == _measure(after["formats"])
+
+
+def test_repair_leaves_a_good_plan_alone():
+    plan = Plan(("w8", "fp16", "fp16"), 250, 0.01)
+    formats, history = repair(plan, REPAIR_OPTIONS, max_loss=0.05, measure=_measure, log=lambda s: None)
+    assert formats == ["w8", "fp16", "fp16"]
+    assert len(history) == 1
+
+
+def test_repair_stops_when_nothing_is_left_to_upgrade():
+    plan = Plan(("w4", "w4", "w4"), 100, 0.17)
+    formats, history = repair(plan, REPAIR_OPTIONS, max_loss=-1.0, measure=_measure, log=lambda s: None)
+    assert formats == ["fp16", "fp16", "fp16"]
+    assert history[-1]["measured"] == 0.0

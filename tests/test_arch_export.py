@@ -1,0 +1,107 @@
+"""Every registered architecture: block runner, mixed quantization, QDQ export, ORT vs PyTorch."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+
+from export import onnx_export, qdq
+from export.legality import violations
+from qublast.apply import apply_plan
+from qublast.arch import REGISTRY, arch_for
+from qublast.blocks import BlockRunner, blocks_of, get_module
+from qublast.errors import UnsupportedModelError
+from runtime import io_spec
+from runtime.session import OrtModel
+from tests.tiny import VOCAB, tiny_model
+
+ARCHS = sorted(REGISTRY)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        arch_for("gpt2")
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_registry_entry_matches_model(model_type):
+    model = tiny_model(model_type)
+    spec = arch_for(model.config.model_type)
+    for layer in blocks_of(model, spec):
+        for name in spec.linears:
+            assert isinstance(get_module(layer, name), torch.nn.Linear)
+        for group in spec.groups:
+            if group.producer:
+                assert get_module(layer, group.producer).weight.shape[0] == get_module(layer, group.linears[0]).in_features
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_block_runner_reproduces_model(model_type):
+    model = tiny_model(model_type)
+    spec = arch_for(model.config.model_type)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    runner = BlockRunner(model, spec, ids)
+    ref = model(input_ids=ids).logits
+    ours = torch.cat(list(runner._head_chunks(runner.run_from(0, runner.first_hidden))))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert runner.fp_score.kl == pytest.approx(0.0, abs=1e-6)
+
+
+def _export_quantized(model, spec, tmp_path, plan, lm_head):
+    fp = {k: v.clone() for k, v in model.state_dict().items()}
+    qweights = apply_plan(model, spec, plan, lm_head=lm_head)
+    quant_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(fp)  # export reads the fp checkpoint; QDQ recomputes the codes
+    proto = onnx_export.export_onnx(model, tmp_path / "raw.onnx")
+    node_modules = onnx_export.linear_modules(proto)
+    linears = {path: {"bits": qw.bits, "block_size": qw.block_size} for path, qw in qweights.items()}
+    graph = gs.import_onnx(onnx.load(str(tmp_path / "raw.onnx")))
+    graph = qdq.quantize_weights(graph, linears, {p: qw.scale for p, qw in qweights.items()}, node_modules)
+    final = gs.export_onnx(graph)
+    onnx.save(final, str(tmp_path / "q.onnx"), save_as_external_data=True, location="q.onnx.data")
+    model.load_state_dict(quant_state)
+    return final, node_modules, qweights
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_quantized_export_matches_pytorch(model_type, tmp_path):
+    model = tiny_model(model_type)
+    spec = arch_for(model.config.model_type)
+    final, node_modules, qweights = _export_quantized(model, spec, tmp_path, ["w4", "w8"], "w8")
+    # every linear of the model was found in the graph, none silently skipped
+    assert set(qweights) <= set(node_modules.values())
+    assert violations(final) == []
+    onnx.checker.check_model(str(tmp_path / "q.onnx"))
+    dq = [n for n in final.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == len(qweights)
+    ort_model = OrtModel(str(tmp_path / "q.onnx"))
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(1, 12))
+    logits, past = ort_model.forward(ids)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(logits, ref, atol=2e-4, rtol=1e-4)
+    seq = ids
+    for step in range(3):  # decode through the KV cache
+        token = np.array([[7 + step]])
+        logits, past = ort_model.forward(token, past)
+        seq = np.concatenate([seq, token], axis=1)
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(seq)).logits[:, -1:].numpy()
+        np.testing.assert_allclose(logits, ref, atol=2e-4, rtol=1e-4)
+    assert past[0].shape[2] == seq.shape[1]
+
+
+def test_io_table(tmp_path):
+    model = tiny_model("llama")
+    proto = onnx_export.export_onnx(model, tmp_path / "m.onnx")
+    layers = model.config.num_hidden_layers
+    assert [i.name for i in proto.graph.input] == io_spec.input_names(layers)
+    assert [o.name for o in proto.graph.output] == io_spec.output_names(layers)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert dims[io_spec.INPUT_IDS] == ["batch", "seq"]
+    assert dims[io_spec.past_name(0, "key")][1::2] == [2, 16]  # kv_heads, head_dim are static
+    types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
+    assert types[io_spec.INPUT_IDS] == onnx.TensorProto.INT64
+    assert types[io_spec.past_name(0, "value")] == onnx.TensorProto.FLOAT

@@ -1,0 +1,143 @@
+"""Quantization primitives and format byte accounting on tiny seeded tensors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qublast.errors import InputError
+from qublast.formats import FORMATS, get_format, int4_block_size, linear_bytes
+from qublast.quant import dequantize, qrange, quantize_weight, quantize_with_scale
+
+# (bits, block_size) for a [out=6, in=64] weight: per channel INT8 and blockwise INT4.
+CASES = [(8, 64), (4, 16), (4, 32)]
+
+
+def _weight(seed: int = 0, out_f: int = 6, in_f: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)  # [out, in]
+    w[1, 5] = 9.0  # an outlier so clipping matters
+    return w
+
+
+def test_qrange():
+    assert qrange(8) == (-128, 127)
+    assert qrange(4) == (-8, 7)
+
+
+@pytest.mark.parametrize("bits,block", CASES)
+def test_codes_scales_and_dequantize(bits, block):
+    w = _weight()
+    qw = quantize_weight(w, bits=bits, block_size=block)
+    qmin, qmax = qrange(bits)
+    assert qw.q.dtype == torch.int8 and qw.q.shape == w.shape
+    assert int(qw.q.min()) >= qmin and int(qw.q.max()) <= qmax
+    assert qw.scale.dtype == torch.float32 and qw.scale.shape == (6, 64 // block)
+    assert torch.all(qw.scale > 0)
+    assert torch.equal(qw.scale, qw.scale.half().float())  # fp16-representable
+    assert qw.bits == bits and qw.block_size == block
+    # q * scale with each scale broadcast over its own block, computed independently
+    expected = qw.q.float() * qw.scale.repeat_interleave(block, dim=1)
+    assert torch.equal(qw.dequantize(), expected)
+    assert torch.equal(dequantize(qw.q, qw.scale, block), expected)
+
+
+@pytest.mark.parametrize("bits,block", CASES)
+def test_error_stats_are_consistent(bits, block):
+    w = _weight(seed=1)
+    qw = quantize_weight(w, bits=bits, block_size=block)
+    diff = qw.dequantize().double() - w.double()
+    assert qw.stats.rel_err == pytest.approx((diff.norm() / w.double().norm()).item(), rel=1e-5)
+    assert qw.stats.max_abs_err == pytest.approx(diff.abs().max().item(), rel=1e-5)
+    assert qw.stats.mse == pytest.approx(diff.pow(2).mean().item(), rel=1e-5)
+    assert 0.0 < qw.stats.rel_err < (0.02 if bits == 8 else 0.2)
+    assert 0.6 <= qw.stats.clip_mean <= 1.0
+    assert set(qw.stats.as_dict()) == {"rel_err", "max_abs_err", "mse", "clip_mean"}
+
+
+@pytest.mark.parametrize("bits,block", CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clip_search_never_worse_than_absmax(bits, block, seed):
+    w = _weight(seed=seed)
+    searched = quantize_weight(w, bits=bits, block_size=block)
+    absmax = quantize_weight(w, bits=bits, block_size=block, clip_grid=(1.0,))
+    assert absmax.stats.clip_mean == 1.0
+    # per group as well as overall
+    err_s = (searched.dequantize() - w).pow(2).view(6, -1, block).sum(-1)
+    err_a = (absmax.dequantize() - w).pow(2).view(6, -1, block).sum(-1)
+    assert torch.all(err_s <= err_a)
+    assert searched.stats.mse <= absmax.stats.mse
+
+
+def test_clip_search_clips_an_outlier_group_at_4_bits():
+    w = _weight()
+    searched = quantize_weight(w, bits=4, block_size=16)
+    absmax = quantize_weight(w, bits=4, block_size=16, clip_grid=(1.0,))
+    assert searched.stats.clip_mean < 1.0
+    assert searched.stats.mse < absmax.stats.mse
+
+
+@pytest.mark.parametrize("bits,block", CASES)
+def test_all_zero_rows(bits, block):
+    w = _weight()
+    w[2] = 0.0
+    qw = quantize_weight(w, bits=bits, block_size=block)
+    dq = qw.dequantize()
+    assert not torch.isnan(dq).any() and not torch.isnan(qw.scale).any()
+    assert torch.all(qw.q[2] == 0) and torch.all(dq[2] == 0)
+    zero = quantize_weight(torch.zeros(3, 32), bits=bits, block_size=min(block, 32))
+    assert torch.all(zero.q == 0) and torch.all(zero.dequantize() == 0)
+    assert zero.stats.rel_err == 0.0 and zero.stats.mse == 0.0 and zero.stats.max_abs_err == 0.0
+
+
+@pytest.mark.parametrize("bits,block", CASES)
+def test_quantize_with_scale_reproduces_codes(bits, block):
+    w = _weight(seed=3)
+    qw = quantize_weight(w, bits=bits, block_size=block)
+    q = quantize_with_scale(w, qw.scale, bits=bits, block_size=block)
+    assert q.dtype == torch.int8
+    assert torch.equal(q, qw.q)
+    # from an fp16 copy of the checkpoint weight the codes for fp16-exact weights match too
+    w16 = w.half().float()
+    qw16 = quantize_weight(w16, bits=bits, block_size=block)
+    assert torch.equal(quantize_with_scale(w16.half(), qw16.scale, bits=bits, block_size=block), qw16.q)
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError):
+        quantize_weight(torch.ones(2, 48), bits=4, block_size=32)
+    with pytest.raises(ValueError):
+        quantize_with_scale(torch.ones(2, 64), torch.ones(2, 3), bits=4, block_size=16)
+
+
+@pytest.mark.parametrize("in_f,block", [(576, 64), (4096, 128), (1536, 128), (48, 16), (64, 64), (96, 32), (128, 128)])
+def test_int4_block_size(in_f, block):
+    assert int4_block_size(in_f) == block
+
+
+@pytest.mark.parametrize("in_f", [24, 100, 8, 1000 + 8 + 1])
+def test_int4_block_size_rejects(in_f):
+    with pytest.raises(InputError):
+        int4_block_size(in_f)
+
+
+def test_get_format():
+    assert get_format("w4") is FORMATS["w4"]
+    with pytest.raises(InputError, match="w3"):
+        get_format("w3")
+
+
+def test_linear_bytes_by_hand():
+    fp16, w8, w4 = (get_format(n) for n in ("fp16", "w8", "w4"))
+    # 10 x 576 linear
+    assert linear_bytes(fp16, 10, 576) == 2 * 10 * 576  # 11520
+    assert linear_bytes(w8, 10, 576) == 10 * 576 + 2 * 10  # codes + one fp16 scale per row
+    assert linear_bytes(w4, 10, 576) == 10 * 576 // 2 + 2 * 10 * 9  # 2880 + 180 (blocks of 64)
+    # with bias: + 2 bytes per output
+    assert linear_bytes(fp16, 10, 576, has_bias=True) == 11520 + 20
+    assert linear_bytes(w8, 10, 576, has_bias=True) == 5760 + 20 + 20
+    assert linear_bytes(w4, 10, 576, has_bias=True) == 3060 + 20
+    # 3 x 256: INT4 blocks of 128
+    assert linear_bytes(w4, 3, 256) == 384 + 2 * 3 * 2
+    # 1 x 16 at 4 bits: 8 bytes of codes + one fp16 scale
+    assert linear_bytes(w4, 1, 16) == 8 + 2
+    assert linear_bytes(w4, 3, 48) == 72 + 2 * 3 * 3

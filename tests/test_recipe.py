@@ -1,0 +1,206 @@
+"""Recipe and scales files: round trips, and every defect rejected with a RecipeError."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from qublast.errors import RecipeError
+from qublast.recipe import (
+    RECIPE_FORMAT,
+    RECIPE_VERSION,
+    check_model,
+    quantized_linears,
+    read_recipe,
+    read_scales,
+    validate,
+    write_recipe,
+    write_scales,
+)
+
+SHA = "ab" * 32
+
+
+def _linear(block: int, name: str, fmt: str, bits, block_size) -> dict:
+    return {"name": name, "path": f"model.layers.{block}.{name}", "format": fmt, "bits": bits,
+            "block_size": block_size, "shape": [8, 64], "bytes": 100, "error": None}
+
+
+def _recipe() -> dict:
+    """A minimal valid recipe for a 2-block model, built by hand."""
+    return {
+        "format": RECIPE_FORMAT,
+        "version": RECIPE_VERSION,
+        "model": {"id": "tiny", "model_type": "llama", "weight_sha256": SHA, "num_blocks": 2},
+        "calibration": {"text": "embedded", "seqlen": 16, "windows": 2, "seed": 0, "candidates": ["fp16", "w8", "w4"]},
+        "constraint": {"mode": "max_ppl_increase", "value": 0.05},
+        "lm_head": {"format": "fp16", "linears": []},
+        "blocks": [
+            {"index": 0, "format": "w8", "bytes": 100, "bytes_fp16": 200,
+             "sensitivity": {"w8": {"dce": 0.001, "kl": 0.002}},
+             "linears": [_linear(0, "self_attn.q_proj", "w8", 8, 64)]},
+            {"index": 1, "format": "w4", "bytes": 60, "bytes_fp16": 200, "sensitivity": {},
+             "linears": [_linear(1, "self_attn.q_proj", "w4", 4, 32), _linear(1, "mlp.down_proj", "fp16", None, None)]},
+        ],
+        "allocation": {"predicted_dce": 0.01, "heldout_dce": 0.02, "repair": []},
+        "metrics": {"ppl_fp": 10.0, "ppl_quant_torch": 10.2, "ppl_quant_ort": 10.2, "size_bytes_fp16": 1000,
+                    "size_bytes": 600, "size_bytes_blocks_fp16": 400, "size_bytes_blocks": 160,
+                    "eval_tokens": 512, "seqlen": 16},
+    }
+
+
+def test_round_trip(tmp_path):
+    recipe = _recipe()
+    path = tmp_path / "out" / "recipe.json"
+    write_recipe(recipe, path)
+    assert read_recipe(path) == recipe
+    assert read_recipe(str(path)) == recipe
+    assert json.loads(path.read_text(encoding="utf-8")) == recipe
+
+
+def test_write_leaves_no_temp_files(tmp_path):
+    write_recipe(_recipe(), tmp_path / "recipe.json")
+    write_recipe(_recipe(), tmp_path / "recipe.json")  # overwrite
+    write_scales({"a": torch.ones(2, 1)}, tmp_path / "scales.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json", "scales.safetensors"]
+
+
+def test_invalid_recipe_is_not_written(tmp_path):
+    bad = _recipe()
+    bad["version"] = 2
+    with pytest.raises(RecipeError):
+        write_recipe(bad, tmp_path / "recipe.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        read_recipe(tmp_path / "nope.json")
+    with pytest.raises(RecipeError, match="not found"):
+        read_recipe(tmp_path)  # a folder is not a recipe file
+
+
+@pytest.mark.parametrize("content", [b"{\"format\": ", b"not json", b"\xff\xfe\x00{"])
+def test_invalid_json(tmp_path, content):
+    path = tmp_path / "recipe.json"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        read_recipe(path)
+
+
+def _mutations():
+    def version(r):
+        r["version"] = 2
+
+    def version_missing(r):
+        del r["version"]
+
+    def tag(r):
+        r["format"] = "something-else"
+
+    def block_format(r):
+        r["blocks"][0]["format"] = "w3"
+
+    def linear_format(r):
+        r["blocks"][1]["linears"][0]["format"] = "int4"
+
+    def lm_head_format(r):
+        r["lm_head"]["format"] = "w2"
+
+    def out_of_order(r):
+        r["blocks"].reverse()
+
+    def duplicate_index(r):
+        r["blocks"][1]["index"] = 0
+
+    def too_few_blocks(r):
+        r["model"]["num_blocks"] = 3
+
+    def no_num_blocks(r):
+        del r["model"]["num_blocks"]
+
+    muts = {f.__name__: f for f in (version, version_missing, tag, block_format, linear_format, lm_head_format,
+                                    out_of_order, duplicate_index, too_few_blocks, no_num_blocks)}
+    for key in ("model", "calibration", "constraint", "lm_head", "blocks", "allocation", "metrics"):
+        muts[f"missing_{key}"] = lambda r, key=key: r.pop(key)
+    return muts
+
+
+MUTATIONS = _mutations()
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_defects_are_recipe_errors(tmp_path, name):
+    recipe = _recipe()
+    MUTATIONS[name](recipe)
+    with pytest.raises(RecipeError):
+        validate(recipe)
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe), encoding="utf-8")
+    with pytest.raises(RecipeError):
+        read_recipe(path)
+
+
+def test_error_messages_name_the_defect():
+    r = _recipe()
+    r["version"] = 7
+    with pytest.raises(RecipeError, match="version 7"):
+        validate(r)
+    r = _recipe()
+    del r["metrics"]
+    with pytest.raises(RecipeError, match="metrics"):
+        validate(r)
+    r = _recipe()
+    r["blocks"][1]["format"] = "w3"
+    with pytest.raises(RecipeError, match="block 1.*'w3'"):
+        validate(r)
+    with pytest.raises(RecipeError):
+        validate([_recipe()])
+
+
+def test_check_model():
+    recipe = _recipe()
+    check_model(recipe, SHA)
+    with pytest.raises(RecipeError, match="abababababab"):
+        check_model(recipe, "cd" * 32)
+
+
+def test_quantized_linears():
+    recipe = _recipe()
+    out = quantized_linears(recipe)
+    assert sorted(out) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert out["model.layers.1.self_attn.q_proj"]["bits"] == 4
+
+
+def test_scales_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    scales = {
+        "model.layers.0.self_attn.q_proj": torch.rand(8, 1, generator=g).half().float(),
+        "model.layers.1.self_attn.q_proj": torch.rand(8, 2, generator=g),
+        "lm_head": torch.rand(5, 4, generator=g)[:, ::2],  # non-contiguous
+    }
+    path = tmp_path / "scales.safetensors"
+    write_scales(scales, path)
+    back = read_scales(path)
+    assert sorted(back) == sorted(scales)
+    for name, t in scales.items():
+        assert back[name].dtype == t.dtype
+        assert torch.equal(back[name], t)
+
+
+def test_read_scales_errors(tmp_path):
+    with pytest.raises(RecipeError):
+        read_scales(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}")
+    with pytest.raises(RecipeError):
+        read_scales(bad)
+
+
+def test_round_trip_does_not_mutate_input(tmp_path):
+    recipe = _recipe()
+    before = copy.deepcopy(recipe)
+    write_recipe(recipe, tmp_path / "r.json")
+    assert recipe == before
