@@ -10,20 +10,26 @@ from __future__ import annotations
 from runtime import io_spec
 
 
-def profiles(*, num_layers: int, kv_heads: int, head_dim: int, context: int, opt_seq: int = 128) -> dict[str, tuple[str, str, str]]:
-    """``{input: (min, opt, max)}`` shapes as trtexec writes them ("1x128"), batch 1."""
+def profiles(*, num_layers: int, kv_heads: int, head_dim: int, context: int) -> dict[str, tuple[str, str, str]]:
+    """``{input: (min, opt, max)}`` shapes as trtexec writes them ("1x128"), batch 1.
+
+    Each of min, opt and max is itself a consistent shape set (mask = past + seq): min is a
+    first token, opt one decode step at half the context (where generation spends its time),
+    max a ``context``-token prefill after a ``context - 1`` cache.
+    """
     if context < 2:
         raise ValueError(f"context must be >= 2, got {context}")
-    opt_seq = min(opt_seq, context)
+    seq = (1, 1, context)
+    past = (0, context // 2, context - 1)
     out = {
-        io_spec.INPUT_IDS: ("1x1", f"1x{opt_seq}", f"1x{context}"),
-        io_spec.POSITION_IDS: ("1x1", f"1x{opt_seq}", f"1x{context}"),
-        io_spec.ATTENTION_MASK: ("1x1", f"1x{context // 2}", f"1x{context}"),
+        io_spec.INPUT_IDS: tuple(f"1x{s}" for s in seq),
+        io_spec.POSITION_IDS: tuple(f"1x{s}" for s in seq),
+        io_spec.ATTENTION_MASK: tuple(f"1x{p + s}" for p, s in zip(past, seq)),
     }
-    past = (f"1x{kv_heads}x0x{head_dim}", f"1x{kv_heads}x{context // 2}x{head_dim}", f"1x{kv_heads}x{context - 1}x{head_dim}")
+    past_shapes = tuple(f"1x{kv_heads}x{p}x{head_dim}" for p in past)
     for i in range(num_layers):
         for kind in io_spec.KV_KINDS:
-            out[io_spec.past_name(i, kind)] = past
+            out[io_spec.past_name(i, kind)] = past_shapes
     return out
 
 

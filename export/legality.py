@@ -66,11 +66,11 @@ def _check_q(node, inits) -> list[str]:
         found.append(f"{node.name}: activation scale is not a constant")
     elif int(np.prod(scale.dims)) != 1:
         found.append(f"{node.name}: activation scale is not per tensor (shape {list(scale.dims)})")
-    out_type = _attr(node, "output_dtype")
+    out_type = _attr(node, "output_dtype") or onnx.TensorProto.UINT8  # ONNX default without zero point
     if len(node.input) >= 3 and node.input[2] in inits:
         out_type = inits[node.input[2]].data_type
-    if out_type not in (None, 0, _INT8):
-        found.append(f"{node.name}: activations may only be quantized to INT8")
+    if out_type != _INT8:
+        found.append(f"{node.name}: activations may only be quantized to INT8 (got {onnx.TensorProto.DataType.Name(out_type)})")
     return found
 
 
@@ -83,6 +83,8 @@ def _check_dq(node, inits, consumers) -> list[str]:
         return found  # activation DQ: its QuantizeLinear was checked
     if codes.data_type not in (_INT8, _INT4):
         found.append(f"{node.name}: weight type {onnx.TensorProto.DataType.Name(codes.data_type)} is not INT8/INT4")
+    if codes.data_type == _INT8 and _attr(node, "block_size"):
+        found.append(f"{node.name}: INT8 weights take per-tensor or per-channel scales, not blocks")
     if codes.data_type == _INT4:
         block, axis = _attr(node, "block_size"), _attr(node, "axis") or 0
         if len(codes.dims) != 2:

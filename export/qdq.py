@@ -85,9 +85,9 @@ def _dequantize(graph: gs.Graph, module: str, q_t: np.ndarray, scale: np.ndarray
 
 def pack_int4(name: str, q: np.ndarray) -> onnx.TensorProto:
     """INT4 TensorProto of ``q`` (values in [-8, 7]): two per byte, element 2k in the low nibble."""
-    flat = q.astype(np.int8).reshape(-1)
-    if flat.min(initial=0) < -8 or flat.max(initial=0) > 7:
+    if q.size and (q.min() < -8 or q.max() > 7):
         raise GraphError(f"{name}: INT4 codes out of range")
+    flat = q.astype(np.int8).reshape(-1)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.int8)])
     nibbles = flat.view(np.uint8) & 0x0F

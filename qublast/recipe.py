@@ -56,7 +56,14 @@ def read_recipe(path: str | Path) -> dict:
 
 
 def validate(recipe: dict) -> None:
-    """Check the schema: format tag, version, required keys, known formats, block indices."""
+    """Check the schema: format tag, version, required keys and metrics, known formats, block indices."""
+    try:
+        _validate(recipe)
+    except (AttributeError, TypeError, KeyError) as exc:
+        raise RecipeError(f"recipe structure is malformed ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _validate(recipe: dict) -> None:
     if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
         raise RecipeError("not a QuBLAST recipe (missing format tag)")
     if recipe.get("version") != RECIPE_VERSION:
@@ -64,6 +71,9 @@ def validate(recipe: dict) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in recipe]
     if missing:
         raise RecipeError(f"recipe lacks {', '.join(missing)}")
+    missing = [k for k in REQUIRED_METRICS if k not in recipe["metrics"]]
+    if missing:
+        raise RecipeError(f"recipe metrics lack {', '.join(missing)}")
     blocks = recipe["blocks"]
     if [b.get("index") for b in blocks] != list(range(recipe["model"].get("num_blocks", -1))):
         raise RecipeError("recipe blocks do not cover the model's blocks in order")

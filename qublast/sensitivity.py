@@ -83,9 +83,14 @@ def _read_journal(path: Path, fingerprint: str) -> dict[tuple[int, str], Sensiti
         path.touch()
         return {}
     done = {}
-    for line in lines[1:]:
-        entry = Sensitivity(**json.loads(line))
-        done[(entry.block, entry.format)] = entry
+    try:
+        for line in lines[1:]:
+            entry = Sensitivity(**json.loads(line))
+            done[(entry.block, entry.format)] = entry
+    except (json.JSONDecodeError, TypeError):  # damaged inside: set it aside, measure again
+        os.replace(path, path.with_suffix(".stale"))
+        path.touch()
+        return {}
     return done
 
 

@@ -1,0 +1,179 @@
+"""The sensitivity journal: resume, set aside another run's journal, drop a line cut by a kill."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from qublast.arch import ArchSpec, LinearGroup
+from qublast.blocks import Score
+from qublast.sensitivity import JOURNAL_VERSION, Sensitivity, _read_journal, sweep
+
+FP = "fp-abc"
+
+
+def _header(fingerprint: str = FP, version: int = JOURNAL_VERSION) -> str:
+    return json.dumps({"version": version, "fingerprint": fingerprint}) + "\n"
+
+
+def _entry(block: int, fmt: str, dce: float, kl: float) -> str:
+    return json.dumps({"block": block, "format": fmt, "dce": dce, "kl": kl}) + "\n"
+
+
+def test_missing_journal_is_created_empty(tmp_path):
+    path = tmp_path / "deep" / "dir" / "sens.jsonl"
+    assert _read_journal(path, FP) == {}
+    assert path.is_file() and path.read_text() == ""
+
+
+def test_entries_are_parsed(tmp_path):
+    path = tmp_path / "sens.jsonl"
+    text = _header() + _entry(0, "w8", 0.01, 0.02) + _entry(0, "w4", 0.1, 0.2) + _entry(1, "w8", -0.003, 0.001)
+    path.write_text(text)
+    done = _read_journal(path, FP)
+    assert done == {
+        (0, "w8"): Sensitivity(0, "w8", 0.01, 0.02),
+        (0, "w4"): Sensitivity(0, "w4", 0.1, 0.2),
+        (1, "w8"): Sensitivity(1, "w8", -0.003, 0.001),
+    }
+    assert path.read_text() == text  # untouched
+    assert not path.with_suffix(".stale").exists()
+
+
+def test_header_only_gives_nothing_done(tmp_path):
+    path = tmp_path / "sens.jsonl"
+    path.write_text(_header())
+    assert _read_journal(path, FP) == {}
+    assert path.read_text() == _header()
+
+
+def test_truncated_last_line_is_dropped(tmp_path):
+    path = tmp_path / "sens.jsonl"
+    good = _header() + _entry(0, "w8", 0.01, 0.02)
+    path.write_text(good + _entry(0, "w4", 0.1, 0.2)[:17])  # killed mid-write
+    done = _read_journal(path, FP)
+    assert list(done) == [(0, "w8")]
+    assert path.read_text() == good  # the cut line is gone before anything is appended
+
+
+def _assert_set_aside(path, old_text):
+    stale = path.with_suffix(".stale")
+    assert stale.read_text() == old_text
+    assert path.exists() and path.read_text() == ""
+
+
+def test_fingerprint_mismatch_moves_journal_to_stale(tmp_path):
+    path = tmp_path / "sens.jsonl"
+    old = _header("other-run") + _entry(0, "w8", 0.01, 0.02)
+    path.write_text(old)
+    assert _read_journal(path, FP) == {}
+    _assert_set_aside(path, old)
+
+
+def test_version_mismatch_moves_journal_to_stale(tmp_path):
+    path = tmp_path / "sens.jsonl"
+    old = _header(version=JOURNAL_VERSION + 1) + _entry(0, "w8", 0.01, 0.02)
+    path.write_text(old)
+    assert _read_journal(path, FP) == {}
+    _assert_set_aside(path, old)
+
+
+def test_garbled_header_moves_journal_to_stale(tmp_path):
+    path = tmp_path / "sens.jsonl"
+    old = "this is not json\n" + _entry(0, "w8", 0.01, 0.02)
+    path.write_text(old)
+    assert _read_journal(path, FP) == {}
+    _assert_set_aside(path, old)
+
+
+def test_header_cut_by_a_kill_starts_afresh(tmp_path):
+    path = tmp_path / "sens.jsonl"
+    path.write_text(_header()[:10])
+    assert _read_journal(path, FP) == {}
+    assert path.read_text() == ""
+
+
+# ---- sweep with a stand-in runner (no model): the journal is written and resumed ----------
+
+class FakeRunner:
+    """Duck-typed BlockRunner: blocks are single Linear layers, 'CE' is the mean square of the output."""
+
+    def __init__(self, blocks: int = 3, width: int = 32):
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"lin": torch.nn.Linear(width, width, bias=False)})
+                                          for _ in range(blocks))
+        self.spec = ArchSpec("fake", groups=(LinearGroup(("lin",)),))
+        self.first_hidden = torch.randn(2, 4, width)  # [N, S, H]
+        self.fp_score = self.score(self.run_from(0, self.first_hidden))
+
+    @torch.no_grad()
+    def run_block(self, index, hidden):
+        return self.layers[index]["lin"](hidden)
+
+    def run_from(self, index, hidden):
+        for i in range(index, len(self.layers)):
+            hidden = self.run_block(i, hidden)
+        return hidden
+
+    def score(self, hidden):
+        return Score(ce=float(hidden.pow(2).mean()), kl=float(hidden.abs().mean()))
+
+
+def _reference(runner, fmt_names):
+    """dCE of every (block, format) measured directly, without the journal."""
+    from qublast.apply import block_quantized
+    from qublast.formats import get_format
+
+    out = {}
+    hidden = runner.first_hidden
+    for i in range(len(runner.layers)):
+        for f in fmt_names:
+            with block_quantized(runner.layers[i], runner.spec, get_format(f)):
+                score = runner.score(runner.run_from(i + 1, runner.run_block(i, hidden)))
+            out[(i, f)] = score.ce - runner.fp_score.ce
+        hidden = runner.run_block(i, hidden)
+    return out
+
+
+def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
+    runner = FakeRunner()
+    path = tmp_path / "sens.jsonl"
+    table = sweep(runner, ("fp16", "w8", "w4"), journal=path, fingerprint=FP)
+    ref = _reference(runner, ("w8", "w4"))
+    assert len(table) == 3
+    for i, row in enumerate(table):
+        assert row["fp16"] == Sensitivity(i, "fp16", 0.0, 0.0)
+        for f in ("w8", "w4"):
+            assert row[f].dce == ref[(i, f)]
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == {"version": JOURNAL_VERSION, "fingerprint": FP}
+    assert len(lines) == 1 + 6
+
+    # resume: nothing is measured again, the table is the same
+    import qublast.sensitivity as sens
+
+    calls = []
+    real = sens.block_quantized
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(sens, "block_quantized", counting)
+    assert sweep(runner, ("fp16", "w8", "w4"), journal=path, fingerprint=FP) == table
+    assert calls == []
+    assert len(path.read_text().splitlines()) == 7
+
+    # a cut last line: only that run is measured again
+    text = path.read_text()
+    path.write_text(text[: text.rstrip("\n").rfind("\n") + 1] + lines[-1][:9])
+    assert sweep(runner, ("fp16", "w8", "w4"), journal=path, fingerprint=FP) == table
+    assert len(calls) == 1
+    assert path.read_text() == text
+
+    # another fingerprint: everything measured again, old journal kept as .stale
+    calls.clear()
+    assert sweep(runner, ("fp16", "w8", "w4"), journal=path, fingerprint="new") == table
+    assert len(calls) == 6
+    assert path.with_suffix(".stale").read_text() == text
+    assert json.loads(path.read_text().splitlines()[0])["fingerprint"] == "new"
