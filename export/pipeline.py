@@ -24,7 +24,7 @@ from qublast.calibrate import CalibConfig, calibrate
 from qublast.errors import InputError
 from qublast.files import atomic_write_text
 from qublast.models import load_model, resolve_source, weight_hash
-from qublast.recipe import check_model, quantized_linears, read_recipe, read_scales, write_recipe, write_scales
+from qublast.recipe import check_model, quantized_linears, read_recipe, read_tensors, write_recipe, write_tensors
 from runtime.session import ACCURACY_LEVEL, OrtModel
 
 from . import engine, onnx_export, qdq
@@ -109,9 +109,10 @@ def _build(cfg: ExportConfig, work: Path) -> None:
 
     recipe["metrics"].update(_verify(cfg, model, spec, recipe, scales, windows, work, ppl_fp=ppl_fp, timings=timings))
     recipe["metrics"]["timings"] = timings
-    recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": int(len(windows)),
-                            "ort_session": {"graph_optimization_level": "ORT_ENABLE_ALL",
-                                            "session.qdq_matmulnbits_accuracy_level": ACCURACY_LEVEL}}
+    session = {"graph_optimization_level": "ORT_ENABLE_ALL", "session.qdq_matmulnbits_accuracy_level": ACCURACY_LEVEL}
+    if _has_act_quant(recipe):
+        session["session.disable_quant_qdq"] = "1"
+    recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": int(len(windows)), "ort_session": session}
     _write_bundle(cfg, work, recipe, scales, tokenizer, model)
 
 
@@ -120,15 +121,18 @@ def _recipe_and_scales(cfg: ExportConfig, model, spec, tokenizer, info) -> tuple
         recipe = read_recipe(cfg.recipe)
         check_model(recipe, info["weight_sha256"])
         log(f"reusing recipe {cfg.recipe}")
-        return recipe, read_scales(Path(cfg.recipe).with_name("scales.safetensors"))
+        return recipe, read_tensors(Path(cfg.recipe).with_name("scales.safetensors"))
     calib_src = qtext.calib_text(path=cfg.calib_text, dataset=cfg.calib_dataset)
     calib_ids = qtext.tokenize(tokenizer, calib_src.text)
     log(f"calibration: {calib_src.label} ({len(calib_ids)} tokens), mode {cfg.calib.mode}={cfg.calib.mode_value}")
     return calibrate(model, spec, model_info=info, calib_ids=calib_ids, calib_label=calib_src.label, cfg=cfg.calib, log=log)
 
 
-def _export_graph(model, spec, recipe: dict, scales: dict, work: Path) -> None:
-    """fp ONNX export, then the QDQ passes, the legality check and the final save."""
+def _export_graph(model, spec, recipe: dict, tensors: dict, work: Path) -> None:
+    """Fold the map into the fp model, export ONNX, then the QDQ passes, legality check and save."""
+    from qublast.apply import fold_recipe
+
+    fold_recipe(model, spec, recipe, tensors)
     log("exporting ONNX (opset 21, KV cache)")
     raw = work / "raw"
     raw.mkdir()
@@ -139,7 +143,10 @@ def _export_graph(model, spec, recipe: dict, scales: dict, work: Path) -> None:
     if spec.lm_head not in linears:
         head_nodes = [name for name, module in node_modules.items() if module == spec.lm_head]
         graph = qdq.share_tied_table(graph, lm_head_node=head_nodes[0]) if head_nodes else graph
-    graph = qdq.quantize_weights(graph, linears, scales, node_modules)
+    graph = qdq.quantize_weights(graph, linears, {p: tensors[f"{p}.scale"] for p in linears}, node_modules)
+    acts = {lin["path"]: lin["act_scale"] for b in recipe["blocks"] for lin in b["linears"] if lin.get("act_scale")}
+    if acts:
+        graph = qdq.quantize_activations(graph, acts, node_modules)
     final = gs.export_onnx(graph)
     final.opset_import[0].version = onnx_export.OPSET
     check_trt_legal(final)
@@ -151,14 +158,14 @@ def _export_graph(model, spec, recipe: dict, scales: dict, work: Path) -> None:
 
 def _verify(cfg, model, spec, recipe, scales, windows, work: Path, *, ppl_fp: float, timings: dict) -> dict:
     """PyTorch (fake-quant) vs ONNX Runtime: logits on prefill + decode, and PPL on the windows."""
-    from qublast.apply import apply_scales
+    from qublast.apply import quantize_recipe
     from qublast.evaluate import perplexity
 
-    apply_scales(model, spec, quantized_linears(recipe), scales)
+    quantize_recipe(model, spec, recipe, scales)  # the map is already folded in (_export_graph)
     t0 = time.perf_counter()
     ppl_torch = perplexity(model, windows, desc="ppl torch (quantized)").ppl
     timings["eval_torch_s"] = time.perf_counter() - t0
-    ort_model = OrtModel(str(work / "model.onnx"), threads=cfg.threads)
+    ort_model = OrtModel(str(work / "model.onnx"), threads=cfg.threads, int8_fusion=not _has_act_quant(recipe))
     agreement = _logit_agreement(model, ort_model, windows[0][:64])
     ort = _ort_ppl(ort_model, windows)
     timings["eval_ort_s"] = ort["seconds"]
@@ -167,6 +174,10 @@ def _verify(cfg, model, spec, recipe, scales, windows, work: Path, *, ppl_fp: fl
             "ppl_increase_ort": ort["ppl"] / ppl_fp - 1, "ort_vs_torch": ort["ppl"] / ppl_torch - 1,
             "eval_tokens": ort["tokens"], "seqlen": cfg.seqlen, "logit_agreement": agreement,
             "onnx_file_bytes": sum(p.stat().st_size for p in work.glob("model.onnx*"))}
+
+
+def _has_act_quant(recipe: dict) -> bool:
+    return any(lin.get("act_scale") for b in recipe["blocks"] for lin in b["linears"])
 
 
 def _ort_ppl(ort_model, windows) -> dict:
@@ -214,7 +225,7 @@ def _write_bundle(cfg, work: Path, recipe: dict, scales: dict, tokenizer, model)
     from .onnx_export import kv_shape
 
     write_recipe(recipe, work / "recipe.json")
-    write_scales(scales, work / "scales.safetensors")
+    write_tensors(scales, work / "scales.safetensors")
     tokenizer.save_pretrained(str(work / "tokenizer"))
     kv_heads, head_dim = kv_shape(model.config)
     shapes = engine.profiles(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim, context=cfg.context)

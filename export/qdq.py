@@ -8,6 +8,9 @@ Each pass takes a ``gs.Graph`` and ends with ``cleanup().toposort()``:
   ``DequantizeLinear(q, scale)``: INT8 per output channel (axis 1) or INT4 blocks along the
   input (axis 0, ``block_size``), zero point 0, codes recomputed from the checkpoint's weight
   and the recipe's scales. INT4 codes are packed two per byte, low nibble first.
+- ``quantize_activations``: for each ``w8a8`` linear, its MatMul's input passes through its
+  own QuantizeLinear -> DequantizeLinear pair (INT8, per-tensor scale, zero point 0). One pair
+  per consuming MatMul: a pair shared by q/k/v stops ONNX Runtime's fusion.
 """
 from __future__ import annotations
 
@@ -48,6 +51,25 @@ def quantize_weights(graph: gs.Graph, linears: dict[str, dict], scales: dict[str
         q = quantize_with_scale(w, scales[module], bits=entry["bits"], block_size=entry["block_size"]).numpy()
         scale = scales[module].numpy().astype(np.float32)  # [out, G]
         node.inputs[1] = _dequantize(graph, module, q.T, scale, bits=entry["bits"], block_size=entry["block_size"])
+    return graph.cleanup().toposort()
+
+
+def quantize_activations(graph: gs.Graph, act_scales: dict[str, float], node_modules: dict[str, str]) -> gs.Graph:
+    """Insert a Q/DQ pair in front of the activation input of each named linear's MatMul."""
+    by_module = {module: name for name, module in node_modules.items()}
+    missing = sorted(set(act_scales) - set(by_module))
+    if missing:
+        raise GraphError(f"graph has no MatMul for w8a8 linear(s): {', '.join(missing[:3])}")
+    for module, scale in act_scales.items():
+        node = _node(graph, by_module[module])
+        x = node.inputs[0]
+        scale_c = gs.Constant(f"{module}.act_scale", np.array(scale, dtype=np.float32))
+        zero = gs.Constant(f"{module}.act_zero", np.array(0, dtype=np.int8))
+        q = gs.Variable(f"{module}.act_q", dtype=np.int8, shape=x.shape)
+        dq = gs.Variable(f"{module}.act_dq", dtype=np.float32, shape=x.shape)
+        graph.nodes.append(gs.Node("QuantizeLinear", name=f"{module}.act_quant", inputs=[x, scale_c, zero], outputs=[q]))
+        graph.nodes.append(gs.Node("DequantizeLinear", name=f"{module}.act_dequant", inputs=[q, scale_c, zero], outputs=[dq]))
+        node.inputs[0] = dq
     return graph.cleanup().toposort()
 
 

@@ -1,11 +1,14 @@
-"""Applying weight formats to a model: fake quantization in place, with error statistics.
+"""Applying a block's transform to a model in place: fold smoothing scales, fake-quantize
+weights, and (``w8a8``) fake-quantize linear inputs with static per-tensor scales.
 
 The model keeps fp32 weights holding exactly ``q * scale``, which is what the deployed
-graph's ``DequantizeLinear`` reconstructs.
+graph's ``DequantizeLinear`` reconstructs; activation hooks compute what its
+QuantizeLinear/DequantizeLinear pair computes.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,19 +16,67 @@ from .arch import ArchSpec
 from .blocks import blocks_of, get_module
 from .formats import Format, block_size_for, get_format
 from .quant import QuantizedWeight, dequantize, quantize_weight, quantize_with_scale
+from .scaling import fake_quant, fold_scales
+
+_HOOKS = "_qublast_act_hooks"
+
+
+@dataclass(frozen=True)
+class BlockTransform:
+    """Everything done to one block: its format, the map's alpha, smoothing scales per
+    producing norm (relative name -> s [in]) and activation scales per linear (w8a8)."""
+
+    format: str
+    alpha: float = 0.0
+    smooth: dict[str, torch.Tensor] = field(default_factory=dict)
+    act_scales: dict[str, float] = field(default_factory=dict)
 
 
 def quantize_linear(linear: torch.nn.Linear, fmt: Format) -> QuantizedWeight | None:
     """Quantized form of a linear's weight in ``fmt``; ``None`` for fp16 (kept)."""
     if fmt.weight_bits is None:
         return None
-    return quantize_weight(
-        linear.weight, bits=fmt.weight_bits, block_size=block_size_for(fmt, linear.in_features)
-    )
+    return quantize_weight(linear.weight, bits=fmt.weight_bits, block_size=block_size_for(fmt, linear.in_features))
 
 
-def quantize_block(block: torch.nn.Module, spec: ArchSpec, fmt: Format) -> dict[str, QuantizedWeight]:
-    """Quantize every linear of one block in place; returns the quantized weights by name."""
+def fold_block(block: torch.nn.Module, spec: ArchSpec, smooth: dict[str, torch.Tensor]) -> None:
+    """Fold each producer's scales into its norm weight and its group's linear columns, in place."""
+    for group in spec.groups:
+        if group.producer not in smooth:
+            continue
+        norm = get_module(block, group.producer)
+        linears = [get_module(block, name) for name in group.linears]
+        new_norm, new_weights = fold_scales(norm.weight, [lin.weight for lin in linears], smooth[group.producer], norm_offset=spec.norm_weight_offset)
+        norm.weight.data.copy_(new_norm)
+        for lin, w in zip(linears, new_weights):
+            lin.weight.data.copy_(w)
+
+
+def set_act_quant(block: torch.nn.Module, spec: ArchSpec, act_scales: dict[str, float]) -> None:
+    """Fake-quantize the inputs of the named linears (INT8, per tensor); replaces earlier hooks."""
+    clear_act_quant(block)
+    handles = []
+    for name, scale in act_scales.items():
+        def hook(_module, args, scale=scale):
+            return (fake_quant(args[0], scale),) + tuple(args[1:])
+
+        handles.append(get_module(block, name).register_forward_pre_hook(hook))
+    setattr(block, _HOOKS, handles)
+
+
+def clear_act_quant(module: torch.nn.Module) -> None:
+    """Remove activation fake-quant hooks from ``module`` and everything below it."""
+    for sub in module.modules():
+        for handle in getattr(sub, _HOOKS, []):
+            handle.remove()
+        if hasattr(sub, _HOOKS):
+            delattr(sub, _HOOKS)
+
+
+def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform) -> dict[str, QuantizedWeight]:
+    """Fold, quantize weights and set activation quantization for one block, in place."""
+    fold_block(block, spec, t.smooth)
+    fmt = get_format(t.format)
     out = {}
     for name in spec.linears:
         linear = get_module(block, name)
@@ -33,30 +84,30 @@ def quantize_block(block: torch.nn.Module, spec: ArchSpec, fmt: Format) -> dict[
         if qw is not None:
             linear.weight.data.copy_(qw.dequantize())
             out[name] = qw
+    set_act_quant(block, spec, t.act_scales)
     return out
 
 
 @contextmanager
-def block_quantized(block: torch.nn.Module, spec: ArchSpec, fmt: Format):
-    """Within the context, ``block``'s linears hold ``fmt``-quantized weights; restored after."""
-    saved = {name: get_module(block, name).weight.data.clone() for name in spec.linears}
+def block_transformed(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform):
+    """Within the context ``block`` is transformed (yields its quantized weights); restored after."""
+    saved = {name: p.data.clone() for name, p in block.named_parameters()}
     try:
-        yield quantize_block(block, spec, fmt)
+        yield transform_block(block, spec, t)
     finally:
-        for name, weight in saved.items():
-            get_module(block, name).weight.data.copy_(weight)
+        clear_act_quant(block)
+        for name, p in block.named_parameters():
+            p.data.copy_(saved[name])
 
 
-def apply_plan(
-    model: torch.nn.Module, spec: ArchSpec, plan: list[str], *, lm_head: str = "fp16"
-) -> dict[str, QuantizedWeight]:
-    """Quantize the whole model per ``plan`` (one format name per block); keys are full module paths."""
+def apply_transforms(model: torch.nn.Module, spec: ArchSpec, transforms: list[BlockTransform], *, lm_head: str = "fp16") -> dict[str, QuantizedWeight]:
+    """Transform every block (and lm_head); keys of the result are full module paths."""
     layers = blocks_of(model, spec)
-    if len(plan) != len(layers):
-        raise ValueError(f"plan has {len(plan)} entries for {len(layers)} blocks")
+    if len(transforms) != len(layers):
+        raise ValueError(f"{len(transforms)} transforms for {len(layers)} blocks")
     out: dict[str, QuantizedWeight] = {}
-    for index, (layer, fmt_name) in enumerate(zip(layers, plan)):
-        for name, qw in quantize_block(layer, spec, get_format(fmt_name)).items():
+    for index, (layer, t) in enumerate(zip(layers, transforms)):
+        for name, qw in transform_block(layer, spec, t).items():
             out[f"{spec.blocks}.{index}.{name}"] = qw
     head_fmt = get_format(lm_head)
     if head_fmt.weight_bits is not None:
@@ -67,34 +118,58 @@ def apply_plan(
     return out
 
 
+def apply_plan(model: torch.nn.Module, spec: ArchSpec, plan: list[str], *, lm_head: str = "fp16") -> dict[str, QuantizedWeight]:
+    """``apply_transforms`` with plain formats (no scaling map)."""
+    return apply_transforms(model, spec, [BlockTransform(f) for f in plan], lm_head=lm_head)
+
+
 @contextmanager
-def plan_applied(model: torch.nn.Module, spec: ArchSpec, plan: list[str], *, lm_head: str = "fp16"):
-    """Within the context the model is quantized per ``plan``; every weight is restored after."""
+def transforms_applied(model: torch.nn.Module, spec: ArchSpec, transforms: list[BlockTransform], *, lm_head: str = "fp16"):
+    """Within the context the model is transformed; every weight is restored and hooks removed after."""
     head = get_module(model, spec.lm_head)
     saved_head = head.weight
-    paths = [f"{spec.blocks}.{i}.{name}" for i in range(len(plan)) for name in spec.linears]
-    saved = {path: get_module(model, path).weight.data.clone() for path in paths}
+    layers = blocks_of(model, spec)
+    saved = {name: p.data.clone() for name, p in layers.named_parameters()}
     try:
-        yield apply_plan(model, spec, plan, lm_head=lm_head)
+        yield apply_transforms(model, spec, transforms, lm_head=lm_head)
     finally:
-        for path, weight in saved.items():
-            get_module(model, path).weight.data.copy_(weight)
+        clear_act_quant(layers)
+        for name, p in layers.named_parameters():
+            p.data.copy_(saved[name])
         head.weight = saved_head
 
 
-def apply_scales(model: torch.nn.Module, spec: ArchSpec, linears: dict[str, dict], scales: dict[str, torch.Tensor]) -> None:
-    """Quantize the named linears in place with given scales (a recipe's decisions, re-applied)."""
+def fold_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Fold a recipe's scaling map into the fp model in place (norm weights, linear columns)."""
     from .errors import RecipeError
 
-    for path, entry in linears.items():
-        if path not in scales:
+    for block, layer in zip(recipe["blocks"], blocks_of(model, spec)):
+        smooth = {}
+        for producer in block.get("smooth", []):
+            key = f"{spec.blocks}.{block['index']}.{producer}.smooth"
+            if key not in tensors:
+                raise RecipeError(f"scales file has no smoothing scales {key}")
+            smooth[producer] = tensors[key]
+        fold_block(layer, spec, smooth)
+
+
+def quantize_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Quantize a folded model in place as the recipe says: weight codes from its scales, activation scales."""
+    from .errors import RecipeError
+    from .recipe import quantized_linears
+
+    for block, layer in zip(recipe["blocks"], blocks_of(model, spec)):
+        set_act_quant(layer, spec, {lin["name"]: lin["act_scale"] for lin in block["linears"] if lin.get("act_scale")})
+    for path, entry in quantized_linears(recipe).items():
+        scale = tensors.get(f"{path}.scale")
+        if scale is None:
             raise RecipeError(f"scales file has no scale for {path}")
         linear = _untied_lm_head(model, spec) if path == spec.lm_head else get_module(model, path)
         try:
-            q = quantize_with_scale(linear.weight, scales[path], bits=entry["bits"], block_size=entry["block_size"])
+            q = quantize_with_scale(linear.weight, scale, bits=entry["bits"], block_size=entry["block_size"])
         except ValueError as exc:
             raise RecipeError(f"{path}: {exc}") from exc
-        linear.weight.data = dequantize(q, scales[path], entry["block_size"])
+        linear.weight.data = dequantize(q, scale, entry["block_size"])
 
 
 def _untied_lm_head(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.Linear:

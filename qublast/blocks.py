@@ -42,7 +42,7 @@ class BlockRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.first_hidden, self.layer_kwargs = self._capture()
         final = self.run_from(0, self.first_hidden)
-        self.ref_logprobs = [torch.log_softmax(logits, dim=-1) for logits in self._head_chunks(final)]
+        self.ref_logprobs = [torch.log_softmax(logits, dim=-1) for logits in self.logit_chunks(final)]
         self.fp_score = self.score(final)
 
     @torch.no_grad()
@@ -85,7 +85,7 @@ class BlockRunner:
         return hidden
 
     @torch.no_grad()
-    def _head_chunks(self, hidden: torch.Tensor):
+    def logit_chunks(self, hidden: torch.Tensor):
         """Logits [chunk, S, V] for successive window chunks (bounded memory)."""
         norm = get_module(self.model, self.spec.final_norm)
         head = get_module(self.model, self.spec.lm_head)
@@ -100,7 +100,7 @@ class BlockRunner:
         """CE and KL to the fp model for a final hidden state."""
         ce_sum = kl_sum = 0.0
         count = 0
-        for k, logits in enumerate(self._head_chunks(hidden)):
+        for k, logits in enumerate(self.logit_chunks(hidden)):
             start = k * self.chunk
             targets = self.ids[start : start + logits.shape[0], 1:]  # [c, S-1]
             logprobs = torch.log_softmax(logits, dim=-1)

@@ -13,16 +13,17 @@ import numpy as np
 import torch
 
 from .allocate import Choice, Plan, repair, solve_for_loss, solve_for_size
-from .apply import plan_applied
+from .apply import transforms_applied
 from .arch import ArchSpec
 from .blocks import BlockRunner, blocks_of, get_module
 from .errors import InputError
 from .evaluate import mean_ce
 from .formats import CANDIDATES, FORMATS
 from .quant import CLIP_GRID
+from .scaling import ALPHA_GRID, RANGE_METHODS
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
 from .sensitivity import sweep
-from .sizes import block_bytes, linear_entry, model_sizes
+from .sizes import block_bytes, is_tied, linear_entry, model_sizes
 
 DEFAULT_MAX_PPL_INCREASE = 0.01
 
@@ -41,6 +42,8 @@ class CalibConfig:
     holdout_windows: int = 16
     seed: int = 0
     safety: float = 0.8  # repair until held-out dCE <= safety * ln(1 + P)
+    scaling: bool = True  # the activation scaling map (--no-scaling turns it off)
+    range_method: str = "mse"  # static activation ranges: absmax, percentile or mse
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
     def __post_init__(self):
@@ -58,6 +61,8 @@ class CalibConfig:
                 raise InputError(f"unknown format {name!r}; known: {', '.join(FORMATS)}")
         if "fp16" not in self.candidates:
             raise InputError("the candidate formats must include fp16")
+        if self.range_method not in RANGE_METHODS:
+            raise InputError(f"unknown range method {self.range_method!r}; known: {', '.join(RANGE_METHODS)}")
         if not 0 < self.safety <= 1:
             raise InputError(f"safety must be in (0, 1], got {self.safety}")
 
@@ -73,31 +78,36 @@ class CalibConfig:
 
 
 def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray, calib_label: str, cfg: CalibConfig, log=print) -> tuple[dict, dict]:
-    """Decide a format per block; returns ``(recipe, scales)``. The model keeps its fp weights."""
+    """Decide a transform per block; returns ``(recipe, tensors)``. The model keeps its fp weights."""
     from .text import calib_windows
 
     sens, holdout = calib_windows(calib_ids, cfg.seqlen, (cfg.sens_windows, cfg.holdout_windows), seed=cfg.seed)
     layers = blocks_of(model, spec)
-    table, allocation = None, {}
+    candidates = ("fp16", cfg.uniform) if cfg.mode == "uniform" else cfg.candidates
+    runner = BlockRunner(model, spec, torch.from_numpy(sens))
+    fingerprint = _fingerprint(model_info, sens, cfg)
+    journal = cfg.cache_dir / f"sensitivity-{fingerprint[:16]}.jsonl"
+    log(f"sensitivity: {len(layers)} blocks x {len(candidates) - 1} formats on {sens.size} tokens, scaling map "
+        f"{'on' if cfg.scaling else 'off'} (journal {journal})")
+    table = sweep(runner, candidates, journal=journal, fingerprint=fingerprint, scaling=cfg.scaling, range_method=cfg.range_method)
+    del runner
+    allocation: dict = {}
     if cfg.mode == "uniform":
         formats = [cfg.uniform] * len(layers)
     else:
-        runner = BlockRunner(model, spec, torch.from_numpy(sens))
-        journal = cfg.cache_dir / f"sensitivity-{_fingerprint(model_info, sens, cfg)[:16]}.jsonl"
-        log(f"sensitivity: {len(layers)} blocks x {len(cfg.candidates) - 1} formats on {sens.size} tokens (journal {journal})")
-        table = sweep(runner, cfg.candidates, journal=journal, fingerprint=_fingerprint(model_info, sens, cfg))
-        del runner
-        options = [[Choice(f, block_bytes(layer, spec, f), row[f].dce) for f in cfg.candidates] for layer, row in zip(layers, table)]
-        formats, allocation = _allocate(model, spec, options, holdout, cfg, log)
-    with plan_applied(model, spec, formats, lm_head=cfg.lm_head) as qweights:
-        heldout_ce = mean_ce(model, holdout)
-    allocation["heldout_ce_quant"] = heldout_ce
+        options = [[Choice(f, block_bytes(layer, spec, f), row[f].dce) for f in candidates] for layer, row in zip(layers, table)]
+        formats, allocation = _allocate(model, spec, table, options, holdout, cfg, log)
+    transforms = [row[f].transform() for row, f in zip(table, formats)]
+    with transforms_applied(model, spec, transforms, lm_head=cfg.lm_head) as qweights:
+        allocation["heldout_ce_quant"] = mean_ce(model, holdout)
     recipe = _recipe(model, spec, formats, qweights, table, allocation, model_info=model_info, cfg=cfg, calib_label=calib_label)
-    scales = {path: qw.scale for path, qw in qweights.items()}
-    return recipe, scales
+    tensors = {f"{path}.scale": qw.scale for path, qw in qweights.items()}
+    for index, t in enumerate(transforms):
+        tensors.update({f"{spec.blocks}.{index}.{producer}.smooth": s for producer, s in t.smooth.items()})
+    return recipe, tensors
 
 
-def _allocate(model, spec, options, holdout, cfg: CalibConfig, log) -> tuple[list[str], dict]:
+def _allocate(model, spec, table, options, holdout, cfg: CalibConfig, log) -> tuple[list[str], dict]:
     fp_ce = mean_ce(model, holdout)
     info: dict = {"heldout_ce_fp": fp_ce}
     if cfg.mode == "target_size":
@@ -111,7 +121,8 @@ def _allocate(model, spec, options, holdout, cfg: CalibConfig, log) -> tuple[lis
     info.update(max_dce=max_loss, repair_target_dce=cfg.safety * max_loss, predicted_dce=plan.loss)
 
     def measure(formats: list[str]) -> float:
-        with plan_applied(model, spec, formats, lm_head=cfg.lm_head):
+        transforms = [row[f].transform() for row, f in zip(table, formats)]
+        with transforms_applied(model, spec, transforms, lm_head=cfg.lm_head):
             return mean_ce(model, holdout) - fp_ce
 
     formats, history = repair(plan, options, max_loss=cfg.safety * max_loss, measure=measure, log=log)
@@ -123,19 +134,26 @@ def _recipe(model, spec, formats, qweights, table, allocation, *, model_info, cf
     layers = blocks_of(model, spec)
     blocks = []
     for index, (layer, fmt) in enumerate(zip(layers, formats)):
+        chosen = table[index][fmt]
         linears = []
         for name in spec.linears:
             path = f"{spec.blocks}.{index}.{name}"
             entry = linear_entry(get_module(layer, name), name=name, path=path, fmt_name=fmt)
             if path in qweights:
                 entry["error"] = qweights[path].stats.as_dict()
+            if chosen.act_scales and name in chosen.act_scales:
+                entry["act_scale"] = chosen.act_scales[name]
+                entry["act_range"] = chosen.act_scales[name] * 127
             linears.append(entry)
         blocks.append({
             "index": index,
             "format": fmt,
+            "alpha": chosen.alpha,
+            "block_err": chosen.block_err,
+            "smooth": sorted(chosen.smooth or {}),
             "bytes": sum(e["bytes"] for e in linears),
             "bytes_fp16": block_bytes(layer, spec, "fp16"),
-            "sensitivity": {f: {"dce": s.dce, "kl": s.kl} for f, s in table[index].items()} if table else {},
+            "sensitivity": {f: {"dce": s.dce, "kl": s.kl, "alpha": s.alpha} for f, s in table[index].items()},
             "linears": linears,
         })
     head_entry = linear_entry(get_module(model, spec.lm_head), name=spec.lm_head, path=spec.lm_head, fmt_name=cfg.lm_head)
@@ -148,25 +166,20 @@ def _recipe(model, spec, formats, qweights, table, allocation, *, model_info, cf
         "calibration": {
             "text": calib_label, "seqlen": cfg.seqlen, "sens_windows": cfg.sens_windows,
             "holdout_windows": cfg.holdout_windows, "seed": cfg.seed, "candidates": list(cfg.candidates),
-            "clip_grid": list(CLIP_GRID), "safety": cfg.safety,
+            "clip_grid": list(CLIP_GRID), "safety": cfg.safety, "scaling": cfg.scaling,
+            "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method,
         },
         "constraint": {"mode": cfg.mode, "value": cfg.mode_value},
-        "lm_head": {"format": cfg.lm_head, "tied": _tied(model, spec), "linears": [head_entry]},
+        "lm_head": {"format": cfg.lm_head, "tied": is_tied(model, spec), "linears": [head_entry]},
         "blocks": blocks,
         "allocation": allocation,
         "metrics": model_sizes(model, spec, formats, lm_head=cfg.lm_head),
     }
 
 
-def _tied(model, spec) -> bool:
-    from .sizes import is_tied
-
-    return is_tied(model, spec)
-
-
 def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
     digest = hashlib.sha256()
     digest.update(model_info["weight_sha256"].encode())
     digest.update(np.ascontiguousarray(sens).tobytes())
-    digest.update(repr((cfg.candidates, CLIP_GRID)).encode())
+    digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method)).encode())
     return digest.hexdigest()

@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows for measured repair")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--safety", type=float, default=0.8, help="repair until held-out dCE <= safety * ln(1+P)")
+    p.add_argument("--no-scaling", action="store_true", help="turn the activation scaling map off (ablation)")
+    p.add_argument("--range-method", default="mse", choices=("absmax", "percentile", "mse"),
+                   help="static INT8 activation range estimator for w8a8 (default mse)")
     p.add_argument("--context", type=int, default=2048, help="max context for the TensorRT profiles")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qublast")
@@ -52,6 +55,7 @@ def config_from_args(args: argparse.Namespace):
         lm_head=args.lm_head, candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
         seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
+        scaling=not args.no_scaling, range_method=args.range_method,
     )
     return ExportConfig(
         out=args.out, target=args.target, model=args.model, recipe=args.recipe, calib=calib,

@@ -27,10 +27,11 @@ class Format:
 
 FORMATS: dict[str, Format] = {
     "fp16": Format("fp16", None),
+    "w8a8": Format("w8a8", 8, act_bits=8),
     "w8": Format("w8", 8),
     "w4": Format("w4", 4, blocked=True),
 }
-CANDIDATES: tuple[str, ...] = ("fp16", "w8", "w4")
+CANDIDATES: tuple[str, ...] = ("fp16", "w8a8", "w8", "w4")
 
 
 def get_format(name: str) -> Format:

@@ -15,8 +15,10 @@
                  "size_bytes_blocks_fp16", "size_bytes_blocks", "eval_tokens", "seqlen", ...}}
 
 ``scales.safetensors`` holds, for every quantized linear (full module path ``P``), the fp32
-tensor ``P.scale`` of shape [out, in // block_size]. Integer codes are not stored: they are
-``clamp(round(w / scale))`` of the checkpoint's weight, which export recomputes exactly.
+tensor ``P.scale`` of shape [out, in // block_size], and for every folded norm ``N`` of the
+scaling map its per-channel scales ``N.smooth`` [in]. Integer codes are not stored: they are
+``clamp(round(w / scale))`` of the checkpoint's weight after the folds, which export
+recomputes exactly.
 """
 from __future__ import annotations
 
@@ -94,24 +96,23 @@ def check_model(recipe: dict, weight_sha256: str) -> None:
         )
 
 
-def write_scales(scales: dict, path: str | Path) -> None:
-    """Write ``{module_path: scale tensor}`` as ``scales.safetensors`` atomically."""
+def write_tensors(tensors: dict, path: str | Path) -> None:
+    """Write ``scales.safetensors`` atomically: ``{path}.scale`` weight scales, ``{norm}.smooth`` map scales."""
     from safetensors.torch import save
 
-    tensors = {f"{name}.scale": t.contiguous() for name, t in sorted(scales.items())}
-    atomic_write_bytes(path, save(tensors, metadata={"format": RECIPE_FORMAT, "version": str(RECIPE_VERSION)}))
+    data = {name: t.contiguous().float() for name, t in sorted(tensors.items())}
+    atomic_write_bytes(path, save(data, metadata={"format": RECIPE_FORMAT, "version": str(RECIPE_VERSION)}))
 
 
-def read_scales(path: str | Path) -> dict:
-    """``{module_path: scale tensor}`` from ``scales.safetensors``."""
+def read_tensors(path: str | Path) -> dict:
+    """The tensors of ``scales.safetensors`` by name."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (OSError, SafetensorError) as exc:
         raise RecipeError(f"cannot read scales {path}: {exc}") from exc
-    return {name.removesuffix(".scale"): t for name, t in tensors.items()}
 
 
 def quantized_linears(recipe: dict) -> dict[str, dict]:

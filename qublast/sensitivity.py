@@ -1,25 +1,28 @@
 """Sensitivity sweep: how much CE rises when only one block is quantized (DESIGN.md).
 
-For block i and each candidate format: run block i quantized and blocks i+1..L in fp from
-the cached fp input of block i; record dCE and KL to the fp logits; then advance the cached
-hidden state through fp block i. Each result is appended to a journal (JSON lines) as soon as
-it is measured; a rerun with the same fingerprint skips what the journal already holds.
+For block i and each candidate format: search the block's scaling map on its cached fp input
+(``mapsearch``), run block i transformed and blocks i+1..L in fp; record dCE and KL to the fp
+logits; then advance the cached hidden state through fp block i. So the sensitivity is that
+of what will be deployed. Each result (with its map) is appended to a journal (JSON lines) as
+soon as it is measured; a rerun with the same fingerprint skips what the journal holds.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .apply import block_quantized
-from .blocks import BlockRunner
-from .formats import get_format
+import torch
 
-JOURNAL_VERSION = 1
+from .apply import BlockTransform, block_transformed
+from .blocks import BlockRunner
+from .mapsearch import search_transform
+
+JOURNAL_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,18 @@ class Sensitivity:
     format: str
     dce: float
     kl: float
+    alpha: float = 0.0
+    block_err: float = 0.0  # relative MSE of the block's output vs fp
+    smooth: dict | None = None  # producer -> per-channel scales (lists, for the journal)
+    act_scales: dict | None = None
+
+    def transform(self) -> BlockTransform:
+        smooth = {k: torch.tensor(v, dtype=torch.float32) for k, v in (self.smooth or {}).items()}
+        return BlockTransform(self.format, self.alpha, smooth, dict(self.act_scales or {}))
 
 
-def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fingerprint: str) -> list[dict[str, Sensitivity]]:
+def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,
+          scaling: bool = True, range_method: str = "mse") -> list[dict[str, Sensitivity]]:
     """Measure every (block, candidate); returns one ``{format: Sensitivity}`` per block."""
     done = _read_journal(journal, fingerprint)
     layers = runner.layers
@@ -46,11 +58,8 @@ def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fi
             for name in candidates:
                 if name == "fp16" or (index, name) in done:
                     continue
-                with block_quantized(layers[index], runner.spec, get_format(name)):
-                    out = runner.run_block(index, hidden)
-                score = runner.score(runner.run_from(index + 1, out))
-                done[(index, name)] = Sensitivity(index, name, score.ce - runner.fp_score.ce, score.kl)
-                _write(log, done[(index, name)].__dict__)
+                done[(index, name)] = _measure(runner, index, hidden, name, scaling=scaling, range_method=range_method)
+                _write(log, asdict(done[(index, name)]))
                 bar.update(1)
             if index + 1 < len(layers):
                 hidden = runner.run_block(index, hidden)
@@ -61,6 +70,17 @@ def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fi
         row.update({f: done[(index, f)] for f in candidates if f != "fp16"})
         table.append(row)
     return table
+
+
+def _measure(runner: BlockRunner, index: int, hidden, name: str, *, scaling: bool, range_method: str) -> Sensitivity:
+    t, block_err = search_transform(runner, index, hidden, name, scaling=scaling, range_method=range_method)
+    with block_transformed(runner.layers[index], runner.spec, t):
+        out = runner.run_block(index, hidden)
+    score = runner.score(runner.run_from(index + 1, out))
+    return Sensitivity(
+        index, name, score.ce - runner.fp_score.ce, score.kl, alpha=t.alpha, block_err=block_err,
+        smooth={k: v.tolist() for k, v in t.smooth.items()}, act_scales=dict(t.act_scales),
+    )
 
 
 def _read_journal(path: Path, fingerprint: str) -> dict[tuple[int, str], Sensitivity]:

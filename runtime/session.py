@@ -4,6 +4,12 @@ Session options used for every measurement (state them with any number they prod
 graph optimisation ORT_ENABLE_ALL, ``session.qdq_matmulnbits_accuracy_level = 1`` (fp32
 compute in fused INT4/INT8 weight-only MatMuls; the default, 4, quantizes activations to INT8
 and shifts logits by ~1-2%), intra-op threads as given (default: all cores).
+
+INT8 activations (``w8a8``): ONNX Runtime fuses Q/DQ -> MatMul into MatMulIntegerToFloat,
+whose x86 kernel without AVX-VNNI multiplies u8 x s8 pairs into saturating int16 (measured:
+logits off by ~5e-2 on a tiny model). ``int8_fusion=False`` sets
+``session.disable_quant_qdq = 1`` so the graph runs exactly as written (what TensorRT
+computes); verification uses it whenever a graph has activation Q/DQ, speed runs may not.
 """
 from __future__ import annotations
 
@@ -28,12 +34,15 @@ class KvLayout:
 class OrtModel:
     """An exported causal LM in ONNX Runtime: ``forward`` runs prefill or one decode step."""
 
-    def __init__(self, path: str, *, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str, *, threads: int | None = None, providers: list[str] | None = None, int8_fusion: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", ACCURACY_LEVEL)
+        if not int8_fusion:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        self.int8_fusion = int8_fusion
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])

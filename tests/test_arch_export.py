@@ -9,10 +9,11 @@ import torch
 
 from export import onnx_export, qdq
 from export.legality import violations
-from qublast.apply import apply_plan
+from qublast.apply import BlockTransform, apply_transforms, fold_block
 from qublast.arch import REGISTRY, arch_for
 from qublast.blocks import BlockRunner, blocks_of, get_module
 from qublast.errors import UnsupportedModelError
+from qublast.mapsearch import search_transform
 from runtime import io_spec
 from runtime.session import OrtModel
 from tests.tiny import VOCAB, tiny_model
@@ -44,39 +45,70 @@ def test_block_runner_reproduces_model(model_type):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     runner = BlockRunner(model, spec, ids)
     ref = model(input_ids=ids).logits
-    ours = torch.cat(list(runner._head_chunks(runner.run_from(0, runner.first_hidden))))
+    ours = torch.cat(list(runner.logit_chunks(runner.run_from(0, runner.first_hidden))))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert runner.fp_score.kl == pytest.approx(0.0, abs=1e-6)
 
 
-def _export_quantized(model, spec, tmp_path, plan, lm_head):
-    fp = {k: v.clone() for k, v in model.state_dict().items()}
-    qweights = apply_plan(model, spec, plan, lm_head=lm_head)
-    quant_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(fp)  # export reads the fp checkpoint; QDQ recomputes the codes
+def _searched_transforms(model, spec, formats):
+    """The scaling map searched per block on random tokens, as the sweep does."""
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    runner = BlockRunner(model, spec, ids)
+    hidden, out = runner.first_hidden, []
+    for index, fmt in enumerate(formats):
+        out.append(search_transform(runner, index, hidden, fmt, scaling=True, range_method="mse")[0])
+        hidden = runner.run_block(index, hidden)
+    return out
+
+
+def _export_quantized(model, spec, tmp_path, formats, lm_head):
+    """Fold the map into the fp model, export, quantize in torch, inject the same QDQ into the graph."""
+    transforms = _searched_transforms(model, spec, formats)
+    for layer, t in zip(blocks_of(model, spec), transforms):
+        fold_block(layer, spec, t.smooth)
     proto = onnx_export.export_onnx(model, tmp_path / "raw.onnx")
     node_modules = onnx_export.linear_modules(proto)
+    folded = [BlockTransform(t.format, t.alpha, {}, t.act_scales) for t in transforms]
+    qweights = apply_transforms(model, spec, folded, lm_head=lm_head)
     linears = {path: {"bits": qw.bits, "block_size": qw.block_size} for path, qw in qweights.items()}
+    acts = {f"{spec.blocks}.{i}.{name}": s for i, t in enumerate(transforms) for name, s in t.act_scales.items()}
     graph = gs.import_onnx(onnx.load(str(tmp_path / "raw.onnx")))
     graph = qdq.quantize_weights(graph, linears, {p: qw.scale for p, qw in qweights.items()}, node_modules)
+    graph = qdq.quantize_activations(graph, acts, node_modules)
     final = gs.export_onnx(graph)
     onnx.save(final, str(tmp_path / "q.onnx"), save_as_external_data=True, location="q.onnx.data")
-    model.load_state_dict(quant_state)
-    return final, node_modules, qweights
+    return final, node_modules, qweights, acts
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_fold_is_exact_before_quantization(model_type):
+    model = tiny_model(model_type)
+    spec = arch_for(model.config.model_type)
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
+    ref = model(input_ids=ids).logits
+    g = torch.Generator().manual_seed(5)
+    for layer in blocks_of(model, spec):
+        smooth = {grp.producer: torch.rand(get_module(layer, grp.producer).weight.shape[0], generator=g) * 4 + 0.25
+                  for grp in spec.groups if grp.producer}
+        assert smooth  # every architecture has foldable groups
+        fold_block(layer, spec, smooth)
+    torch.testing.assert_close(model(input_ids=ids).logits, ref, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_quantized_export_matches_pytorch(model_type, tmp_path):
     model = tiny_model(model_type)
     spec = arch_for(model.config.model_type)
-    final, node_modules, qweights = _export_quantized(model, spec, tmp_path, ["w4", "w8"], "w8")
+    final, node_modules, qweights, acts = _export_quantized(model, spec, tmp_path, ["w8a8", "w4"], "w8")
     # every linear of the model was found in the graph, none silently skipped
     assert set(qweights) <= set(node_modules.values())
     assert violations(final) == []
     onnx.checker.check_model(str(tmp_path / "q.onnx"))
     dq = [n for n in final.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) == len(qweights)
-    ort_model = OrtModel(str(tmp_path / "q.onnx"))
+    assert len(dq) == len(qweights) + len(acts)
+    q_nodes = [n for n in final.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(q_nodes) == len(acts) == len(spec.linears)  # one activation pair per consuming MatMul
+    ort_model = OrtModel(str(tmp_path / "q.onnx"), int8_fusion=False)  # exact: see runtime.session
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(1, 12))
     logits, past = ort_model.forward(ids)
     with torch.no_grad():

@@ -14,10 +14,10 @@ from qublast.recipe import (
     check_model,
     quantized_linears,
     read_recipe,
-    read_scales,
+    read_tensors,
     validate,
     write_recipe,
-    write_scales,
+    write_tensors,
 )
 
 SHA = "ab" * 32
@@ -63,7 +63,7 @@ def test_round_trip(tmp_path):
 def test_write_leaves_no_temp_files(tmp_path):
     write_recipe(_recipe(), tmp_path / "recipe.json")
     write_recipe(_recipe(), tmp_path / "recipe.json")  # overwrite
-    write_scales({"a": torch.ones(2, 1)}, tmp_path / "scales.safetensors")
+    write_tensors({"a": torch.ones(2, 1)}, tmp_path / "scales.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json", "scales.safetensors"]
 
 
@@ -182,21 +182,21 @@ def test_scales_round_trip(tmp_path):
         "lm_head": torch.rand(5, 4, generator=g)[:, ::2],  # non-contiguous
     }
     path = tmp_path / "scales.safetensors"
-    write_scales(scales, path)
-    back = read_scales(path)
+    write_tensors(scales, path)
+    back = read_tensors(path)
     assert sorted(back) == sorted(scales)
     for name, t in scales.items():
         assert back[name].dtype == t.dtype
         assert torch.equal(back[name], t)
 
 
-def test_read_scales_errors(tmp_path):
+def test_read_tensors_errors(tmp_path):
     with pytest.raises(RecipeError):
-        read_scales(tmp_path / "missing.safetensors")
+        read_tensors(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}")
     with pytest.raises(RecipeError):
-        read_scales(bad)
+        read_tensors(bad)
 
 
 def test_round_trip_does_not_mutate_input(tmp_path):

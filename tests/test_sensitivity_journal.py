@@ -121,14 +121,13 @@ class FakeRunner:
 
 def _reference(runner, fmt_names):
     """dCE of every (block, format) measured directly, without the journal."""
-    from qublast.apply import block_quantized
-    from qublast.formats import get_format
+    from qublast.apply import BlockTransform, block_transformed
 
     out = {}
     hidden = runner.first_hidden
     for i in range(len(runner.layers)):
         for f in fmt_names:
-            with block_quantized(runner.layers[i], runner.spec, get_format(f)):
+            with block_transformed(runner.layers[i], runner.spec, BlockTransform(f)):
                 score = runner.score(runner.run_from(i + 1, runner.run_block(i, hidden)))
             out[(i, f)] = score.ce - runner.fp_score.ce
         hidden = runner.run_block(i, hidden)
@@ -145,6 +144,7 @@ def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
         assert row["fp16"] == Sensitivity(i, "fp16", 0.0, 0.0)
         for f in ("w8", "w4"):
             assert row[f].dce == ref[(i, f)]
+            assert row[f].alpha == 0.0  # no foldable group in the fake block: the map stays off
     lines = path.read_text().splitlines()
     assert json.loads(lines[0]) == {"version": JOURNAL_VERSION, "fingerprint": FP}
     assert len(lines) == 1 + 6
@@ -153,13 +153,13 @@ def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
     import qublast.sensitivity as sens
 
     calls = []
-    real = sens.block_quantized
+    real = sens._measure
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(args)
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(sens, "block_quantized", counting)
+    monkeypatch.setattr(sens, "_measure", counting)
     assert sweep(runner, ("fp16", "w8", "w4"), journal=path, fingerprint=FP) == table
     assert calls == []
     assert len(path.read_text().splitlines()) == 7

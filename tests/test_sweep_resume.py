@@ -22,15 +22,15 @@ def test_sweep_resumes_after_kill(tmp_path, monkeypatch):
     assert len(lines) == 1 + 2 * 2  # header + blocks x quantized formats
     journal.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # killed mid-line after two entries
     calls = []
-    original = sensitivity.block_quantized
+    original = sensitivity._measure
 
-    def counting(block, spec, fmt):
-        calls.append(fmt.name)
-        return original(block, spec, fmt)
+    def counting(runner, index, hidden, name, **kwargs):
+        calls.append((index, name))
+        return original(runner, index, hidden, name, **kwargs)
 
-    monkeypatch.setattr(sensitivity, "block_quantized", counting)
+    monkeypatch.setattr(sensitivity, "_measure", counting)
     resumed = sensitivity.sweep(runner, ("fp16", "w8", "w4"), journal=journal, fingerprint="abc")
-    assert len(calls) == 2  # only the two missing measurements
+    assert sorted(calls) == [(1, "w4"), (1, "w8")]  # only the two missing measurements
     assert resumed == full
     assert len(journal.read_text().splitlines()) == 5
 

@@ -1,0 +1,86 @@
+"""Per-block search of the activation scaling map (alpha) and activation ranges.
+
+For one block, one format and the block's fp input: collect per-channel input statistics of
+each foldable linear group, then for every alpha on the grid fold the scales, quantize, and
+measure the block's output error against fp; keep the best. alpha = 0 (no scaling) is on the
+grid, so the map never makes a block's output worse on the calibration data.
+"""
+from __future__ import annotations
+
+import torch
+
+from .apply import BlockTransform, block_transformed, fold_block
+from .arch import ArchSpec
+from .blocks import BlockRunner, get_module
+from .formats import get_format
+from .scaling import ALPHA_GRID, act_range, act_scale, smooth_scales
+
+
+@torch.no_grad()
+def input_samples(runner: BlockRunner, index: int, hidden: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Inputs of the named linears of block ``index`` for ``hidden``: ``{name: [tokens, in]}``."""
+    block = runner.layers[index]
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(_module, args, name=name):
+            seen[name] = args[0].detach().flatten(0, -2).float()
+
+        handles.append(get_module(block, name).register_forward_pre_hook(hook))
+    try:
+        runner.run_block(index, hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def group_smoothing(spec: ArchSpec, block: torch.nn.Module, inputs: dict[str, torch.Tensor], alpha: float, *, act_aware: bool) -> dict[str, torch.Tensor]:
+    """``{producer: s [in]}`` for every foldable group at ``alpha`` (empty at alpha 0)."""
+    if alpha == 0:
+        return {}
+    out = {}
+    for group in spec.groups:
+        if group.producer is None:
+            continue
+        x = inputs[group.linears[0]]
+        if act_aware:  # weight-only formats: AWQ-style mean |x|
+            out[group.producer] = smooth_scales(x.abs().mean(dim=0), None, alpha)
+        else:  # w8a8: SmoothQuant max|x|^a / max|w|^(1-a)
+            w_absmax = torch.stack([get_module(block, n).weight.abs().amax(dim=0) for n in group.linears]).amax(dim=0)
+            out[group.producer] = smooth_scales(x.abs().amax(dim=0), w_absmax, alpha)
+    return out
+
+
+def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_name: str, *, scaling: bool, range_method: str) -> tuple[BlockTransform, float]:
+    """Best ``BlockTransform`` of block ``index`` in ``fmt_name`` and its relative output error."""
+    fmt = get_format(fmt_name)
+    if fmt.weight_bits is None:
+        return BlockTransform(fmt_name), 0.0
+    spec, block = runner.spec, runner.layers[index]
+    ref = runner.run_block(index, hidden)
+    ref_norm = ref.pow(2).mean().item()
+    inputs = input_samples(runner, index, hidden, spec.linears)
+    best: tuple[BlockTransform, float] | None = None
+    for alpha in ALPHA_GRID if scaling else (0.0,):
+        smooth = group_smoothing(spec, block, inputs, alpha, act_aware=fmt.act_bits is None)
+        acts = _act_scales(runner, index, hidden, smooth, range_method) if fmt.act_bits else {}
+        t = BlockTransform(fmt_name, alpha, smooth, acts)
+        with block_transformed(block, spec, t):
+            err = (runner.run_block(index, hidden) - ref).pow(2).mean().item() / max(ref_norm, 1e-12)
+        if best is None or err < best[1]:
+            best = (t, err)
+    return best
+
+
+def _act_scales(runner: BlockRunner, index: int, hidden: torch.Tensor, smooth: dict, range_method: str) -> dict[str, float]:
+    """Per-tensor INT8 scales of every linear input with the folds applied (weights unquantized)."""
+    block, spec = runner.layers[index], runner.spec
+    saved = {name: p.data.clone() for name, p in block.named_parameters()}
+    try:
+        fold_block(block, spec, smooth)
+        inputs = input_samples(runner, index, hidden, spec.linears)
+    finally:
+        for name, p in block.named_parameters():
+            p.data.copy_(saved[name])
+    return {name: act_scale(act_range(x, range_method)) for name, x in inputs.items()}
