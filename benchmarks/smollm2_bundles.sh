@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue-3 bundles on SmolLM2-135M (../shared/assets): prints each run's wall time, then a table.
+# Bundles on SmolLM2-135M (../shared/assets): the issue-3 constraints, then the issue-4 ablation
+# (scaling map off) and uniform baselines. Prints each run's wall time, then one table row per bundle.
 # Usage: bash benchmarks/smollm2_bundles.sh OUT_DIR [MAX_EVAL_WINDOWS]   (no second argument: whole test split)
-set -euo pipefail
+set -uo pipefail
 out=${1:?usage: smollm2_bundles.sh OUT_DIR [MAX_EVAL_WINDOWS]}
 assets=$(cd "$(dirname "$0")/../.." && pwd)/shared/assets
 limit=()
@@ -12,12 +13,23 @@ common=(--target jetson --model "$assets/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 run() {
   local name=$1; shift
   local start=$SECONDS
-  python -m qublast.export "${common[@]}" --out "$out/$name" "$@" 2>"$out/$name.log" || { echo "$name FAILED (see $out/$name.log)"; return 1; }
-  echo "$name: $((SECONDS - start)) s wall"
+  if python -m qublast.export "${common[@]}" --out "$out/$name" "$@" 2>"$out/$name.log"; then
+    echo "$name: $((SECONDS - start)) s wall"
+  else
+    echo "$name FAILED: $(grep 'qublast: error' "$out/$name.log" | tail -1)"
+  fi
 }
 mkdir -p "$out"
 run ppl1 --max-ppl-increase 0.01
 run ppl5 --max-ppl-increase 0.05
 run size50 --target-size 0.5
 run size40 --target-size 0.4
+run uniform-w4 --uniform w4
+run uniform-w4-nomap --uniform w4 --no-scaling
+run uniform-w8a8 --uniform w8a8
+run uniform-w8a8-nomap --uniform w8a8 --no-scaling
+run ppl1-nomap --max-ppl-increase 0.01 --no-scaling
+run ppl5-nomap --max-ppl-increase 0.05 --no-scaling
+run size40-nomap --target-size 0.4 --no-scaling
+run uniform-w8 --uniform w8
 python "$(dirname "$0")/summarize.py" "$out"/*/recipe.json

@@ -55,19 +55,30 @@ def render(recipe: dict) -> str:
         "",
         "## Blocks",
         "",
-        "| block | format | bytes | dCE w8 | dCE w4 | KL w4 | worst linear rel. error |",
-        "|---|---|---|---|---|---|---|",
+        "| block | format | alpha | bytes | dCE w8a8 | dCE w8 | dCE w4 | KL w4 | block output rel. MSE | worst linear rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for block in recipe["blocks"]:
         sens = block.get("sensitivity", {})
         errs = [(lin["error"]["rel_err"], lin["name"]) for lin in block["linears"] if "error" in lin]
         worst = f"{max(errs)[1]} {max(errs)[0]:.4f}" if errs else "-"
         lines.append(
-            f"| {block['index']} | {block['format']} | {block['bytes']} | {_f(sens, 'w8', 'dce')} | "
-            f"{_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {worst} |"
+            f"| {block['index']} | {block['format']} | {block.get('alpha', 0):.1f} | {block['bytes']} | {_f(sens, 'w8a8', 'dce')} | "
+            f"{_f(sens, 'w8', 'dce')} | {_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {block.get('block_err', 0):.2e} | {worst} |"
         )
+    lines += _act_ranges(recipe)
     lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe['allocation'])}\n```", ""]
     return "\n".join(lines)
+
+
+def _act_ranges(recipe: dict) -> list[str]:
+    """Static INT8 activation ranges of every w8a8 linear input."""
+    rows = [(b["index"], lin["name"], lin["act_range"]) for b in recipe["blocks"] for lin in b["linears"] if lin.get("act_range")]
+    if not rows:
+        return []
+    method = recipe["calibration"].get("range_method")
+    out = ["", f"## Activation ranges (INT8, per tensor, {method})", "", "| block | linear input | range |", "|---|---|---|"]
+    return out + [f"| {i} | {name} | {r:.4g} |" for i, name, r in rows]
 
 
 def _f(sens: dict, fmt: str, key: str) -> str:
