@@ -25,6 +25,7 @@ from qublast.errors import InputError
 from qublast.files import atomic_write_text
 from qublast.models import load_model, resolve_source, weight_hash
 from qublast.recipe import check_model, quantized_linears, read_recipe, read_tensors, write_recipe, write_tensors
+from runtime.bundle import MANIFEST, has_act_quant, manifest_for
 from runtime.session import ACCURACY_LEVEL, OrtModel
 
 from . import engine, onnx_export, qdq
@@ -110,7 +111,7 @@ def _build(cfg: ExportConfig, work: Path) -> None:
     recipe["metrics"].update(_verify(cfg, model, spec, recipe, scales, windows, work, ppl_fp=ppl_fp, timings=timings))
     recipe["metrics"]["timings"] = timings
     session = {"graph_optimization_level": "ORT_ENABLE_ALL", "session.qdq_matmulnbits_accuracy_level": ACCURACY_LEVEL}
-    if _has_act_quant(recipe):
+    if has_act_quant(recipe):
         session["session.disable_quant_qdq"] = "1"
     recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": int(len(windows)), "ort_session": session}
     _write_bundle(cfg, work, recipe, scales, tokenizer, model)
@@ -165,7 +166,7 @@ def _verify(cfg, model, spec, recipe, scales, windows, work: Path, *, ppl_fp: fl
     t0 = time.perf_counter()
     ppl_torch = perplexity(model, windows, desc="ppl torch (quantized)").ppl
     timings["eval_torch_s"] = time.perf_counter() - t0
-    ort_model = OrtModel(str(work / "model.onnx"), threads=cfg.threads, int8_fusion=not _has_act_quant(recipe))
+    ort_model = OrtModel(str(work / "model.onnx"), threads=cfg.threads, int8_fusion=not has_act_quant(recipe))
     agreement = _logit_agreement(model, ort_model, windows[0][:64])
     ort = _ort_ppl(ort_model, windows)
     timings["eval_ort_s"] = ort["seconds"]
@@ -174,10 +175,6 @@ def _verify(cfg, model, spec, recipe, scales, windows, work: Path, *, ppl_fp: fl
             "ppl_increase_ort": ort["ppl"] / ppl_fp - 1, "ort_vs_torch": ort["ppl"] / ppl_torch - 1,
             "eval_tokens": ort["tokens"], "seqlen": cfg.seqlen, "logit_agreement": agreement,
             "onnx_file_bytes": sum(p.stat().st_size for p in work.glob("model.onnx*"))}
-
-
-def _has_act_quant(recipe: dict) -> bool:
-    return any(lin.get("act_scale") for b in recipe["blocks"] for lin in b["linears"])
 
 
 def _ort_ppl(ort_model, windows) -> dict:
@@ -234,6 +231,7 @@ def _write_bundle(cfg, work: Path, recipe: dict, scales: dict, tokenizer, model)
     script.chmod(0o755)
     (work / "engine_profiles.json").write_text(json.dumps({"target": cfg.target, "context": cfg.context, "shapes": shapes}, indent=1))
     write_report(recipe, work)
+    (work / MANIFEST).write_text(json.dumps(manifest_for(work, recipe_version=recipe["version"]), indent=1))
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -1,9 +1,17 @@
-"""Perplexity through the deployed graph: PPL = exp(mean NLL over predicted tokens) (no torch)."""
+"""Perplexity through the deployed graph: PPL = exp(mean NLL over predicted tokens) (no torch).
+
+``python -m runtime.perplexity --bundle DIR --text FILE [--backend ort|trt]`` follows the
+evaluation protocol of DESIGN.md: the file's lines as WikiText rows (blank -> "", else the
+line with its newline) joined with "\n\n", tokenized once, non-overlapping windows of the
+recipe's sequence length, each scored as one prefill.
+"""
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -29,3 +37,50 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> dict:
     if progress:
         print(file=sys.stderr)
     return {"ppl": math.exp(nll_sum / tokens), "nll_sum": nll_sum, "tokens": tokens, "seconds": time.perf_counter() - start}
+
+
+def wikitext_text(path: str | Path) -> str:
+    """The evaluation text of a WikiText raw file (same protocol as qublast.text.eval_text)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    return "\n\n".join("" if not line.strip() else line.rstrip("\n") + "\n" for line in lines)
+
+
+def windows(ids: list[int], seqlen: int, *, max_windows: int | None = None) -> np.ndarray:
+    """Non-overlapping windows from the start: int64 [N, seqlen]."""
+    n = len(ids) // seqlen if max_windows is None else min(len(ids) // seqlen, max_windows)
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return np.asarray(ids[: n * seqlen], dtype=np.int64).reshape(n, seqlen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .bundle import BundleError, open_bundle
+
+    p = argparse.ArgumentParser(prog="python -m runtime.perplexity", description="Perplexity of a text through a QuBLAST bundle.")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--text", required=True, help="WikiText raw layout file (e.g. wiki.test.raw)")
+    p.add_argument("--backend", choices=("ort", "trt"), default="ort")
+    p.add_argument("--seqlen", type=int, help="window length (default: the recipe's)")
+    p.add_argument("--max-windows", type=int, help="default: the recipe's evaluation window count")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    try:
+        if not Path(args.text).is_file():
+            raise ValueError(f"text file not found: {args.text}")
+        bundle = open_bundle(args.bundle, backend=args.backend, threads=args.threads)
+        seqlen = args.seqlen or bundle.recipe["metrics"]["seqlen"]
+        limit = args.max_windows or bundle.recipe.get("evaluation", {}).get("windows")
+        ids = bundle.tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
+        result = perplexity(bundle.model, windows(ids, seqlen, max_windows=limit))
+    except (BundleError, ValueError) as exc:
+        print(f"qublast: error: {exc}", file=sys.stderr)
+        return 2
+    recorded = bundle.recipe["metrics"].get("ppl_quant_ort")
+    print(f"PPL {result['ppl']:.4f} over {result['tokens']} predicted tokens ({result['seconds']:.1f} s, backend {args.backend})")
+    if recorded:
+        print(f"recipe's ONNX Runtime PPL {recorded:.4f} ({100 * (result['ppl'] / recorded - 1):+.4f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

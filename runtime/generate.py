@@ -1,0 +1,106 @@
+"""Text generation through the deployed graph: KV cache, seeded sampling, streaming (no torch).
+
+``python -m runtime.generate --bundle DIR --prompt TEXT --max-new-tokens N [--backend ort|trt]``
+prints the continuation as it is produced.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when temperature == 0; otherwise temperature, then top-k, then top-p (nucleus)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+
+
+def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """Pick a token id from one position's logits [V]."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / sampling.temperature
+    if sampling.top_k:
+        kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1:
+        order = np.argsort(-probs)
+        cum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cum, sampling.top_p)) + 1]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+def generate_ids(model, prompt_ids: list[int], *, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
+    """Yield new token ids: one prefill of the prompt, then one decode step per token through the KV cache."""
+    if not prompt_ids:
+        raise ValueError("the prompt has no tokens")
+    rng = np.random.default_rng(sampling.seed)
+    logits, past = model.forward(np.asarray([prompt_ids], dtype=np.int64))
+    for step in range(max_new_tokens):
+        token = next_token(logits[0, -1], sampling, rng)
+        yield token
+        if token in stop_ids or step == max_new_tokens - 1:
+            return
+        logits, past = model.forward(np.asarray([[token]], dtype=np.int64), past)
+
+
+def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Decoded text pieces as tokens arrive (decodes the whole continuation, yields the new suffix)."""
+    out: list[int] = []
+    shown = ""
+    for token in ids:
+        out.append(token)
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            yield text[len(shown):]
+            shown = text
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .bundle import BundleError, open_bundle
+
+    p = argparse.ArgumentParser(prog="python -m runtime.generate", description="Generate text with a QuBLAST bundle.")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backend", choices=("ort", "trt"), default="ort")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+        bundle = open_bundle(args.bundle, backend=args.backend, threads=args.threads)
+        prompt = bundle.tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        eos = bundle.eos_id()
+        ids = generate_ids(bundle.model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=(eos,) if eos is not None else ())
+        for piece in stream_text(bundle.tokenizer, ids):
+            print(piece, end="", flush=True)
+        print()
+    except (BundleError, ValueError) as exc:
+        print(f"qublast: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
