@@ -15,7 +15,7 @@ import torch
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
 from .formats import Format, block_size_for, get_format
-from .quant import QuantizedWeight, dequantize, quantize_weight, quantize_with_scale
+from .quant import CLIP_GRID, QuantizedWeight, dequantize, quantize_weight, quantize_with_scale
 from .scaling import fake_quant, fold_scales
 
 _HOOKS = "_qublast_act_hooks"
@@ -32,11 +32,11 @@ class BlockTransform:
     act_scales: dict[str, float] = field(default_factory=dict)
 
 
-def quantize_linear(linear: torch.nn.Linear, fmt: Format) -> QuantizedWeight | None:
+def quantize_linear(linear: torch.nn.Linear, fmt: Format, *, clip_grid: tuple[float, ...] = CLIP_GRID) -> QuantizedWeight | None:
     """Quantized form of a linear's weight in ``fmt``; ``None`` for fp16 (kept)."""
     if fmt.weight_bits is None:
         return None
-    return quantize_weight(linear.weight, bits=fmt.weight_bits, block_size=block_size_for(fmt, linear.in_features))
+    return quantize_weight(linear.weight, bits=fmt.weight_bits, block_size=block_size_for(fmt, linear.in_features), clip_grid=clip_grid)
 
 
 def fold_block(block: torch.nn.Module, spec: ArchSpec, smooth: dict[str, torch.Tensor]) -> None:
@@ -73,14 +73,14 @@ def clear_act_quant(module: torch.nn.Module) -> None:
             delattr(sub, _HOOKS)
 
 
-def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform) -> dict[str, QuantizedWeight]:
+def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *, clip_grid: tuple[float, ...] = CLIP_GRID) -> dict[str, QuantizedWeight]:
     """Fold, quantize weights and set activation quantization for one block, in place."""
     fold_block(block, spec, t.smooth)
     fmt = get_format(t.format)
     out = {}
     for name in spec.linears:
         linear = get_module(block, name)
-        qw = quantize_linear(linear, fmt)
+        qw = quantize_linear(linear, fmt, clip_grid=clip_grid)
         if qw is not None:
             linear.weight.data.copy_(qw.dequantize())
             out[name] = qw
@@ -89,11 +89,11 @@ def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform) -
 
 
 @contextmanager
-def block_transformed(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform):
+def block_transformed(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *, clip_grid: tuple[float, ...] = CLIP_GRID):
     """Within the context ``block`` is transformed (yields its quantized weights); restored after."""
     saved = {name: p.data.clone() for name, p in block.named_parameters()}
     try:
-        yield transform_block(block, spec, t)
+        yield transform_block(block, spec, t, clip_grid=clip_grid)
     finally:
         clear_act_quant(block)
         for name, p in block.named_parameters():

@@ -73,8 +73,11 @@ class BlockRunner:
 
     @torch.no_grad()
     def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Output hidden state of block ``index``: [N, S, H]."""
-        out = self.layers[index](hidden, **self.layer_kwargs[index])
+        """Output hidden state of block ``index`` for ``hidden`` [n, S, H], n <= N (the first windows)."""
+        kwargs = self.layer_kwargs[index]
+        if hidden.shape[0] != self.ids.shape[0]:
+            kwargs = {k: _first_rows(v, hidden.shape[0], self.ids.shape[0]) for k, v in kwargs.items()}
+        out = self.layers[index](hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -110,6 +113,15 @@ class BlockRunner:
             count += targets.numel()
         n_positions = self.ids.numel()
         return Score(ce=ce_sum / count, kl=kl_sum / n_positions)
+
+
+def _first_rows(value, n: int, batch: int):
+    """``value`` cut to its first ``n`` batch rows where it has a batch dimension of ``batch``."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[:n]
+    if isinstance(value, tuple):
+        return tuple(_first_rows(v, n, batch) for v in value)
+    return value
 
 
 class _StopForward(Exception):

@@ -3,7 +3,9 @@
 For one block, one format and the block's fp input: collect per-channel input statistics of
 each foldable linear group, then for every alpha on the grid fold the scales, quantize, and
 measure the block's output error against fp; keep the best. alpha = 0 (no scaling) is on the
-grid, so the map never makes a block's output worse on the calibration data.
+grid, so the map never makes a block's output worse on the calibration data. To keep the
+sweep affordable the search scores at most ``SEARCH_TOKENS`` tokens and a coarse clip grid;
+the chosen transform is then measured (dCE) with the full quantizer.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from .arch import ArchSpec
 from .blocks import BlockRunner, get_module
 from .formats import get_format
 from .scaling import ALPHA_GRID, act_range, act_scale, smooth_scales
+
+SEARCH_TOKENS = 1024
+SEARCH_CLIP_GRID = (1.0, 0.9, 0.8)
 
 
 @torch.no_grad()
@@ -58,6 +63,7 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_
     if fmt.weight_bits is None:
         return BlockTransform(fmt_name), 0.0
     spec, block = runner.spec, runner.layers[index]
+    hidden = hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]  # [n, S, H]: the first windows
     ref = runner.run_block(index, hidden)
     ref_norm = ref.pow(2).mean().item()
     inputs = input_samples(runner, index, hidden, spec.linears)
@@ -66,7 +72,7 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_
         smooth = group_smoothing(spec, block, inputs, alpha, act_aware=fmt.act_bits is None)
         acts = _act_scales(runner, index, hidden, smooth, range_method) if fmt.act_bits else {}
         t = BlockTransform(fmt_name, alpha, smooth, acts)
-        with block_transformed(block, spec, t):
+        with block_transformed(block, spec, t, clip_grid=SEARCH_CLIP_GRID):
             err = (runner.run_block(index, hidden) - ref).pow(2).mean().item() / max(ref_norm, 1e-12)
         if best is None or err < best[1]:
             best = (t, err)
