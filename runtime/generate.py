@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         for piece in stream_text(bundle.tokenizer, ids):
             print(piece, end="", flush=True)
         print()
-    except (BundleError, ValueError) as exc:
+    except (BundleError, ValueError, RuntimeError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
         print(f"qublast: error: {exc}", file=sys.stderr)
         return 2
     return 0

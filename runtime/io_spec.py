@@ -15,6 +15,8 @@ SSM state for Mamba / hybrid models will sit beside the KV cache as further ``pa
 """
 from __future__ import annotations
 
+import numpy as np
+
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
@@ -40,3 +42,16 @@ def input_names(num_layers: int) -> list[str]:
 def output_names(num_layers: int) -> list[str]:
     """Graph outputs in order."""
     return [LOGITS] + [present_name(i, k) for i in range(num_layers) for k in KV_KINDS]
+
+
+def model_feeds(input_ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The graph's inputs for ``input_ids`` [B, S] after ``past`` (2 * layers arrays [B, H, P, D])."""
+    batch, seq = input_ids.shape
+    past_len = past[0].shape[2]
+    feeds = {
+        INPUT_IDS: input_ids.astype(np.int64),
+        ATTENTION_MASK: np.ones((batch, past_len + seq), np.int64),  # [B, P + S]
+        POSITION_IDS: np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
+    }
+    feeds.update(zip(input_names(len(past) // 2)[3:], past))
+    return feeds

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         limit = args.max_windows or bundle.recipe.get("evaluation", {}).get("windows")
         ids = bundle.tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
         result = perplexity(bundle.model, windows(ids, seqlen, max_windows=limit))
-    except (BundleError, ValueError) as exc:
+    except (BundleError, ValueError, RuntimeError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
         print(f"qublast: error: {exc}", file=sys.stderr)
         return 2
     recorded = bundle.recipe["metrics"].get("ppl_quant_ort")

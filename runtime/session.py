@@ -56,16 +56,8 @@ class OrtModel:
 
     def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits [B, S, V] and presents for ``input_ids`` [B, S] after ``past`` (None: prefill)."""
-        batch, seq = input_ids.shape
-        past = past if past is not None else self.empty_past(batch)
-        past_len = past[0].shape[2]
-        feeds = {
-            io_spec.INPUT_IDS: input_ids.astype(np.int64),
-            io_spec.ATTENTION_MASK: np.ones((batch, past_len + seq), np.int64),
-            io_spec.POSITION_IDS: np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
-        }
-        names = io_spec.input_names(self.layout.num_layers)[3:]
-        feeds.update(zip(names, past))
+        past = past if past is not None else self.empty_past(input_ids.shape[0])
+        feeds = io_spec.model_feeds(input_ids, past)
         outputs = self.session.run(self.output_names, feeds)
         return outputs[0], outputs[1:]
 

@@ -16,7 +16,7 @@ def test_cli_on_real_model(assets, tmp_path):
     args = ["--target", "jetson", "--model", str(assets / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"),
             "--calib-text", str(assets / "wikitext-2" / "wiki.valid.calib.txt"),
             "--eval-text", str(assets / "wikitext-2" / "wiki.test.raw"), "--seqlen", "512", "--max-eval-windows", "20",
-            "--calib-seqlen", "256", "--calib-windows", "4", "--holdout-windows", "6",
+            "--calib-seqlen", "256", "--calib-windows", "2", "--holdout-windows", "6",
             "--max-ppl-increase", "0.05", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     assert main(args) == 0
     recipe = read_recipe(out / "recipe.json")
@@ -28,7 +28,10 @@ def test_cli_on_real_model(assets, tmp_path):
     assert m["ppl_quant_torch"] > m["ppl_fp"] * 0.99
     assert violations(onnx.load(str(out / "model.onnx"), load_external_data=False)) == []
     formats = {lin["format"] for b in recipe["blocks"] for lin in b["linears"]}
-    assert formats <= {"fp16", "w8", "w4"}
+    assert formats <= {"fp16", "w8a8", "w8", "w4"}
+    for block in recipe["blocks"]:
+        assert set(block["sensitivity"]) == {"fp16", "w8a8", "w8", "w4"}  # every candidate measured, none skipped
+        assert all(("act_scale" in lin) == (block["format"] == "w8a8") for lin in block["linears"])
     w4 = [lin for b in recipe["blocks"] for lin in b["linears"] if lin["format"] == "w4"]
     assert all(lin["block_size"] == (128 if lin["shape"][1] % 128 == 0 else 64) for lin in w4)
     assert "Caveat" in (out / "report.md").read_text()

@@ -7,7 +7,7 @@ import sys
 
 def test_runtime_imports_no_torch():
     code = (
-        "import sys, runtime.io_spec, runtime.session, runtime.perplexity, runtime.bundle, runtime.generate\n"
+        "import sys, runtime.io_spec, runtime.session, runtime.perplexity, runtime.bundle, runtime.generate, runtime.trt_session\n"
         "bad = sorted(m for m in ('torch', 'transformers', 'qublast', 'export') if m in sys.modules)\n"
         "print(','.join(bad))\n"
     )
