@@ -2,7 +2,7 @@
 import json
 import sys
 
-print("| bundle | constraint | blocks w8/w4/fp16 | whole -% | blocks -% | PPL fp | PPL torch | PPL ORT | ORT vs fp | ORT vs torch | calib s | export s | eval tokens |")
+print("| bundle | constraint | blocks w8a8/w8/w4/fp16 | whole -% | blocks -% | PPL fp | PPL torch | PPL ORT | ORT vs fp | ORT vs torch | calib s | export s | eval tokens |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for path in sys.argv[1:]:
     r = json.load(open(path))
@@ -10,7 +10,7 @@ for path in sys.argv[1:]:
     fmts = [b["format"] for b in r["blocks"]]
     print(
         f"| {path.split('/')[-2]} | {r['constraint']['mode']}={r['constraint']['value']} | "
-        f"{fmts.count('w8')}/{fmts.count('w4')}/{fmts.count('fp16')} | "
+        f"{fmts.count('w8a8')}/{fmts.count('w8')}/{fmts.count('w4')}/{fmts.count('fp16')} | "
         f"{100 * (1 - m['size_bytes'] / m['size_bytes_fp16']):.1f} | {100 * (1 - m['size_bytes_blocks'] / m['size_bytes_blocks_fp16']):.1f} | "
         f"{m['ppl_fp']:.4f} | {m['ppl_quant_torch']:.4f} | {m['ppl_quant_ort']:.4f} | {100 * m['ppl_increase_ort']:+.2f}% | "
         f"{100 * m['ort_vs_torch']:+.4f}% | {t.get('calibration_s', 0):.0f} | {t.get('export_s', 0):.0f} | {m['eval_tokens']} |"

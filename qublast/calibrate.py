@@ -41,7 +41,7 @@ class CalibConfig:
     sens_windows: int = 8
     holdout_windows: int = 16
     seed: int = 0
-    safety: float = 0.5  # repair until held-out dCE <= safety * ln(1 + P)
+    safety: float = 0.4  # repair until held-out dCE <= safety * ln(1 + P)
     scaling: bool = True  # the activation scaling map (--no-scaling turns it off)
     range_method: str = "mse"  # static activation ranges: absmax, percentile or mse
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")

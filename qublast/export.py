@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--uniform", choices=sorted(FORMATS), help="every block in one format (baselines)")
     p.add_argument("--recipe", type=Path, help="reuse a recipe.json (scales.safetensors beside it)")
     p.add_argument("--lm-head", default="fp16", choices=sorted(FORMATS), help="lm_head format (default fp16)")
-    p.add_argument("--candidates", default=",".join(CANDIDATES), help="formats blocks may take")
+    p.add_argument("--candidates", default=",".join(CANDIDATES), help="formats blocks may take (add w8a8 for INT8 compute)")
     p.add_argument("--calib-text", help="calibration text file (train/validation text, never test)")
     p.add_argument("--calib-dataset", help="calibration dataset name (wikitext2), validation split")
     p.add_argument("--eval-text", help="evaluation file in WikiText raw layout (e.g. wiki.test.raw)")
@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=8, help="windows for the sensitivity sweep")
     p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows for measured repair")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--safety", type=float, default=0.5, help="repair until held-out dCE <= safety * ln(1+P)")
+    p.add_argument("--safety", type=float, default=0.4, help="repair until held-out dCE <= safety * ln(1+P)")
     p.add_argument("--no-scaling", action="store_true", help="turn the activation scaling map off (ablation)")
     p.add_argument("--range-method", default="mse", choices=("absmax", "percentile", "mse"),
                    help="static INT8 activation range estimator for w8a8 (default mse)")
