@@ -41,12 +41,9 @@ def share_tied_table(graph: gs.Graph, *, lm_head_node: str) -> gs.Graph:
 
 def quantize_weights(graph: gs.Graph, linears: dict[str, dict], scales: dict[str, torch.Tensor], node_modules: dict[str, str]) -> gs.Graph:
     """Replace each quantized linear's weight constant with a DequantizeLinear (see module doc)."""
-    by_module = {module: name for name, module in node_modules.items()}
-    missing = sorted(set(linears) - set(by_module))
-    if missing:
-        raise GraphError(f"graph has no MatMul for quantized linear(s): {', '.join(missing[:3])}")
+    nodes = _matmuls(graph, linears, node_modules, what="quantized linear")
     for module, entry in linears.items():
-        node = _node(graph, by_module[module])
+        node = nodes[module]
         w = torch.from_numpy(_weight_out_in(node, module))  # [out, in]
         q = quantize_with_scale(w, scales[module], bits=entry["bits"], block_size=entry["block_size"]).numpy()
         scale = scales[module].numpy().astype(np.float32)  # [out, G]
@@ -56,12 +53,9 @@ def quantize_weights(graph: gs.Graph, linears: dict[str, dict], scales: dict[str
 
 def quantize_activations(graph: gs.Graph, act_scales: dict[str, float], node_modules: dict[str, str]) -> gs.Graph:
     """Insert a Q/DQ pair in front of the activation input of each named linear's MatMul."""
-    by_module = {module: name for name, module in node_modules.items()}
-    missing = sorted(set(act_scales) - set(by_module))
-    if missing:
-        raise GraphError(f"graph has no MatMul for w8a8 linear(s): {', '.join(missing[:3])}")
+    nodes = _matmuls(graph, act_scales, node_modules, what="w8a8 linear")
     for module, scale in act_scales.items():
-        node = _node(graph, by_module[module])
+        node = nodes[module]
         x = node.inputs[0]
         scale_c = gs.Constant(f"{module}.act_scale", np.array(scale, dtype=np.float32))
         zero = gs.Constant(f"{module}.act_zero", np.array(0, dtype=np.int8))
@@ -120,6 +114,15 @@ def pack_int4(name: str, q: np.ndarray) -> onnx.TensorProto:
     tensor.dims.extend(q.shape)
     tensor.raw_data = packed.tobytes()
     return tensor
+
+
+def _matmuls(graph: gs.Graph, modules, node_modules: dict[str, str], *, what: str) -> dict[str, gs.Node]:
+    """``{module: its MatMul node}``; every module must have one (nothing is silently skipped)."""
+    by_module = {module: name for name, module in node_modules.items()}
+    missing = sorted(set(modules) - set(by_module))
+    if missing:
+        raise GraphError(f"graph has no MatMul for {what}(s): {', '.join(missing[:3])}")
+    return {module: _node(graph, by_module[module]) for module in modules}
 
 
 def _node(graph: gs.Graph, name: str) -> gs.Node:

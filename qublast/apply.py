@@ -89,15 +89,22 @@ def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *
 
 
 @contextmanager
+def restored(module: torch.nn.Module):
+    """On leaving the context, ``module``'s parameters hold their values again and its hooks are gone."""
+    saved = {name: p.data.clone() for name, p in module.named_parameters()}
+    try:
+        yield
+    finally:
+        clear_act_quant(module)
+        for name, p in module.named_parameters():
+            p.data.copy_(saved[name])
+
+
+@contextmanager
 def block_transformed(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *, clip_grid: tuple[float, ...] = CLIP_GRID):
     """Within the context ``block`` is transformed (yields its quantized weights); restored after."""
-    saved = {name: p.data.clone() for name, p in block.named_parameters()}
-    try:
+    with restored(block):
         yield transform_block(block, spec, t, clip_grid=clip_grid)
-    finally:
-        clear_act_quant(block)
-        for name, p in block.named_parameters():
-            p.data.copy_(saved[name])
 
 
 def apply_transforms(model: torch.nn.Module, spec: ArchSpec, transforms: list[BlockTransform], *, lm_head: str = "fp16") -> dict[str, QuantizedWeight]:
@@ -128,14 +135,10 @@ def transforms_applied(model: torch.nn.Module, spec: ArchSpec, transforms: list[
     """Within the context the model is transformed; every weight is restored and hooks removed after."""
     head = get_module(model, spec.lm_head)
     saved_head = head.weight
-    layers = blocks_of(model, spec)
-    saved = {name: p.data.clone() for name, p in layers.named_parameters()}
     try:
-        yield apply_transforms(model, spec, transforms, lm_head=lm_head)
+        with restored(blocks_of(model, spec)):
+            yield apply_transforms(model, spec, transforms, lm_head=lm_head)
     finally:
-        clear_act_quant(layers)
-        for name, p in layers.named_parameters():
-            p.data.copy_(saved[name])
         head.weight = saved_head
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .apply import BlockTransform, block_transformed, fold_block
+from .apply import BlockTransform, block_transformed, fold_block, restored
 from .arch import ArchSpec
 from .blocks import BlockRunner, get_module
 from .formats import get_format
@@ -82,11 +82,7 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_
 def _act_scales(runner: BlockRunner, index: int, hidden: torch.Tensor, smooth: dict, range_method: str) -> dict[str, float]:
     """Per-tensor INT8 scales of every linear input with the folds applied (weights unquantized)."""
     block, spec = runner.layers[index], runner.spec
-    saved = {name: p.data.clone() for name, p in block.named_parameters()}
-    try:
+    with restored(block):
         fold_block(block, spec, smooth)
         inputs = input_samples(runner, index, hidden, spec.linears)
-    finally:
-        for name, p in block.named_parameters():
-            p.data.copy_(saved[name])
     return {name: act_scale(act_range(x, range_method)) for name, x in inputs.items()}
