@@ -66,23 +66,34 @@ def solve_for_loss(options: list[list[Choice]], max_loss: float) -> Plan:
 
 
 def best_upgrade(formats: list[str], options: list[list[Choice]]) -> tuple[int, Choice] | None:
-    """The (block, larger option) with the most predicted loss saved per extra byte."""
-    best, best_rate = None, None
+    """One step up for one block: among the blocks stored most coarsely (fewest bytes relative to
+    the block's largest option), the next larger option with the most predicted loss saved per
+    extra byte.
+
+    Repair runs because the predictions were wrong; a w8 block's predicted gain is then noise
+    next to a w4 block's real error, so the coarsest blocks go up first, one size at a time.
+    """
+    steps = []
     for index, (current, block_options) in enumerate(zip(formats, options)):
         now = next(c for c in block_options if c.format == current)
+        coarseness = now.bytes / max(c.bytes for c in block_options)
+        larger = [c.bytes for c in block_options if c.bytes > now.bytes]
         for option in block_options:
-            if option.bytes <= now.bytes:
-                continue
-            rate = (now.loss - option.loss) / (option.bytes - now.bytes)
-            if best_rate is None or rate > best_rate:
-                best, best_rate = (index, option), rate
-    return best
+            if larger and option.bytes == min(larger):
+                rate = (now.loss - option.loss) / (option.bytes - now.bytes)
+                steps.append((round(coarseness, 3), -rate, index, option))
+    if not steps:
+        return None
+    coarsest = min(s[0] for s in steps)
+    _, _, index, option = min((s for s in steps if s[0] == coarsest), key=lambda s: s[1])
+    return index, option
 
 
 def repair(
     plan: Plan, options: list[list[Choice]], *, max_loss: float, measure: Callable[[list[str]], float], log: Callable[[str], None] = print
 ) -> tuple[list[str], list[dict]]:
-    """Measure the plan; while measured loss > ``max_loss``, apply ``best_upgrade`` and measure again."""
+    """Measure the plan; while the measured loss (``measure`` may return an upper confidence bound)
+    exceeds ``max_loss``, apply ``best_upgrade`` and measure again."""
     formats = list(plan.formats)
     history = [{"formats": list(formats), "measured": measure(formats)}]
     while history[-1]["measured"] > max_loss:
@@ -90,7 +101,7 @@ def repair(
         if step is None:
             break
         index, option = step
-        log(f"repair: measured dCE {history[-1]['measured']:.5f} > {max_loss:.5f}; block {index}: {formats[index]} -> {option.format}")
+        log(f"repair: measured {history[-1]['measured']:.5f} > {max_loss:.5f}; block {index}: {formats[index]} -> {option.format}")
         formats[index] = option.format
         history.append({"formats": list(formats), "measured": measure(formats), "upgraded": index, "to": option.format})
     return formats, history

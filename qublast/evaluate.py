@@ -33,7 +33,31 @@ def perplexity(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int =
 
 
 @torch.no_grad()
-def mean_ce(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2) -> float:
-    """Mean next-token cross-entropy in nats over the windows."""
-    result = perplexity(model, windows, batch_size=batch_size, desc="held-out CE")
-    return result.nll_sum / result.tokens
+def window_ce(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2) -> np.ndarray:
+    """Mean next-token cross-entropy in nats of each window: float64 [N]."""
+    out = []
+    for start in tqdm(range(0, len(windows), batch_size), desc="held-out CE", unit="batch", file=sys.stderr):
+        ids = torch.from_numpy(windows[start : start + batch_size])
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [B, S-1]
+        out.extend(nll.double().mean(dim=1).tolist())
+    return np.asarray(out, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Paired change in cross-entropy over the same windows: mean and its standard error."""
+
+    mean: float
+    stderr: float
+
+    def upper(self, z: float) -> float:
+        """One-sided upper confidence bound ``mean + z * stderr``."""
+        return self.mean + z * self.stderr
+
+
+def ce_shift(after: np.ndarray, before: np.ndarray) -> Shift:
+    """dCE of paired per-window cross-entropies; the stderr is over windows (tokens inside one correlate)."""
+    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    stderr = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+    return Shift(float(diff.mean()), stderr)

@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=8, help="windows for the sensitivity sweep")
     p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows for measured repair")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--safety", type=float, default=0.4, help="repair until held-out dCE <= safety * ln(1+P)")
+    p.add_argument("--safety", type=float, default=1.0,
+                   help="repair until held-out dCE + 2 stderr <= safety * ln(1+P)")
     p.add_argument("--no-scaling", action="store_true", help="turn the activation scaling map off (ablation)")
     p.add_argument("--range-method", default="mse", choices=("absmax", "percentile", "mse"),
                    help="static INT8 activation range estimator for w8a8 (default mse)")

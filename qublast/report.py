@@ -93,7 +93,8 @@ def _allocation_text(allocation: dict) -> str:
     out = [f"{k}: {v}" for k, v in allocation.items() if k != "repair"]
     for step in allocation.get("repair", []):
         counts = {f: step["formats"].count(f) for f in sorted(set(step["formats"]))}
-        out.append(f"repair step: measured held-out dCE {step['measured']:+.5f}, formats {counts}")
+        shift = f"{step['dce']:+.5f} +- {step['stderr']:.5f}, bound {step['measured']:+.5f}" if "dce" in step else f"{step['measured']:+.5f}"
+        out.append(f"repair step: held-out dCE {shift}, formats {counts}")
     return "\n".join(out)
 
 

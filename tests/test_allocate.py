@@ -109,12 +109,20 @@ def _measure(formats: list[str]) -> float:
 
 
 def _rate_table(formats, options) -> list[tuple[float, int, str]]:
-    """Every upgrade as (loss saved per extra byte, block, format), computed independently."""
+    """Every upgrade of the most coarsely stored blocks as (loss saved per extra byte, block, format)."""
+    def coarseness(i, f):
+        return round({c.format: c.bytes for c in options[i]}[f] / max(c.bytes for c in options[i]), 3)
+
+    open_blocks = [i for i, f in enumerate(formats) if f != "fp16"]
+    coarsest = min(coarseness(i, formats[i]) for i in open_blocks)
     rates = []
     for i, f in enumerate(formats):
         now = {c.format: c for c in options[i]}[f]
+        if coarseness(i, f) != coarsest:
+            continue
+        larger = [c.bytes for c in options[i] if c.bytes > now.bytes]
         for c in options[i]:
-            if c.bytes > now.bytes:
+            if larger and c.bytes == min(larger):
                 rates.append(((now.loss - c.loss) / (c.bytes - now.bytes), i, c.format))
     return rates
 
@@ -156,6 +164,16 @@ def test_repair_upgrades_until_measured_fits():
         assert changed == [after["upgraded"]]
         assert after["formats"][after["upgraded"]] == after["to"]
         assert after["measured"] == _measure(after["formats"])
+
+
+def test_best_upgrade_takes_the_coarsest_blocks_first():
+    # block 1's w8 -> fp16 has the best predicted rate, but block 0 is still w4: its upgrade comes first
+    options = [
+        [Choice("fp16", 100, 0.0), Choice("w8", 50, 0.001), Choice("w4", 25, 0.0005)],  # noisy: w4 looks free
+        [Choice("fp16", 100, 0.0), Choice("w8", 50, 0.010), Choice("w4", 25, 0.030)],
+    ]
+    assert best_upgrade(["w4", "w8"], options) == (0, options[0][1])
+    assert best_upgrade(["w8", "w8"], options) == (1, options[1][0])
 
 
 def test_repair_leaves_a_good_plan_alone():

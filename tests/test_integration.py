@@ -21,8 +21,9 @@ def test_cli_on_real_model(assets, tmp_path):
     assert main(args) == 0
     recipe = read_recipe(out / "recipe.json")
     m = recipe["metrics"]
-    # the fp baseline reproduces the number measured independently for these assets (README: 34.97)
-    assert m["ppl_fp"] == pytest.approx(34.97, rel=0.01)
+    # the fp baseline equals plain transformers on the same protocol (independent of qublast's code);
+    # the assets README quotes 34.97, which no variant of the DESIGN.md protocol reproduces here (35.88)
+    assert m["ppl_fp"] == pytest.approx(_reference_ppl(assets, windows=20, seqlen=512), rel=1e-3)
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
     assert m["size_bytes_blocks"] < 0.6 * m["size_bytes_blocks_fp16"]
     assert m["ppl_quant_torch"] > m["ppl_fp"] * 0.99
@@ -35,6 +36,24 @@ def test_cli_on_real_model(assets, tmp_path):
     w4 = [lin for b in recipe["blocks"] for lin in b["linears"] if lin["format"] == "w4"]
     assert all(lin["block_size"] == (128 if lin["shape"][1] % 128 == 0 else 64) for lin in w4)
     assert "Caveat" in (out / "report.md").read_text()
+
+
+def _reference_ppl(assets, *, windows, seqlen):
+    """WikiText-2 PPL with nothing but transformers: rows joined with blank lines, labels=inputs."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = assets / "models", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    lines = (assets / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    text = "\n\n".join(line if line.strip() else "" for line in lines)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        losses = [model(w, labels=w).loss.item() for w in ids[:, : windows * seqlen].view(windows, 1, seqlen)]
+    return math.exp(sum(losses) / windows)
 
 
 def test_embedded_default_model_resolves():
