@@ -20,25 +20,21 @@ class PplResult:
     tokens: int  # predicted tokens: windows * (seqlen - 1)
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2, desc: str = "ppl torch") -> PplResult:
     """Each window [seqlen] is scored on its own: tokens 1..S-1 predicted from their prefix."""
-    nll_sum, tokens = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", file=sys.stderr):
-        ids = torch.from_numpy(windows[start : start + batch_size])  # [B, S]
-        logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, S, V]
-        nll_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        tokens += ids[:, 1:].numel()
+    per_window = window_ce(model, windows, batch_size=batch_size, desc=desc)
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    nll_sum = float(per_window.sum() * (windows.shape[1] - 1))
     return PplResult(math.exp(nll_sum / tokens), nll_sum, tokens)
 
 
 @torch.no_grad()
-def window_ce(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2) -> np.ndarray:
+def window_ce(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2, desc: str = "held-out CE") -> np.ndarray:
     """Mean next-token cross-entropy in nats of each window: float64 [N]."""
     out = []
-    for start in tqdm(range(0, len(windows), batch_size), desc="held-out CE", unit="batch", file=sys.stderr):
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", file=sys.stderr):
         ids = torch.from_numpy(windows[start : start + batch_size])
-        logits = model(input_ids=ids, use_cache=False).logits.float()
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, S, V]
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [B, S-1]
         out.extend(nll.double().mean(dim=1).tolist())
     return np.asarray(out, dtype=np.float64)
