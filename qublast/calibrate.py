@@ -162,6 +162,7 @@ def _recipe(model, spec, formats, qweights, table, allocation, *, model_info, cf
             "format": fmt,
             "alpha": chosen.alpha,
             "block_err": chosen.block_err,
+            "block_err_unscaled": chosen.block_err_unscaled,
             "smooth": sorted(chosen.smooth or {}),
             "bytes": sum(e["bytes"] for e in linears),
             "bytes_fp16": block_bytes(layer, spec, "fp16"),

@@ -57,26 +57,31 @@ def group_smoothing(spec: ArchSpec, block: torch.nn.Module, inputs: dict[str, to
     return out
 
 
-def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_name: str, *, scaling: bool, range_method: str) -> tuple[BlockTransform, float]:
-    """Best ``BlockTransform`` of block ``index`` in ``fmt_name`` and its relative output error."""
+def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_name: str, *, scaling: bool,
+                     range_method: str) -> tuple[BlockTransform, float, float]:
+    """Best ``BlockTransform`` of block ``index`` in ``fmt_name``, its relative output error, and
+    the error at alpha = 0 (no map: the per-block ablation the report prints)."""
     fmt = get_format(fmt_name)
     if fmt.weight_bits is None:
-        return BlockTransform(fmt_name), 0.0
+        return BlockTransform(fmt_name), 0.0, 0.0
     spec, block = runner.spec, runner.layers[index]
     hidden = hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]  # [n, S, H]: the first windows
     ref = runner.run_block(index, hidden)
     ref_norm = ref.pow(2).mean().item()
     inputs = input_samples(runner, index, hidden, spec.linears)
     best: tuple[BlockTransform, float] | None = None
+    unscaled = float("nan")
     for alpha in ALPHA_GRID if scaling else (0.0,):
         smooth = group_smoothing(spec, block, inputs, alpha, act_aware=fmt.act_bits is None)
         acts = _act_scales(runner, index, hidden, smooth, range_method) if fmt.act_bits else {}
         t = BlockTransform(fmt_name, alpha, smooth, acts)
         with block_transformed(block, spec, t, clip_grid=SEARCH_CLIP_GRID):
             err = (runner.run_block(index, hidden) - ref).pow(2).mean().item() / max(ref_norm, 1e-12)
+        if alpha == 0:
+            unscaled = err
         if best is None or err < best[1]:
             best = (t, err)
-    return best
+    return best[0], best[1], unscaled
 
 
 def _act_scales(runner: BlockRunner, index: int, hidden: torch.Tensor, smooth: dict, range_method: str) -> dict[str, float]:

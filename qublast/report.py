@@ -55,8 +55,12 @@ def render(recipe: dict) -> str:
         "",
         "## Blocks",
         "",
-        "| block | format | alpha | bytes | dCE w8a8 | dCE w8 | dCE w4 | KL w4 | block output rel. MSE | worst linear rel. error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "alpha: the scaling map's exponent chosen for the block's format (0 = map off there). The two "
+        "rel. MSE columns are the block's output error in its format with the map off and with the chosen "
+        "alpha, on the search's calibration tokens: the per-block ablation of the map.",
+        "",
+        "| block | format | alpha | bytes | dCE w8a8 | dCE w8 | dCE w4 | KL w4 | block output rel. MSE, map off | block output rel. MSE | worst linear rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for block in recipe["blocks"]:
         sens = block.get("sensitivity", {})
@@ -64,7 +68,7 @@ def render(recipe: dict) -> str:
         worst = f"{max(errs)[1]} {max(errs)[0]:.4f}" if errs else "-"
         lines.append(
             f"| {block['index']} | {block['format']} | {block.get('alpha', 0):.1f} | {block['bytes']} | {_f(sens, 'w8a8', 'dce')} | "
-            f"{_f(sens, 'w8', 'dce')} | {_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {block.get('block_err', 0):.2e} | {worst} |"
+            f"{_f(sens, 'w8', 'dce')} | {_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {_e(block.get('block_err_unscaled'))} | {block.get('block_err', 0):.2e} | {worst} |"
         )
     lines += _act_ranges(recipe)
     lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe['allocation'])}\n```", ""]
@@ -79,6 +83,10 @@ def _act_ranges(recipe: dict) -> list[str]:
     method = recipe["calibration"].get("range_method")
     out = ["", f"## Activation ranges (INT8, per tensor, {method})", "", "| block | linear input | range |", "|---|---|---|"]
     return out + [f"| {i} | {name} | {r:.4g} |" for i, name, r in rows]
+
+
+def _e(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
 
 
 def _f(sens: dict, fmt: str, key: str) -> str:

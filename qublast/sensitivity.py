@@ -35,6 +35,7 @@ class Sensitivity:
     kl: float
     alpha: float = 0.0
     block_err: float = 0.0  # relative MSE of the block's output vs fp
+    block_err_unscaled: float | None = None  # the same at alpha = 0 (None: journaled before it was kept)
     smooth: dict | None = None  # producer -> per-channel scales (lists, for the journal)
     act_scales: dict | None = None
 
@@ -66,19 +67,20 @@ def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fi
     bar.close()
     table = []
     for index in range(len(layers)):
-        row = {"fp16": Sensitivity(index, "fp16", 0.0, 0.0)}
+        row = {"fp16": Sensitivity(index, "fp16", 0.0, 0.0, block_err_unscaled=0.0)}
         row.update({f: done[(index, f)] for f in candidates if f != "fp16"})
         table.append(row)
     return table
 
 
 def _measure(runner: BlockRunner, index: int, hidden, name: str, *, scaling: bool, range_method: str) -> Sensitivity:
-    t, block_err = search_transform(runner, index, hidden, name, scaling=scaling, range_method=range_method)
+    t, block_err, unscaled = search_transform(runner, index, hidden, name, scaling=scaling, range_method=range_method)
     with block_transformed(runner.layers[index], runner.spec, t):
         out = runner.run_block(index, hidden)
     score = runner.score(runner.run_from(index + 1, out))
     return Sensitivity(
         index, name, score.ce - runner.fp_score.ce, score.kl, alpha=t.alpha, block_err=block_err,
+        block_err_unscaled=unscaled,
         smooth={k: v.tolist() for k, v in t.smooth.items()}, act_scales=dict(t.act_scales),
     )
 

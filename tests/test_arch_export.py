@@ -61,6 +61,20 @@ def _searched_transforms(model, spec, formats):
     return out
 
 
+@pytest.mark.parametrize("fmt", ["w4", "w8a8"])
+def test_search_reports_the_unscaled_error_it_beat(fmt):
+    """The error at alpha = 0 (the report's 'map off' column) is what --no-scaling measures, and the
+    chosen alpha never does worse than it."""
+    model = tiny_model("llama")
+    spec = arch_for(model.config.model_type)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    runner = BlockRunner(model, spec, ids)
+    t, err, unscaled = search_transform(runner, 0, runner.first_hidden, fmt, scaling=True, range_method="mse")
+    t0, err0, unscaled0 = search_transform(runner, 0, runner.first_hidden, fmt, scaling=False, range_method="mse")
+    assert t0.alpha == 0 and err0 == pytest.approx(unscaled0) == pytest.approx(unscaled)
+    assert 0 < err <= unscaled
+
+
 def _export_quantized(model, spec, tmp_path, formats, lm_head):
     """Fold the map into the fp model, export, quantize in torch, inject the same QDQ into the graph."""
     transforms = _searched_transforms(model, spec, formats)

@@ -37,6 +37,8 @@ def test_bundle_contents(bundle):
     assert recipe["allocation"]["repair"][-1]["measured"] <= recipe["allocation"]["repair_target_dce"] or all(
         b["format"] == "fp16" for b in recipe["blocks"])
     assert "| block | format |" in (bundle / "report.md").read_text()
+    for block in recipe["blocks"]:  # the per-block map ablation: chosen alpha never worse than alpha 0
+        assert block["block_err"] <= block["block_err_unscaled"], block["index"]
 
 
 def test_recipe_reuse_gives_same_graph(bundle, tiny_model_dir, tmp_path):
