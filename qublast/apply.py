@@ -16,38 +16,52 @@ from .arch import ArchSpec
 from .blocks import blocks_of, get_module
 from .formats import Format, block_size_for, get_format
 from .quant import CLIP_GRID, QuantizedWeight, dequantize, quantize_weight, quantize_with_scale
-from .scaling import fake_quant, fold_scales
+from .scaling import fake_quant, fold_into_rows, fold_scales, scale_columns
 
 _HOOKS = "_qublast_act_hooks"
 
 
 @dataclass(frozen=True)
 class BlockTransform:
-    """Everything done to one block: its format, the map's alpha, smoothing scales per
-    producing norm (relative name -> s [in]) and activation scales per linear (w8a8)."""
+    """Everything done to one block: its format, the map's alpha and smoothing scales per
+    producer (relative name -> alpha, s [in]), activation scales per linear (w8a8), and
+    the map's input-channel importance per linear (mean x^2 after the folds; weights the
+    clip search)."""
 
     format: str
-    alpha: float = 0.0
+    alpha: dict[str, float] = field(default_factory=dict)
     smooth: dict[str, torch.Tensor] = field(default_factory=dict)
     act_scales: dict[str, float] = field(default_factory=dict)
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def quantize_linear(linear: torch.nn.Linear, fmt: Format, *, clip_grid: tuple[float, ...] = CLIP_GRID) -> QuantizedWeight | None:
+def quantize_linear(linear: torch.nn.Linear, fmt: Format, *, clip_grid: tuple[float, ...] = CLIP_GRID,
+                    importance: torch.Tensor | None = None) -> QuantizedWeight | None:
     """Quantized form of a linear's weight in ``fmt``; ``None`` for fp16 (kept)."""
     if fmt.weight_bits is None:
         return None
-    return quantize_weight(linear.weight, bits=fmt.weight_bits, block_size=block_size_for(fmt, linear.in_features), clip_grid=clip_grid)
+    return quantize_weight(linear.weight, bits=fmt.weight_bits, block_size=block_size_for(fmt, linear.in_features),
+                           clip_grid=clip_grid, importance=importance)
 
 
 def fold_block(block: torch.nn.Module, spec: ArchSpec, smooth: dict[str, torch.Tensor]) -> None:
-    """Fold each producer's scales into its norm weight and its group's linear columns, in place."""
+    """Fold each producer's scales into it (norm weight, or a linear's output rows) and into its
+    group's linear columns, in place."""
     for group in spec.groups:
         if group.producer not in smooth:
             continue
-        norm = get_module(block, group.producer)
+        s = smooth[group.producer]
+        producer = get_module(block, group.producer)
         linears = [get_module(block, name) for name in group.linears]
-        new_norm, new_weights = fold_scales(norm.weight, [lin.weight for lin in linears], smooth[group.producer], norm_offset=spec.norm_weight_offset)
-        norm.weight.data.copy_(new_norm)
+        if isinstance(producer, torch.nn.Linear):
+            weight, bias = fold_into_rows(producer.weight, producer.bias, s)
+            producer.weight.data.copy_(weight)
+            if bias is not None:
+                producer.bias.data.copy_(bias)
+            new_weights = scale_columns([lin.weight for lin in linears], s)
+        else:
+            new_norm, new_weights = fold_scales(producer.weight, [lin.weight for lin in linears], s, norm_offset=spec.norm_weight_offset)
+            producer.weight.data.copy_(new_norm)
         for lin, w in zip(linears, new_weights):
             lin.weight.data.copy_(w)
 
@@ -80,7 +94,7 @@ def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *
     out = {}
     for name in spec.linears:
         linear = get_module(block, name)
-        qw = quantize_linear(linear, fmt, clip_grid=clip_grid)
+        qw = quantize_linear(linear, fmt, clip_grid=clip_grid, importance=t.importance.get(name))
         if qw is not None:
             linear.weight.data.copy_(qw.dequantize())
             out[name] = qw

@@ -13,8 +13,10 @@ from .errors import UnsupportedModelError
 class LinearGroup:
     """Linears of one block that read the same input.
 
-    ``producer`` is the norm (relative to the block) whose output feeds them, or ``None``
-    when nothing foldable precedes them (o_proj, down_proj).
+    ``producer`` (relative to the block) is where the scaling map's 1/s is folded: the norm whose
+    output feeds them, or a linear whose output channels reach them unmixed and scaled only
+    linearly (``up_proj`` of a gated MLP: down_proj reads act(gate) * up, so dividing up's rows
+    by s divides down's input by s), or ``None`` when nothing foldable precedes them (o_proj).
     """
 
     linears: tuple[str, ...]
@@ -41,7 +43,7 @@ class ArchSpec:
 
 _ATTN_QKV = LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm")
 _ATTN_O = LinearGroup(("self_attn.o_proj",))
-_MLP_DOWN = LinearGroup(("mlp.down_proj",))
+_MLP_DOWN = LinearGroup(("mlp.down_proj",), "mlp.up_proj")
 
 _LLAMA_LIKE = (
     _ATTN_QKV,

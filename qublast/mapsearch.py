@@ -1,9 +1,10 @@
 """Per-block search of the activation scaling map (alpha) and activation ranges.
 
 For one block, one format and the block's fp input: collect per-channel input statistics of
-each foldable linear group, then for every alpha on the grid fold the scales, quantize, and
-measure the block's output error against fp; keep the best. alpha = 0 (no scaling) is on the
-grid, so the map never makes a block's output worse on the calibration data. To keep the
+each foldable linear group, then search one alpha per group on the grid (fold the scales,
+quantize, measure the block's output error against fp; keep the best). All alphas 0 (no
+scaling) is where the search starts, so the map never makes a block's output worse on the
+calibration data. To keep the
 sweep affordable the search scores at most ``SEARCH_TOKENS`` tokens and a coarse clip grid;
 the chosen transform is then measured (dCE) with the full quantizer.
 """
@@ -60,28 +61,54 @@ def group_smoothing(spec: ArchSpec, block: torch.nn.Module, inputs: dict[str, to
 def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_name: str, *, scaling: bool,
                      range_method: str) -> tuple[BlockTransform, float, float]:
     """Best ``BlockTransform`` of block ``index`` in ``fmt_name``, its relative output error, and
-    the error at alpha = 0 (no map: the per-block ablation the report prints)."""
+    the error with the map off (the per-block ablation the report prints).
+
+    The map off is plain weight-MSE clipping and no folds. The map on adds activation-aware
+    clipping (``importance``) and gives each foldable group its own alpha, found by coordinate
+    search: one group at a time tries every alpha on the grid with the others at their best
+    so far, scored on the whole block's output. The map off is a candidate too, so the
+    chosen transform is never worse than it on the search tokens.
+    """
     fmt = get_format(fmt_name)
     if fmt.weight_bits is None:
         return BlockTransform(fmt_name), 0.0, 0.0
     spec, block = runner.spec, runner.layers[index]
     hidden = hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]  # [n, S, H]: the first windows
     ref = runner.run_block(index, hidden)
-    ref_norm = ref.pow(2).mean().item()
+    ref_norm = max(ref.pow(2).mean().item(), 1e-12)
     inputs = input_samples(runner, index, hidden, spec.linears)
-    best: tuple[BlockTransform, float] | None = None
-    unscaled = float("nan")
-    for alpha in ALPHA_GRID if scaling else (0.0,):
-        smooth = group_smoothing(spec, block, inputs, alpha, act_aware=fmt.act_bits is None)
+    grid = ALPHA_GRID if scaling else (0.0,)
+    scales = {a: group_smoothing(spec, block, inputs, a, act_aware=fmt.act_bits is None) for a in grid}
+
+    def scored(alpha: dict[str, float], *, weighted: bool = True) -> tuple[BlockTransform, float]:
+        smooth = {p: scales[a][p] for p, a in alpha.items() if a > 0}
         acts = _act_scales(runner, index, hidden, smooth, range_method) if fmt.act_bits else {}
-        t = BlockTransform(fmt_name, alpha, smooth, acts)
+        t = BlockTransform(fmt_name, alpha, smooth, acts, importance(spec, inputs, smooth) if weighted else {})
         with block_transformed(block, spec, t, clip_grid=SEARCH_CLIP_GRID):
-            err = (runner.run_block(index, hidden) - ref).pow(2).mean().item() / max(ref_norm, 1e-12)
-        if alpha == 0:
-            unscaled = err
-        if best is None or err < best[1]:
-            best = (t, err)
-    return best[0], best[1], unscaled
+            return t, (runner.run_block(index, hidden) - ref).pow(2).mean().item() / ref_norm
+
+    zeros = {g.producer: 0.0 for g in spec.groups if g.producer}
+    off = scored(zeros, weighted=False)
+    if not scaling:
+        return off[0], off[1], off[1]
+    best = min(off, scored(zeros), key=lambda c: c[1])  # activation-aware clipping alone
+    for producer in zeros:
+        for a in grid[1:]:
+            candidate = scored({**best[0].alpha, producer: a})
+            if candidate[1] < best[1]:
+                best = candidate
+    return best[0], best[1], off[1]
+
+
+def importance(spec: ArchSpec, inputs: dict[str, torch.Tensor], smooth: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean x^2 of every linear's input channels once the folds divide them by s."""
+    out = {}
+    for group in spec.groups:
+        s = smooth.get(group.producer) if group.producer else None
+        for name in group.linears:
+            power = inputs[name].pow(2).mean(dim=0)
+            out[name] = power if s is None else power / s.float().pow(2)
+    return out
 
 
 def _act_scales(runner: BlockRunner, index: int, hidden: torch.Tensor, smooth: dict, range_method: str) -> dict[str, float]:

@@ -56,12 +56,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.T
 
 
 def quantize_weight(
-    w: torch.Tensor, *, bits: int, block_size: int, clip_grid: tuple[float, ...] = CLIP_GRID
+    w: torch.Tensor, *, bits: int, block_size: int, clip_grid: tuple[float, ...] = CLIP_GRID,
+    importance: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w`` [out, in] symmetrically with a per-group clip search minimising MSE.
 
-    ``block_size == in`` gives per-output-channel scales. Scales are rounded to fp16 values
-    so an fp16 deployment reproduces them exactly.
+    ``importance`` [in] (mean x^2 of each input channel, from the scaling map) weights the
+    squared error per input column, so the clip minimises the expected output error
+    E[(x . (w - w_q))^2] over uncorrelated inputs instead of the weight error (AWQ-style
+    activation-aware clipping). ``block_size == in`` gives per-output-channel scales. Scales
+    are rounded to fp16 values so an fp16 deployment reproduces them exactly.
     """
     out_f, in_f = w.shape
     if in_f % block_size:
@@ -72,10 +76,11 @@ def quantize_weight(
     best_err = torch.full_like(absmax, float("inf"))
     best_scale = torch.ones_like(absmax)
     best_ratio = torch.ones_like(absmax)
+    weight = 1.0 if importance is None else importance.float().reshape(1, in_f // block_size, block_size)
     for ratio in clip_grid:
         scale = _fp16_scale(absmax * ratio / qmax)
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
-        err = (q * scale.unsqueeze(-1) - groups).pow(2).sum(dim=-1)  # [out, G]
+        err = ((q * scale.unsqueeze(-1) - groups).pow(2) * weight).sum(dim=-1)  # [out, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -1,13 +1,14 @@
 """The recipe: the versioned, self-describing record of what calibration decided.
 
-``recipe.json`` layout (version 1)::
+``recipe.json`` layout (version 2; version 1 recipes, whose scaling map only folds into norms
+and whose ``alpha`` is one number per block, are still read)::
 
-    {"format": "qublast-recipe", "version": 1,
+    {"format": "qublast-recipe", "version": 2,
      "model": {"id", "model_type", "weight_sha256", "num_blocks"},
      "calibration": {text, seqlen, windows, seed, candidates, ...},
      "constraint": {"mode": "max_ppl_increase" | "target_size" | "uniform", "value"},
      "lm_head": {"format", "linears": [...]},
-     "blocks": [{"index", "format", "bytes", "bytes_fp16",
+     "blocks": [{"index", "format", "bytes", "bytes_fp16", "alpha": {producer: alpha}, "smooth": [producer],
                  "sensitivity": {format: {"dce", "kl"}},
                  "linears": [{"name", "format", "bits", "block_size", "shape", "bytes", "error"}]}],
      "allocation": {"predicted_dce", "heldout_dce", "repair": [...]},
@@ -16,7 +17,8 @@
 
 ``scales.safetensors`` holds, for every quantized linear (full module path ``P``), the fp32
 tensor ``P.scale`` of shape [out, in // block_size], and for every folded norm ``N`` of the
-scaling map its per-channel scales ``N.smooth`` [in]. Integer codes are not stored: they are
+scaling map (a norm, or in version 2 also a producing linear such as ``up_proj``) its
+per-channel scales ``N.smooth`` [in]. Integer codes are not stored: they are
 ``clamp(round(w / scale))`` of the checkpoint's weight after the folds, which export
 recomputes exactly.
 """
@@ -30,7 +32,8 @@ from .files import atomic_write_bytes, atomic_write_text
 from .formats import FORMATS
 
 RECIPE_FORMAT = "qublast-recipe"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 REQUIRED_KEYS = ("model", "calibration", "constraint", "lm_head", "blocks", "allocation", "metrics")
 REQUIRED_METRICS = (
     "ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes",
@@ -68,8 +71,8 @@ def validate(recipe: dict) -> None:
 def _validate(recipe: dict) -> None:
     if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
         raise RecipeError("not a QuBLAST recipe (missing format tag)")
-    if recipe.get("version") != RECIPE_VERSION:
-        raise RecipeError(f"recipe version {recipe.get('version')!r} is not supported (expected {RECIPE_VERSION})")
+    if recipe.get("version") not in READABLE_VERSIONS:
+        raise RecipeError(f"recipe version {recipe.get('version')!r} is not supported (expected one of {READABLE_VERSIONS})")
     missing = [k for k in REQUIRED_KEYS if k not in recipe]
     if missing:
         raise RecipeError(f"recipe lacks {', '.join(missing)}")

@@ -55,7 +55,8 @@ def render(recipe: dict) -> str:
         "",
         "## Blocks",
         "",
-        "alpha: the scaling map's exponent chosen for the block's format (0 = map off there). The two "
+        "alpha: the scaling map's exponent per foldable group (producer: alpha; 0 = map off for that group), "
+        "chosen for the block's format. The two "
         "rel. MSE columns are the block's output error in its format with the map off and with the chosen "
         "alpha, on the search's calibration tokens: the per-block ablation of the map.",
         "",
@@ -67,7 +68,7 @@ def render(recipe: dict) -> str:
         errs = [(lin["error"]["rel_err"], lin["name"]) for lin in block["linears"] if "error" in lin]
         worst = f"{max(errs)[1]} {max(errs)[0]:.4f}" if errs else "-"
         lines.append(
-            f"| {block['index']} | {block['format']} | {block.get('alpha', 0):.1f} | {block['bytes']} | {_f(sens, 'w8a8', 'dce')} | "
+            f"| {block['index']} | {block['format']} | {_alphas(block.get('alpha'))} | {block['bytes']} | {_f(sens, 'w8a8', 'dce')} | "
             f"{_f(sens, 'w8', 'dce')} | {_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {_e(block.get('block_err_unscaled'))} | {block.get('block_err', 0):.2e} | {worst} |"
         )
     lines += _act_ranges(recipe)
@@ -83,6 +84,13 @@ def _act_ranges(recipe: dict) -> list[str]:
     method = recipe["calibration"].get("range_method")
     out = ["", f"## Activation ranges (INT8, per tensor, {method})", "", "| block | linear input | range |", "|---|---|---|"]
     return out + [f"| {i} | {name} | {r:.4g} |" for i, name, r in rows]
+
+
+def _alphas(alpha: dict | float | None) -> str:
+    """Per-group alphas (version 2 recipes) or the one alpha of a version 1 recipe."""
+    if isinstance(alpha, dict):
+        return ", ".join(f"{producer.split('.')[-1]} {a:.1f}" for producer, a in alpha.items()) or "-"
+    return "-" if alpha is None else f"{alpha:.1f}"
 
 
 def _e(value: float | None) -> str:

@@ -5,8 +5,9 @@ Pure functions over tensors (DESIGN.md "Activation scaling map"):
 - ``smooth_scales``: s_j = max|X_j|^a / max|W_.j|^(1-a) (SmoothQuant, for ``w8a8``) or
   s_j = mean|X_j|^a (activation-aware, for weight-only formats), normalised to geometric
   mean 1; a = 0 gives s = 1 (no scaling).
-- ``fold_scales``: X' = X / s by dividing the producing norm's weight, W' = W * s on the
-  linears' input columns, so X' W'^T = X W^T exactly before quantization.
+- ``fold_scales``: X' = X / s by dividing the producing norm's weight (or, for a producing
+  linear, its output rows and bias), W' = W * s on the linears' input columns, so
+  X' W'^T = X W^T exactly before quantization.
 - ``absmax_range`` / ``percentile_range`` / ``mse_range``: a symmetric per-tensor INT8 range.
 """
 from __future__ import annotations
@@ -34,7 +35,21 @@ def fold_scales(norm_weight: torch.Tensor, linear_weights: list[torch.Tensor], s
     (offset + weight) / s - offset.
     """
     new_norm = (norm_offset + norm_weight.float()) / s - norm_offset
-    return new_norm, [w.float() * s.unsqueeze(0) for w in linear_weights]
+    return new_norm, scale_columns(linear_weights, s)
+
+
+def scale_columns(linear_weights: list[torch.Tensor], s: torch.Tensor) -> list[torch.Tensor]:
+    """The consumers' side of a fold: every input column j multiplied by s_j."""
+    return [w.float() * s.unsqueeze(0) for w in linear_weights]
+
+
+def fold_into_rows(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The producer's side when it is a linear: output row j (and bias j) divided by s_j.
+
+    Per-output-channel and row-wise block quantization of that producer absorb the row scale,
+    so the fold costs it nothing."""
+    new_bias = None if bias is None else bias.float() / s
+    return weight.float() / s.unsqueeze(1), new_bias
 
 
 def absmax_range(x: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ from .apply import BlockTransform, block_transformed
 from .blocks import BlockRunner
 from .mapsearch import search_transform
 
-JOURNAL_VERSION = 2
+JOURNAL_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -33,15 +33,17 @@ class Sensitivity:
     format: str
     dce: float
     kl: float
-    alpha: float = 0.0
+    alpha: dict | None = None  # producer -> alpha of the scaling map
     block_err: float = 0.0  # relative MSE of the block's output vs fp
     block_err_unscaled: float | None = None  # the same at alpha = 0 (None: journaled before it was kept)
     smooth: dict | None = None  # producer -> per-channel scales (lists, for the journal)
     act_scales: dict | None = None
+    importance: dict | None = None  # linear -> mean x^2 per input channel (lists, for the journal)
 
     def transform(self) -> BlockTransform:
         smooth = {k: torch.tensor(v, dtype=torch.float32) for k, v in (self.smooth or {}).items()}
-        return BlockTransform(self.format, self.alpha, smooth, dict(self.act_scales or {}))
+        importance = {k: torch.tensor(v, dtype=torch.float32) for k, v in (self.importance or {}).items()}
+        return BlockTransform(self.format, dict(self.alpha or {}), smooth, dict(self.act_scales or {}), importance)
 
 
 def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,
@@ -82,6 +84,7 @@ def _measure(runner: BlockRunner, index: int, hidden, name: str, *, scaling: boo
         index, name, score.ce - runner.fp_score.ce, score.kl, alpha=t.alpha, block_err=block_err,
         block_err_unscaled=unscaled,
         smooth={k: v.tolist() for k, v in t.smooth.items()}, act_scales=dict(t.act_scales),
+        importance={k: v.tolist() for k, v in t.importance.items()},
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "qublast-bundle"
 BUNDLE_VERSION = 1
-SUPPORTED_RECIPE_VERSIONS = (1,)
+SUPPORTED_RECIPE_VERSIONS = (1, 2)
 
 
 class BundleError(Exception):

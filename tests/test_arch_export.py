@@ -71,8 +71,28 @@ def test_search_reports_the_unscaled_error_it_beat(fmt):
     runner = BlockRunner(model, spec, ids)
     t, err, unscaled = search_transform(runner, 0, runner.first_hidden, fmt, scaling=True, range_method="mse")
     t0, err0, unscaled0 = search_transform(runner, 0, runner.first_hidden, fmt, scaling=False, range_method="mse")
-    assert t0.alpha == 0 and err0 == pytest.approx(unscaled0) == pytest.approx(unscaled)
+    assert not any(t0.alpha.values()) and err0 == pytest.approx(unscaled0) == pytest.approx(unscaled)
     assert 0 < err <= unscaled
+
+
+def test_importance_is_the_folded_input_power():
+    """The clip search's importance equals mean x^2 of each linear's input measured after the folds."""
+    from qublast.apply import restored
+    from qublast.mapsearch import group_smoothing, importance, input_samples
+
+    model = tiny_model("llama")
+    spec = arch_for(model.config.model_type)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    runner = BlockRunner(model, spec, ids)
+    block, hidden = runner.layers[0], runner.first_hidden
+    inputs = input_samples(runner, 0, hidden, spec.linears)
+    smooth = group_smoothing(spec, block, inputs, 0.6, act_aware=True)
+    assert len(smooth) == 3  # q/k/v, gate/up and down (through up_proj)
+    with restored(block):
+        fold_block(block, spec, smooth)
+        folded = input_samples(runner, 0, hidden, spec.linears)
+    for name, power in importance(spec, inputs, smooth).items():
+        torch.testing.assert_close(power, folded[name].pow(2).mean(dim=0), rtol=1e-4, atol=1e-6)
 
 
 def _export_quantized(model, spec, tmp_path, formats, lm_head):
@@ -82,7 +102,7 @@ def _export_quantized(model, spec, tmp_path, formats, lm_head):
         fold_block(layer, spec, t.smooth)
     proto = onnx_export.export_onnx(model, tmp_path / "raw.onnx")
     node_modules = onnx_export.linear_modules(proto)
-    folded = [BlockTransform(t.format, t.alpha, {}, t.act_scales) for t in transforms]
+    folded = [BlockTransform(t.format, t.alpha, {}, t.act_scales, t.importance) for t in transforms]
     qweights = apply_transforms(model, spec, folded, lm_head=lm_head)
     linears = {path: {"bits": qw.bits, "block_size": qw.block_size} for path, qw in qweights.items()}
     acts = {f"{spec.blocks}.{i}.{name}": s for i, t in enumerate(transforms) for name, s in t.act_scales.items()}

@@ -69,7 +69,7 @@ def test_write_leaves_no_temp_files(tmp_path):
 
 def test_invalid_recipe_is_not_written(tmp_path):
     bad = _recipe()
-    bad["version"] = 2
+    bad["version"] = 99
     with pytest.raises(RecipeError):
         write_recipe(bad, tmp_path / "recipe.json")
     assert list(tmp_path.iterdir()) == []
@@ -92,7 +92,7 @@ def test_invalid_json(tmp_path, content):
 
 def _mutations():
     def version(r):
-        r["version"] = 2
+        r["version"] = 99
 
     def version_missing(r):
         del r["version"]
