@@ -33,6 +33,7 @@ def test_cli_on_real_model(assets, tmp_path):
     for block in recipe["blocks"]:
         assert set(block["sensitivity"]) == {"fp16", "w8", "w4"}  # every candidate measured, none skipped
         assert all(("act_scale" in lin) == (block["format"] == "w8a8") for lin in block["linears"])
+        assert block["block_err"] <= block["block_err_unscaled"]  # the map never worse than off (search tokens)
     w4 = [lin for b in recipe["blocks"] for lin in b["linears"] if lin["format"] == "w4"]
     assert all(lin["block_size"] == (128 if lin["shape"][1] % 128 == 0 else 64) for lin in w4)
     assert "Caveat" in (out / "report.md").read_text()
