@@ -35,7 +35,9 @@ def window_ce(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", file=sys.stderr):
         ids = torch.from_numpy(windows[start : start + batch_size])
         logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, S, V]
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [B, S-1]
+        # class dim last and contiguous: log-softmax over a strided class dim sums 49k exps in a
+        # less accurate order and biased SmolLM2's PPL by -0.013%
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1)
         out.extend(nll.double().mean(dim=1).tolist())
     return np.asarray(out, dtype=np.float64)
 
