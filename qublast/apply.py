@@ -16,7 +16,7 @@ from .arch import ArchSpec
 from .blocks import blocks_of, get_module
 from .formats import Format, block_size_for, get_format
 from .quant import CLIP_GRID, QuantizedWeight, dequantize, quantize_weight, quantize_with_scale
-from .scaling import fake_quant, fold_into_rows, fold_scales, scale_columns
+from .scaling import fake_quant, fold_into_norm, fold_into_rows, scale_columns
 
 _HOOKS = "_qublast_act_hooks"
 
@@ -52,17 +52,15 @@ def fold_block(block: torch.nn.Module, spec: ArchSpec, smooth: dict[str, torch.T
             continue
         s = smooth[group.producer]
         producer = get_module(block, group.producer)
-        linears = [get_module(block, name) for name in group.linears]
         if isinstance(producer, torch.nn.Linear):
             weight, bias = fold_into_rows(producer.weight, producer.bias, s)
             producer.weight.data.copy_(weight)
             if bias is not None:
                 producer.bias.data.copy_(bias)
-            new_weights = scale_columns([lin.weight for lin in linears], s)
         else:
-            new_norm, new_weights = fold_scales(producer.weight, [lin.weight for lin in linears], s, norm_offset=spec.norm_weight_offset)
-            producer.weight.data.copy_(new_norm)
-        for lin, w in zip(linears, new_weights):
+            producer.weight.data.copy_(fold_into_norm(producer.weight, s, norm_offset=spec.norm_weight_offset))
+        linears = [get_module(block, name) for name in group.linears]
+        for lin, w in zip(linears, scale_columns([lin.weight for lin in linears], s)):
             lin.weight.data.copy_(w)
 
 

@@ -2,10 +2,9 @@
 
 For one block, one format and the block's fp input: collect per-channel input statistics of
 each foldable linear group, then search one alpha per group on the grid (fold the scales,
-quantize, measure the block's output error against fp; keep the best). All alphas 0 (no
-scaling) is where the search starts, so the map never makes a block's output worse on the
-calibration data. To keep the
-sweep affordable the search scores at most ``SEARCH_TOKENS`` tokens and a coarse clip grid;
+quantize, measure the block's output error against fp; keep the best). The map off is a
+candidate, so the map never makes a block's output worse on the calibration data. To keep
+the sweep affordable the search scores at most ``SEARCH_TOKENS`` tokens and a coarse clip grid;
 the chosen transform is then measured (dCE) with the full quantizer.
 """
 from __future__ import annotations

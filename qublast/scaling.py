@@ -5,9 +5,9 @@ Pure functions over tensors (DESIGN.md "Activation scaling map"):
 - ``smooth_scales``: s_j = max|X_j|^a / max|W_.j|^(1-a) (SmoothQuant, for ``w8a8``) or
   s_j = mean|X_j|^a (activation-aware, for weight-only formats), normalised to geometric
   mean 1; a = 0 gives s = 1 (no scaling).
-- ``fold_scales``: X' = X / s by dividing the producing norm's weight (or, for a producing
-  linear, its output rows and bias), W' = W * s on the linears' input columns, so
-  X' W'^T = X W^T exactly before quantization.
+- ``fold_into_norm`` / ``fold_into_rows``: X' = X / s by dividing the producing norm's weight
+  or a producing linear's output rows and bias; ``scale_columns``: W' = W * s on the
+  consuming linears' input columns, so X' W'^T = X W^T exactly before quantization.
 - ``absmax_range`` / ``percentile_range`` / ``mse_range``: a symmetric per-tensor INT8 range.
 """
 from __future__ import annotations
@@ -28,14 +28,13 @@ def smooth_scales(act_stat: torch.Tensor, weight_absmax: torch.Tensor | None, al
     return s.clamp(min=1e-4, max=1e4)
 
 
-def fold_scales(norm_weight: torch.Tensor, linear_weights: list[torch.Tensor], s: torch.Tensor, *, norm_offset: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """New (norm weight [in], linear weights [out, in]) with X / s and W * s folded in.
+def fold_into_norm(norm_weight: torch.Tensor, s: torch.Tensor, *, norm_offset: float = 0.0) -> torch.Tensor:
+    """The producer's side when it is a norm: its output X becomes X / s.
 
     The norm multiplies by (offset + weight) (offset 1 for Gemma), so the new weight is
     (offset + weight) / s - offset.
     """
-    new_norm = (norm_offset + norm_weight.float()) / s - norm_offset
-    return new_norm, scale_columns(linear_weights, s)
+    return (norm_offset + norm_weight.float()) / s - norm_offset
 
 
 def scale_columns(linear_weights: list[torch.Tensor], s: torch.Tensor) -> list[torch.Tensor]:

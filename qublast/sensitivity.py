@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -33,7 +33,7 @@ class Sensitivity:
     format: str
     dce: float
     kl: float
-    alpha: dict | None = None  # producer -> alpha of the scaling map
+    alpha: dict = field(default_factory=dict)  # producer -> alpha of the scaling map
     block_err: float = 0.0  # relative MSE of the block's output vs fp
     block_err_unscaled: float | None = None  # the same at alpha = 0 (None: journaled before it was kept)
     smooth: dict | None = None  # producer -> per-channel scales (lists, for the journal)
@@ -43,7 +43,7 @@ class Sensitivity:
     def transform(self) -> BlockTransform:
         smooth = {k: torch.tensor(v, dtype=torch.float32) for k, v in (self.smooth or {}).items()}
         importance = {k: torch.tensor(v, dtype=torch.float32) for k, v in (self.importance or {}).items()}
-        return BlockTransform(self.format, dict(self.alpha or {}), smooth, dict(self.act_scales or {}), importance)
+        return BlockTransform(self.format, dict(self.alpha), smooth, dict(self.act_scales or {}), importance)
 
 
 def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,

@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qublast.scaling import (
-    absmax_range, act_range, act_scale, fake_quant, fold_scales, mse_range, percentile_range, smooth_scales,
+    absmax_range, act_range, act_scale, fake_quant, fold_into_norm, mse_range, percentile_range, scale_columns, smooth_scales,
 )
 
 
@@ -34,7 +34,7 @@ def test_fold_is_exact(offset):
     norm = torch.rand(24, generator=g) + 0.5
     weights = [torch.randn(8, 24, generator=g), torch.randn(5, 24, generator=g)]
     s = torch.rand(24, generator=g) * 3 + 0.2
-    new_norm, new_weights = fold_scales(norm, weights, s, norm_offset=offset)
+    new_norm, new_weights = fold_into_norm(norm, s, norm_offset=offset), scale_columns(weights, s)
     for w, nw in zip(weights, new_weights):
         torch.testing.assert_close((x * (offset + new_norm)) @ nw.T, (x * (offset + norm)) @ w.T, atol=1e-4, rtol=1e-5)
 
