@@ -38,6 +38,7 @@ class CalibConfig:
     max_ppl_increase: float | None = None
     target_size: float | None = None  # fraction of the block linears' fp16 bytes
     uniform: str | None = None
+    formats: tuple[str, ...] | None = None  # one format per block, given by the user
     lm_head: str = "fp16"
     candidates: tuple[str, ...] = CANDIDATES
     seqlen: int = 512
@@ -50,16 +51,18 @@ class CalibConfig:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
     def __post_init__(self):
-        modes = [m for m in (self.max_ppl_increase, self.target_size, self.uniform) if m is not None]
+        modes = [m for m in (self.max_ppl_increase, self.target_size, self.uniform, self.formats) if m is not None]
         if len(modes) > 1:
-            raise InputError("give only one of --max-ppl-increase, --target-size, --uniform")
+            raise InputError("give only one of --max-ppl-increase, --target-size, --uniform, --formats")
         if not modes:
             object.__setattr__(self, "max_ppl_increase", DEFAULT_MAX_PPL_INCREASE)
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
             raise InputError(f"--max-ppl-increase must be > 0, got {self.max_ppl_increase}")
         if self.target_size is not None and not 0 < self.target_size <= 1:
             raise InputError(f"--target-size must be a fraction in (0, 1], got {self.target_size}")
-        for name in (*self.candidates, self.lm_head, *( [self.uniform] if self.uniform else [])):
+        if self.formats is not None and not self.formats:
+            raise InputError("--formats needs one format per block")
+        for name in (*self.candidates, self.lm_head, *([self.uniform] if self.uniform else []), *(self.formats or ())):
             if name not in FORMATS:
                 raise InputError(f"unknown format {name!r}; known: {', '.join(FORMATS)}")
         if "fp16" not in self.candidates:
@@ -75,11 +78,15 @@ class CalibConfig:
     def mode(self) -> str:
         if self.uniform:
             return "uniform"
+        if self.formats is not None:
+            return "formats"
         return "target_size" if self.target_size is not None else "max_ppl_increase"
 
     @property
     def mode_value(self):
-        return {"uniform": self.uniform, "target_size": self.target_size, "max_ppl_increase": self.max_ppl_increase}[self.mode]
+        values = {"uniform": self.uniform, "formats": ",".join(self.formats or ()), "target_size": self.target_size,
+                  "max_ppl_increase": self.max_ppl_increase}
+        return values[self.mode]
 
 
 def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray, calib_label: str, cfg: CalibConfig, log=print) -> tuple[dict, dict]:
@@ -88,7 +95,9 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
 
     sens, holdout = calib_windows(calib_ids, cfg.seqlen, (cfg.sens_windows, cfg.holdout_windows), seed=cfg.seed)
     layers = blocks_of(model, spec)
-    candidates = ("fp16", cfg.uniform) if cfg.mode == "uniform" else cfg.candidates
+    if cfg.formats is not None and len(cfg.formats) != len(layers):
+        raise InputError(f"--formats gives {len(cfg.formats)} formats for a model with {len(layers)} blocks")
+    candidates = {"uniform": ("fp16", cfg.uniform), "formats": ("fp16", *sorted(set(cfg.formats or ()) - {"fp16"}))}.get(cfg.mode, cfg.candidates)
     runner = BlockRunner(model, spec, torch.from_numpy(sens))
     fingerprint = _fingerprint(model_info, sens, cfg)
     journal = cfg.cache_dir / f"sensitivity-{fingerprint[:16]}.jsonl"
@@ -99,6 +108,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     allocation: dict = {}
     if cfg.mode == "uniform":
         formats = [cfg.uniform] * len(layers)
+    elif cfg.mode == "formats":
+        formats = list(cfg.formats)
     else:
         options = [[Choice(f, block_bytes(layer, spec, f), row[f].dce) for f in candidates] for layer, row in zip(layers, table)]
         formats, allocation = _allocate(model, spec, table, options, holdout, cfg, log)

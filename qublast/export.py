@@ -22,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--max-ppl-increase", type=float, help="max relative PPL increase, e.g. 0.01 (default)")
     mode.add_argument("--target-size", type=float, help="block linears' size as a fraction of their fp16 bytes")
     mode.add_argument("--uniform", choices=sorted(FORMATS), help="every block in one format (baselines)")
+    mode.add_argument("--formats", help="one format per block, comma-separated (e.g. w8,w4,...: another run's choice)")
     p.add_argument("--recipe", type=Path, help="reuse a recipe.json (scales.safetensors beside it)")
     p.add_argument("--lm-head", default="fp16", choices=sorted(FORMATS), help="lm_head format (default fp16)")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="formats blocks may take (add w8a8 for INT8 compute)")
@@ -53,6 +54,7 @@ def config_from_args(args: argparse.Namespace):
 
     calib = CalibConfig(
         max_ppl_increase=args.max_ppl_increase, target_size=args.target_size, uniform=args.uniform,
+        formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats is not None else None,
         lm_head=args.lm_head, candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
         seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,

@@ -6,7 +6,7 @@ and whose ``alpha`` is one number per block, are still read)::
     {"format": "qublast-recipe", "version": 2,
      "model": {"id", "model_type", "weight_sha256", "num_blocks"},
      "calibration": {text, seqlen, windows, seed, candidates, ...},
-     "constraint": {"mode": "max_ppl_increase" | "target_size" | "uniform", "value"},
+     "constraint": {"mode": "max_ppl_increase" | "target_size" | "uniform" | "formats", "value"},
      "lm_head": {"format", "linears": [...]},
      "blocks": [{"index", "format", "bytes", "bytes_fp16", "alpha": {producer: alpha}, "smooth": [producer],
                  "sensitivity": {format: {"dce", "kl"}},

@@ -50,6 +50,21 @@ def test_recipe_reuse_gives_same_graph(bundle, tiny_model_dir, tmp_path):
     assert second["metrics"]["ppl_quant_ort"] == pytest.approx(first["metrics"]["ppl_quant_ort"], rel=1e-6)
 
 
+def test_formats_fixes_each_blocks_format(bundle, tiny_model_dir, tmp_path, capsys):
+    chosen = [b["format"] for b in read_recipe(bundle / "recipe.json")["blocks"]]
+    wanted = ["w4" if f != "w4" else "w8" for f in chosen]  # every block differs from the allocation
+    base = ["--model", str(tiny_model_dir), *FAST, "--cache-dir", str(tmp_path / "cache")]
+    assert main([*base, "--formats", ",".join(wanted), "--out", str(tmp_path / "f")]) == 0
+    recipe = read_recipe(tmp_path / "f" / "recipe.json")
+    assert [b["format"] for b in recipe["blocks"]] == wanted
+    assert recipe["constraint"] == {"mode": "formats", "value": ",".join(wanted)}
+    assert main([*base, "--formats", ",".join(wanted[:-1]), "--out", str(tmp_path / "g")]) == 2
+    assert f"--formats gives {len(wanted) - 1} formats for a model with {len(wanted)} blocks" in _error_line(capsys)
+    assert main([*base, "--formats", "w8,int3", "--out", str(tmp_path / "g")]) == 2
+    assert "unknown format 'int3'" in _error_line(capsys)
+    assert not (tmp_path / "g").exists()
+
+
 def _error_line(capsys) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qublast: error:")]
     assert len(lines) == 1
