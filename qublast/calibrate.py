@@ -88,6 +88,16 @@ class CalibConfig:
                   "max_ppl_increase": self.max_ppl_increase}
         return values[self.mode]
 
+    def fixed_formats(self, num_blocks: int) -> list[str] | None:
+        """The formats the user fixed (``--uniform`` or ``--formats``), or None when allocation chooses."""
+        if self.uniform:
+            return [self.uniform] * num_blocks
+        if self.formats is None:
+            return None
+        if len(self.formats) != num_blocks:
+            raise InputError(f"--formats gives {len(self.formats)} formats for a model with {num_blocks} blocks")
+        return list(self.formats)
+
 
 def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray, calib_label: str, cfg: CalibConfig, log=print) -> tuple[dict, dict]:
     """Decide a transform per block; returns ``(recipe, tensors)``. The model keeps its fp weights."""
@@ -95,9 +105,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
 
     sens, holdout = calib_windows(calib_ids, cfg.seqlen, (cfg.sens_windows, cfg.holdout_windows), seed=cfg.seed)
     layers = blocks_of(model, spec)
-    if cfg.formats is not None and len(cfg.formats) != len(layers):
-        raise InputError(f"--formats gives {len(cfg.formats)} formats for a model with {len(layers)} blocks")
-    candidates = {"uniform": ("fp16", cfg.uniform), "formats": ("fp16", *sorted(set(cfg.formats or ()) - {"fp16"}))}.get(cfg.mode, cfg.candidates)
+    fixed = cfg.fixed_formats(len(layers))
+    candidates = ("fp16", *sorted(set(fixed) - {"fp16"})) if fixed else cfg.candidates
     runner = BlockRunner(model, spec, torch.from_numpy(sens))
     fingerprint = _fingerprint(model_info, sens, cfg)
     journal = cfg.cache_dir / f"sensitivity-{fingerprint[:16]}.jsonl"
@@ -106,10 +115,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     table = sweep(runner, candidates, journal=journal, fingerprint=fingerprint, scaling=cfg.scaling, range_method=cfg.range_method)
     del runner
     allocation: dict = {}
-    if cfg.mode == "uniform":
-        formats = [cfg.uniform] * len(layers)
-    elif cfg.mode == "formats":
-        formats = list(cfg.formats)
+    if fixed:
+        formats = fixed
     else:
         options = [[Choice(f, block_bytes(layer, spec, f), row[f].dce) for f in candidates] for layer, row in zip(layers, table)]
         formats, allocation = _allocate(model, spec, table, options, holdout, cfg, log)
