@@ -179,12 +179,14 @@ def _recipe(model, spec, formats, qweights, table, allocation, *, model_info, cf
             "index": index,
             "format": fmt,
             "alpha": chosen.alpha,
+            "map": chosen.scaled,
             "block_err": chosen.block_err,
             "block_err_unscaled": chosen.block_err_unscaled,
             "smooth": sorted(chosen.smooth or {}),
             "bytes": sum(e["bytes"] for e in linears),
             "bytes_fp16": block_bytes(layer, spec, "fp16"),
-            "sensitivity": {f: {"dce": s.dce, "kl": s.kl, "alpha": s.alpha} for f, s in table[index].items()},
+            "sensitivity": {f: {"dce": s.dce, "kl": s.kl, "alpha": s.alpha, "map": s.scaled, "dce_map_off": s.dce_unscaled}
+                            for f, s in table[index].items()},
             "linears": linears,
         })
     head_entry = linear_entry(get_module(model, spec.lm_head), name=spec.lm_head, path=spec.lm_head, fmt_name=cfg.lm_head)

@@ -3,9 +3,10 @@
 For one block, one format and the block's fp input: collect per-channel input statistics of
 each foldable linear group, then search one alpha per group on the grid (fold the scales,
 quantize, measure the block's output error against fp; keep the best). The map off is a
-candidate, so the map never makes a block's output worse on the calibration data. To keep
-the sweep affordable the search scores at most ``SEARCH_TOKENS`` tokens and a coarse clip grid;
-the chosen transform is then measured (dCE) with the full quantizer.
+candidate, so the map never makes a block's output worse on the search tokens. To keep
+the sweep affordable the search scores at most ``SEARCH_TOKENS`` tokens and a coarse clip grid.
+The search returns the map's best and the map off; the sweep measures both (dCE) with the full
+quantizer and keeps the lower, since output error and dCE can disagree.
 """
 from __future__ import annotations
 
@@ -58,9 +59,10 @@ def group_smoothing(spec: ArchSpec, block: torch.nn.Module, inputs: dict[str, to
 
 
 def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_name: str, *, scaling: bool,
-                     range_method: str) -> tuple[BlockTransform, float, float]:
-    """Best ``BlockTransform`` of block ``index`` in ``fmt_name``, its relative output error, and
-    the error with the map off (the per-block ablation the report prints).
+                     range_method: str) -> tuple[tuple[BlockTransform, float], tuple[BlockTransform, float]]:
+    """``(map, error), (off, error)``: the best ``BlockTransform`` of block ``index`` in
+    ``fmt_name`` and the transform with the map off, each with its relative output error.
+    With ``scaling`` off, or where nothing beats the map off, both are the same object.
 
     The map off is plain weight-MSE clipping and no folds. The map on adds activation-aware
     clipping (``importance``) and gives each foldable group its own alpha, found by coordinate
@@ -70,7 +72,8 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_
     """
     fmt = get_format(fmt_name)
     if fmt.weight_bits is None:
-        return BlockTransform(fmt_name), 0.0, 0.0
+        unquantized = (BlockTransform(fmt_name), 0.0)
+        return unquantized, unquantized
     spec, block = runner.spec, runner.layers[index]
     hidden = hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]  # [n, S, H]: the first windows
     ref = runner.run_block(index, hidden)
@@ -89,14 +92,14 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_
     zeros = {g.producer: 0.0 for g in spec.groups if g.producer}
     off = scored(zeros, weighted=False)
     if not scaling:
-        return off[0], off[1], off[1]
+        return off, off
     best = min(off, scored(zeros), key=lambda c: c[1])  # activation-aware clipping alone
     for producer in zeros:
         for a in grid[1:]:
             candidate = scored({**best[0].alpha, producer: a})
             if candidate[1] < best[1]:
                 best = candidate
-    return best[0], best[1], off[1]
+    return best, off
 
 
 def importance(spec: ArchSpec, inputs: dict[str, torch.Tensor], smooth: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

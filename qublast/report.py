@@ -55,21 +55,27 @@ def render(recipe: dict) -> str:
         "",
         "## Blocks",
         "",
-        "alpha: the scaling map's exponent per foldable group (producer: alpha; 0 = map off for that group), "
-        "chosen for the block's format. The two "
-        "rel. MSE columns are the block's output error in its format with the map off and with the chosen "
-        "alpha, on the search's calibration tokens: the per-block ablation of the map.",
+        "map: whether the block keeps the scaling map in its format; the map's transform and the map off "
+        "are both measured (dCE on the calibration windows) and the lower is kept, so `off` marks a block "
+        "where the map would have made it worse. alpha: the map's exponent per foldable group (producer: "
+        "alpha; 0 = no fold for that group). The dCE columns are each format's kept transform; "
+        "\"dCE, map off\" and the two rel. MSE columns are the block's own format with the map off and as "
+        "kept (output error on the search's calibration tokens): the per-block ablation of the map.",
         "",
-        "| block | format | alpha | bytes | dCE w8a8 | dCE w8 | dCE w4 | KL w4 | block output rel. MSE, map off | block output rel. MSE | worst linear rel. error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| block | format | map | alpha | bytes | dCE w8a8 | dCE w8 | dCE w4 | KL w4 | dCE, map off | dCE | "
+        "block output rel. MSE, map off | block output rel. MSE | worst linear rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for block in recipe["blocks"]:
         sens = block.get("sensitivity", {})
         errs = [(lin["error"]["rel_err"], lin["name"]) for lin in block["linears"] if "error" in lin]
         worst = f"{max(errs)[1]} {max(errs)[0]:.4f}" if errs else "-"
+        fmt = block["format"]
+        kept = {True: "on", False: "off"}.get(block.get("map"), "-")
         lines.append(
-            f"| {block['index']} | {block['format']} | {_alphas(block.get('alpha'))} | {block['bytes']} | {_f(sens, 'w8a8', 'dce')} | "
-            f"{_f(sens, 'w8', 'dce')} | {_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {_e(block.get('block_err_unscaled'))} | {block.get('block_err', 0):.2e} | {worst} |"
+            f"| {block['index']} | {fmt} | {kept} | {_alphas(block.get('alpha'))} | {block['bytes']} | {_f(sens, 'w8a8', 'dce')} | "
+            f"{_f(sens, 'w8', 'dce')} | {_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {_f(sens, fmt, 'dce_map_off')} | "
+            f"{_f(sens, fmt, 'dce')} | {_e(block.get('block_err_unscaled'))} | {block.get('block_err', 0):.2e} | {worst} |"
         )
     lines += _act_ranges(recipe)
     lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe['allocation'])}\n```", ""]
@@ -98,7 +104,7 @@ def _e(value: float | None) -> str:
 
 
 def _f(sens: dict, fmt: str, key: str) -> str:
-    return f"{sens[fmt][key]:+.5f}" if fmt in sens else "-"
+    return f"{sens[fmt][key]:+.5f}" if key in sens.get(fmt, {}) else "-"
 
 
 def _timings(m: dict) -> str:

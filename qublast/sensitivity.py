@@ -2,8 +2,9 @@
 
 For block i and each candidate format: search the block's scaling map on its cached fp input
 (``mapsearch``), run block i transformed and blocks i+1..L in fp; record dCE and KL to the fp
-logits; then advance the cached hidden state through fp block i. So the sensitivity is that
-of what will be deployed. Each result (with its map) is appended to a journal (JSON lines) as
+logits; then advance the cached hidden state through fp block i. The map's transform and the
+map off are both measured on the same windows and the one with the lower dCE is kept (alpha = 0
+where the map would make the block worse), so the sensitivity is that of what will be deployed. Each result (with its map) is appended to a journal (JSON lines) as
 soon as it is measured; a rerun with the same fingerprint skips what the journal holds.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .apply import BlockTransform, block_transformed
 from .blocks import BlockRunner
 from .mapsearch import search_transform
 
-JOURNAL_VERSION = 3
+JOURNAL_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,10 @@ class Sensitivity:
     kl: float
     alpha: dict = field(default_factory=dict)  # producer -> alpha of the scaling map
     block_err: float = 0.0  # relative MSE of the block's output vs fp
-    block_err_unscaled: float | None = None  # the same at alpha = 0 (None: journaled before it was kept)
+    block_err_unscaled: float | None = None  # the same with the map off
+    dce_unscaled: float = 0.0  # dCE with the map off (the per-block ablation)
+    kl_unscaled: float = 0.0
+    scaled: bool = False  # True: the map's transform was kept; False: the map off (lower or equal dCE)
     smooth: dict | None = None  # producer -> per-channel scales (lists, for the journal)
     act_scales: dict | None = None
     importance: dict | None = None  # linear -> mean x^2 per input channel (lists, for the journal)
@@ -76,16 +80,25 @@ def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fi
 
 
 def _measure(runner: BlockRunner, index: int, hidden, name: str, *, scaling: bool, range_method: str) -> Sensitivity:
-    t, block_err, unscaled = search_transform(runner, index, hidden, name, scaling=scaling, range_method=range_method)
-    with block_transformed(runner.layers[index], runner.spec, t):
-        out = runner.run_block(index, hidden)
-    score = runner.score(runner.run_from(index + 1, out))
+    (mapped, mapped_err), (off, off_err) = search_transform(runner, index, hidden, name, scaling=scaling, range_method=range_method)
+    off_score = _score(runner, index, hidden, off)
+    mapped_score = off_score if mapped is off else _score(runner, index, hidden, mapped)
+    scaled = mapped is not off and mapped_score.ce < off_score.ce
+    t, err, score = (mapped, mapped_err, mapped_score) if scaled else (off, off_err, off_score)
+    fp_ce = runner.fp_score.ce
     return Sensitivity(
-        index, name, score.ce - runner.fp_score.ce, score.kl, alpha=t.alpha, block_err=block_err,
-        block_err_unscaled=unscaled,
+        index, name, score.ce - fp_ce, score.kl, alpha=t.alpha, block_err=err, block_err_unscaled=off_err,
+        dce_unscaled=off_score.ce - fp_ce, kl_unscaled=off_score.kl, scaled=scaled,
         smooth={k: v.tolist() for k, v in t.smooth.items()}, act_scales=dict(t.act_scales),
         importance={k: v.tolist() for k, v in t.importance.items()},
     )
+
+
+def _score(runner: BlockRunner, index: int, hidden, t: BlockTransform):
+    """CE and KL of the model with only block ``index`` transformed by ``t``."""
+    with block_transformed(runner.layers[index], runner.spec, t):
+        out = runner.run_block(index, hidden)
+    return runner.score(runner.run_from(index + 1, out))
 
 
 def _read_journal(path: Path, fingerprint: str) -> dict[tuple[int, str], Sensitivity]:

@@ -56,7 +56,7 @@ def _searched_transforms(model, spec, formats):
     runner = BlockRunner(model, spec, ids)
     hidden, out = runner.first_hidden, []
     for index, fmt in enumerate(formats):
-        out.append(search_transform(runner, index, hidden, fmt, scaling=True, range_method="mse")[0])
+        out.append(search_transform(runner, index, hidden, fmt, scaling=True, range_method="mse")[0][0])
         hidden = runner.run_block(index, hidden)
     return out
 
@@ -69,10 +69,61 @@ def test_search_reports_the_unscaled_error_it_beat(fmt):
     spec = arch_for(model.config.model_type)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     runner = BlockRunner(model, spec, ids)
-    t, err, unscaled = search_transform(runner, 0, runner.first_hidden, fmt, scaling=True, range_method="mse")
-    t0, err0, unscaled0 = search_transform(runner, 0, runner.first_hidden, fmt, scaling=False, range_method="mse")
-    assert not any(t0.alpha.values()) and err0 == pytest.approx(unscaled0) == pytest.approx(unscaled)
+    (t, err), (off, unscaled) = search_transform(runner, 0, runner.first_hidden, fmt, scaling=True, range_method="mse")
+    (t0, err0), (off0, unscaled0) = search_transform(runner, 0, runner.first_hidden, fmt, scaling=False, range_method="mse")
+    assert t0 is off0 and not any(t0.alpha.values()) and not t0.smooth and not t0.importance
+    assert not any(off.alpha.values()) and not off.smooth and not off.importance
+    assert err0 == pytest.approx(unscaled0) == pytest.approx(unscaled)
     assert 0 < err <= unscaled
+
+
+@pytest.mark.parametrize("map_shift", [1.0, -1.0])
+def test_sweep_keeps_the_map_only_where_it_lowers_dce(tmp_path, monkeypatch, map_shift):
+    """The issue's rule: where the map makes a block worse, the block keeps alpha = 0. On a random
+    tiny model either could win, so the map's measured CE is shifted by +-1 nat: the sweep must
+    keep the map off (and record the map off's real dCE) when the map is worse, the map when better."""
+    import qublast.sensitivity as sens
+    from qublast.blocks import Score
+
+    model = tiny_model("llama")
+    spec = arch_for(model.config.model_type)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    runner = BlockRunner(model, spec, ids)
+    real_score = sens._score
+
+    def shifted(runner, index, hidden, t):
+        score = real_score(runner, index, hidden, t)
+        is_map = bool(t.smooth or t.importance)
+        return Score(score.ce + map_shift, score.kl) if is_map else score
+
+    monkeypatch.setattr(sens, "_score", shifted)
+    table = sens.sweep(runner, ("fp16", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f")
+    for index, row in enumerate(table):
+        kept = row["w4"]
+        if map_shift > 0:
+            assert not kept.scaled and kept.dce == kept.dce_unscaled and kept.kl == kept.kl_unscaled
+            assert not any(kept.alpha.values()) and not kept.smooth and not kept.importance
+            assert kept.block_err == kept.block_err_unscaled
+        else:
+            assert kept.scaled and kept.dce < kept.dce_unscaled - 0.5 and kept.importance
+            assert kept.block_err <= kept.block_err_unscaled
+
+
+def test_sweep_keeps_the_lower_of_map_and_map_off(tmp_path):
+    """With the real search, each kept entry's dCE is the lower of the two and its transform is
+    the map off exactly when the map did not lower dCE."""
+    from qublast.sensitivity import sweep
+
+    model = tiny_model("llama")
+    spec = arch_for(model.config.model_type)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    runner = BlockRunner(model, spec, ids)
+    table = sweep(runner, ("fp16", "w8a8", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f")
+    for row in table:
+        for kept in (row["w8a8"], row["w4"]):
+            assert kept.dce <= kept.dce_unscaled
+            if not kept.scaled:
+                assert kept.dce == kept.dce_unscaled and not kept.smooth and not kept.importance
 
 
 def test_importance_is_the_folded_input_power():

@@ -146,6 +146,7 @@ def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
             assert row[f].dce == ref[(i, f)]
             assert row[f].alpha == {}  # no foldable group in the fake block: no folds (clipping may still use the map)
             assert row[f].block_err <= row[f].block_err_unscaled
+            assert row[f].dce <= row[f].dce_unscaled  # the map is kept only where it lowers dCE
     lines = path.read_text().splitlines()
     assert json.loads(lines[0]) == {"version": JOURNAL_VERSION, "fingerprint": FP}
     assert len(lines) == 1 + 6
