@@ -65,6 +65,19 @@ def test_formats_fixes_each_blocks_format(bundle, tiny_model_dir, tmp_path, caps
     assert not (tmp_path / "g").exists()
 
 
+def test_uniform_puts_every_block_in_one_format(bundle, tiny_model_dir, tmp_path):
+    """--uniform is --formats with one format repeated; the map is still decided per block."""
+    base = ["--model", str(tiny_model_dir), *FAST, "--cache-dir", str(tmp_path / "cache")]
+    assert main([*base, "--uniform", "w8a8", "--out", str(tmp_path / "u")]) == 0
+    recipe = read_recipe(tmp_path / "u" / "recipe.json")
+    assert {b["format"] for b in recipe["blocks"]} == {"w8a8"}
+    assert recipe["constraint"] == {"mode": "uniform", "value": "w8a8"}
+    for block in recipe["blocks"]:
+        sens = block["sensitivity"]["w8a8"]
+        assert block["map"] == sens["map"] and sens["dce"] <= sens["dce_map_off"]
+        assert all("act_range" in lin for lin in block["linears"])
+
+
 def _error_line(capsys) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qublast: error:")]
     assert len(lines) == 1
