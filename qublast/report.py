@@ -55,27 +55,29 @@ def render(recipe: dict) -> str:
         "",
         "## Blocks",
         "",
-        "map: whether the block keeps the scaling map in its format; the map's transform and the map off "
-        "are both measured (dCE on the calibration windows) and the lower is kept, so `off` marks a block "
-        "where the map would have made it worse. alpha: the map's exponent per foldable group (producer: "
-        "alpha; 0 = no fold for that group). The dCE columns are each format's kept transform; "
-        "\"dCE, map off\" and the two rel. MSE columns are the block's own format with the map off and as "
-        "kept (output error on the search's calibration tokens): the per-block ablation of the map.",
+        "map: `on` where the block keeps the scaling map in its format, `off` where it keeps the map off "
+        "(the search found nothing better than the map off, or the map's transform did not lower dCE: both "
+        "are measured on the same calibration windows and the lower is kept), `-` for fp16 blocks and "
+        "`--no-scaling` runs. alpha: the map's exponent per foldable group (producer: alpha; 0 = no fold "
+        "for that group). The dCE columns are each format's kept transform; \"dCE, map off\" and the two "
+        "rel. MSE columns are the block's own format with the map off and as kept (output error on the "
+        "search's calibration tokens): the per-block ablation of the map.",
         "",
-        "| block | format | map | alpha | bytes | dCE w8a8 | dCE w8 | dCE w4 | KL w4 | dCE, map off | dCE | "
+        "| block | format | map | alpha | bytes | dCE w8a8 | dCE w8 | dCE w4 | KL w4 | dCE, map off | "
         "block output rel. MSE, map off | block output rel. MSE | worst linear rel. error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    scaling = recipe["calibration"].get("scaling")
     for block in recipe["blocks"]:
         sens = block.get("sensitivity", {})
         errs = [(lin["error"]["rel_err"], lin["name"]) for lin in block["linears"] if "error" in lin]
         worst = f"{max(errs)[1]} {max(errs)[0]:.4f}" if errs else "-"
         fmt = block["format"]
-        kept = {True: "on", False: "off"}.get(block.get("map"), "-")
+        kept = {True: "on", False: "off"}.get(block.get("map"), "-") if scaling and fmt != "fp16" else "-"
         lines.append(
             f"| {block['index']} | {fmt} | {kept} | {_alphas(block.get('alpha'))} | {block['bytes']} | {_f(sens, 'w8a8', 'dce')} | "
             f"{_f(sens, 'w8', 'dce')} | {_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {_f(sens, fmt, 'dce_map_off')} | "
-            f"{_f(sens, fmt, 'dce')} | {_e(block.get('block_err_unscaled'))} | {block.get('block_err', 0):.2e} | {worst} |"
+            f"{_e(block.get('block_err_unscaled'))} | {block.get('block_err', 0):.2e} | {worst} |"
         )
     lines += _act_ranges(recipe)
     lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe['allocation'])}\n```", ""]
@@ -104,7 +106,8 @@ def _e(value: float | None) -> str:
 
 
 def _f(sens: dict, fmt: str, key: str) -> str:
-    return f"{sens[fmt][key]:+.5f}" if key in sens.get(fmt, {}) else "-"
+    value = sens.get(fmt, {}).get(key)
+    return "-" if value is None or fmt == "fp16" else f"{value:+.5f}"
 
 
 def _timings(m: dict) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from export import onnx_export, qdq
 from export.legality import violations
-from qublast.apply import BlockTransform, apply_transforms, fold_block
+from qublast.apply import BlockTransform, apply_transforms, block_transformed, fold_block
 from qublast.arch import REGISTRY, arch_for
 from qublast.blocks import BlockRunner, blocks_of, get_module
 from qublast.errors import UnsupportedModelError
@@ -98,15 +98,16 @@ def test_sweep_keeps_the_map_only_where_it_lowers_dce(tmp_path, monkeypatch, map
 
     monkeypatch.setattr(sens, "_score", shifted)
     table = sens.sweep(runner, ("fp16", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f")
-    for index, row in enumerate(table):
+    for row in table:
         kept = row["w4"]
         if map_shift > 0:
             assert not kept.scaled and kept.dce == kept.dce_unscaled and kept.kl == kept.kl_unscaled
             assert not any(kept.alpha.values()) and not kept.smooth and not kept.importance
             assert kept.block_err == kept.block_err_unscaled
-        else:
-            assert kept.scaled and kept.dce < kept.dce_unscaled - 0.5 and kept.importance
+        else:  # kept wherever the search found a map distinct from the map off
+            assert kept.scaled == bool(kept.smooth or kept.importance) == (kept.dce < kept.dce_unscaled - 0.5)
             assert kept.block_err <= kept.block_err_unscaled
+    assert map_shift > 0 or any(row["w4"].scaled for row in table)
 
 
 def test_sweep_keeps_the_lower_of_map_and_map_off(tmp_path):
@@ -119,11 +120,18 @@ def test_sweep_keeps_the_lower_of_map_and_map_off(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     runner = BlockRunner(model, spec, ids)
     table = sweep(runner, ("fp16", "w8a8", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f")
-    for row in table:
+    hidden = runner.first_hidden
+    for index, row in enumerate(table):
         for kept in (row["w8a8"], row["w4"]):
             assert kept.dce <= kept.dce_unscaled
-            if not kept.scaled:
+            if kept.scaled:
+                assert kept.dce < kept.dce_unscaled and (kept.smooth or kept.importance)
+            else:
                 assert kept.dce == kept.dce_unscaled and not kept.smooth and not kept.importance
+            with block_transformed(runner.layers[index], spec, kept.transform()):  # the journaled transform gives the kept dCE
+                score = runner.score(runner.run_from(index + 1, runner.run_block(index, hidden)))
+            assert score.ce - runner.fp_score.ce == pytest.approx(kept.dce, abs=1e-6)
+        hidden = runner.run_block(index, hidden)
 
 
 def test_importance_is_the_folded_input_power():
