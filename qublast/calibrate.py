@@ -179,7 +179,7 @@ def _recipe(model, spec, formats, qweights, table, allocation, *, model_info, cf
             "index": index,
             "format": fmt,
             "alpha": chosen.alpha,
-            "map": chosen.scaled,
+            "map": chosen.scaled if cfg.scaling and fmt != "fp16" else None,
             "block_err": chosen.block_err,
             "block_err_unscaled": chosen.block_err_unscaled,
             "smooth": sorted(chosen.smooth or {}),

@@ -4,8 +4,9 @@ For block i and each candidate format: search the block's scaling map on its cac
 (``mapsearch``), run block i transformed and blocks i+1..L in fp; record dCE and KL to the fp
 logits; then advance the cached hidden state through fp block i. The map's transform and the
 map off are both measured on the same windows and the one with the lower dCE is kept (alpha = 0
-where the map would make the block worse), so the sensitivity is that of what will be deployed. Each result (with its map) is appended to a journal (JSON lines) as
-soon as it is measured; a rerun with the same fingerprint skips what the journal holds.
+where the map would make the block worse), so the sensitivity is that of what will be
+deployed. Each result (with its map) is appended to a journal (JSON lines) as soon as it is
+measured; a rerun with the same fingerprint skips what the journal holds.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 import torch
 
 from .apply import BlockTransform, block_transformed
-from .blocks import BlockRunner
+from .blocks import BlockRunner, Score
 from .mapsearch import search_transform
 
 JOURNAL_VERSION = 4
@@ -37,8 +38,8 @@ class Sensitivity:
     alpha: dict = field(default_factory=dict)  # producer -> alpha of the scaling map
     block_err: float = 0.0  # relative MSE of the block's output vs fp
     block_err_unscaled: float | None = None  # the same with the map off
-    dce_unscaled: float = 0.0  # dCE with the map off (the per-block ablation)
-    kl_unscaled: float = 0.0
+    dce_unscaled: float | None = None  # dCE with the map off (the per-block ablation)
+    kl_unscaled: float | None = None
     scaled: bool = False  # True: the map's transform was kept; False: the map off (lower or equal dCE)
     smooth: dict | None = None  # producer -> per-channel scales (lists, for the journal)
     act_scales: dict | None = None
@@ -73,7 +74,7 @@ def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fi
     bar.close()
     table = []
     for index in range(len(layers)):
-        row = {"fp16": Sensitivity(index, "fp16", 0.0, 0.0, block_err_unscaled=0.0)}
+        row = {"fp16": Sensitivity(index, "fp16", 0.0, 0.0, block_err_unscaled=0.0, dce_unscaled=0.0, kl_unscaled=0.0)}
         row.update({f: done[(index, f)] for f in candidates if f != "fp16"})
         table.append(row)
     return table
@@ -94,7 +95,7 @@ def _measure(runner: BlockRunner, index: int, hidden, name: str, *, scaling: boo
     )
 
 
-def _score(runner: BlockRunner, index: int, hidden, t: BlockTransform):
+def _score(runner: BlockRunner, index: int, hidden, t: BlockTransform) -> Score:
     """CE and KL of the model with only block ``index`` transformed by ``t``."""
     with block_transformed(runner.layers[index], runner.spec, t):
         out = runner.run_block(index, hidden)

@@ -141,7 +141,7 @@ def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
     ref = _reference(runner, table, ("w8", "w4"))
     assert len(table) == 3
     for i, row in enumerate(table):
-        assert row["fp16"] == Sensitivity(i, "fp16", 0.0, 0.0, block_err_unscaled=0.0)
+        assert row["fp16"] == Sensitivity(i, "fp16", 0.0, 0.0, block_err_unscaled=0.0, dce_unscaled=0.0, kl_unscaled=0.0)
         for f in ("w8", "w4"):
             assert row[f].dce == ref[(i, f)]
             assert row[f].alpha == {}  # no foldable group in the fake block: no folds (clipping may still use the map)
