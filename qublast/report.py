@@ -67,13 +67,12 @@ def render(recipe: dict) -> str:
         "block output rel. MSE, map off | block output rel. MSE | worst linear rel. error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    scaling = recipe["calibration"].get("scaling")
     for block in recipe["blocks"]:
         sens = block.get("sensitivity", {})
         errs = [(lin["error"]["rel_err"], lin["name"]) for lin in block["linears"] if "error" in lin]
         worst = f"{max(errs)[1]} {max(errs)[0]:.4f}" if errs else "-"
         fmt = block["format"]
-        kept = {True: "on", False: "off"}.get(block.get("map"), "-") if scaling and fmt != "fp16" else "-"
+        kept = {True: "on", False: "off"}.get(block.get("map"), "-")  # null: fp16 block or --no-scaling
         lines.append(
             f"| {block['index']} | {fmt} | {kept} | {_alphas(block.get('alpha'))} | {block['bytes']} | {_f(sens, 'w8a8', 'dce')} | "
             f"{_f(sens, 'w8', 'dce')} | {_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {_f(sens, fmt, 'dce_map_off')} | "
