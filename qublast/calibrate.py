@@ -29,6 +29,10 @@ DEFAULT_MAX_PPL_INCREASE = 0.01
 # One-sided ~97.7% bound on the held-out dCE: 16 windows of 512 tokens measure a mixed
 # SmolLM2 model's dCE only to about +-0.005 nats, half the 1% budget.
 Z_UPPER = 2.0
+# What the knapsack sums per block. "kl" (KL to the fp logits) is never negative and repeats
+# across window samples; "dce" is the quantity itself but, on the sweep's few windows, so noisy
+# that the knapsack picks the blocks whose noise was favourable (docs/results.md).
+ALLOC_LOSSES = ("kl", "dce")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class CalibConfig:
     safety: float = 1.0  # repair until held-out dCE + Z_UPPER * stderr <= safety * ln(1 + P)
     scaling: bool = True  # the activation scaling map (--no-scaling turns it off)
     range_method: str = "mse"  # static activation ranges: absmax, percentile or mse
+    alloc_loss: str = "kl"  # what allocation sums per block: kl or dce (ALLOC_LOSSES)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
     def __post_init__(self):
@@ -69,6 +74,8 @@ class CalibConfig:
             raise InputError("the candidate formats must include fp16")
         if self.range_method not in RANGE_METHODS:
             raise InputError(f"unknown range method {self.range_method!r}; known: {', '.join(RANGE_METHODS)}")
+        if self.alloc_loss not in ALLOC_LOSSES:
+            raise InputError(f"unknown allocation loss {self.alloc_loss!r}; known: {', '.join(ALLOC_LOSSES)}")
         if self.holdout_windows < 2:
             raise InputError(f"--holdout-windows must be >= 2 (the repair bound needs a spread), got {self.holdout_windows}")
         if not 0 < self.safety <= 1:
@@ -118,7 +125,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     if fixed:
         formats = fixed
     else:
-        options = [[Choice(f, block_bytes(layer, spec, f), row[f].dce) for f in candidates] for layer, row in zip(layers, table)]
+        options = [[Choice(f, block_bytes(layer, spec, f), getattr(row[f], cfg.alloc_loss)) for f in candidates]
+                   for layer, row in zip(layers, table)]
         formats, allocation = _allocate(model, spec, table, options, holdout, cfg, log)
     transforms = [row[f].transform() for row, f in zip(table, formats)]
     with transforms_applied(model, spec, transforms, lm_head=cfg.lm_head) as qweights:
@@ -137,11 +145,11 @@ def _allocate(model, spec, table, options, holdout, cfg: CalibConfig, log) -> tu
         fp16_bytes = sum(next(c.bytes for c in block if c.format == "fp16") for block in options)
         budget = int(cfg.target_size * fp16_bytes)
         plan = solve_for_size(options, budget)
-        info.update(budget_bytes=budget, predicted_dce=plan.loss)
+        info.update(budget_bytes=budget, predicted_loss=plan.loss)
         return list(plan.formats), info
     max_loss = math.log1p(cfg.max_ppl_increase)
     plan: Plan = solve_for_loss(options, cfg.safety * max_loss)
-    info.update(max_dce=max_loss, repair_target_dce=cfg.safety * max_loss, z_upper=Z_UPPER, predicted_dce=plan.loss)
+    info.update(max_dce=max_loss, repair_target_dce=cfg.safety * max_loss, z_upper=Z_UPPER, predicted_loss=plan.loss)
     shifts = {}
 
     def measure(formats: list[str]) -> float:
@@ -200,7 +208,7 @@ def _recipe(model, spec, formats, qweights, table, allocation, *, model_info, cf
             "text": calib_label, "seqlen": cfg.seqlen, "sens_windows": cfg.sens_windows,
             "holdout_windows": cfg.holdout_windows, "seed": cfg.seed, "candidates": list(cfg.candidates),
             "clip_grid": list(CLIP_GRID), "safety": cfg.safety, "scaling": cfg.scaling,
-            "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method,
+            "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,
         },
         "constraint": {"mode": cfg.mode, "value": cfg.mode_value},
         "lm_head": {"format": cfg.lm_head, "tied": is_tied(model, spec), "linears": [head_entry]},

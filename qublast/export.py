@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .calibrate import CalibConfig
+from .calibrate import ALLOC_LOSSES, CalibConfig
 from .errors import QublastError
 from .formats import CANDIDATES, FORMATS
 
@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scaling", action="store_true", help="turn the activation scaling map off (ablation)")
     p.add_argument("--range-method", default="mse", choices=("absmax", "percentile", "mse"),
                    help="static INT8 activation range estimator for w8a8 (default mse)")
+    p.add_argument("--alloc-loss", default="kl", choices=ALLOC_LOSSES,
+                   help="what allocation sums per block: kl (default; stable on few windows) or dce "
+                        "(needs many --calib-windows)")
     p.add_argument("--context", type=int, default=2048, help="max context for the TensorRT profiles")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qublast")
@@ -58,7 +61,7 @@ def config_from_args(args: argparse.Namespace):
         lm_head=args.lm_head, candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
         seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
-        scaling=not args.no_scaling, range_method=args.range_method,
+        scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
     )
     return ExportConfig(
         out=args.out, target=args.target, model=args.model, recipe=args.recipe, calib=calib,

@@ -5,7 +5,7 @@ and whose ``alpha`` is one number per block, are still read)::
 
     {"format": "qublast-recipe", "version": 2,
      "model": {"id", "model_type", "weight_sha256", "num_blocks"},
-     "calibration": {text, seqlen, windows, seed, candidates, ...},
+     "calibration": {text, seqlen, windows, seed, candidates, "alloc_loss": "kl" | "dce", ...},
      "constraint": {"mode": "max_ppl_increase" | "target_size" | "uniform" | "formats", "value"},
      "lm_head": {"format", "linears": [...]},
      "blocks": [{"index", "format", "bytes", "bytes_fp16", "alpha": {producer: alpha}, "smooth": [producer],
@@ -13,7 +13,8 @@ and whose ``alpha`` is one number per block, are still read)::
                  "block_err", "block_err_unscaled",
                  "sensitivity": {format: {"dce", "kl", "alpha", "map", "dce_map_off"}},
                  "linears": [{"name", "format", "bits", "block_size", "shape", "bytes", "error"}]}],
-     "allocation": {"predicted_dce", "heldout_dce", "repair": [...]},
+     "allocation": {"predicted_loss" (sum of the blocks' alloc_loss), "heldout_ce_fp", "heldout_ce_quant",
+                    "repair": [...]},
      "metrics": {"ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes",
                  "size_bytes_blocks_fp16", "size_bytes_blocks", "eval_tokens", "seqlen", ...}}
 

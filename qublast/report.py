@@ -36,7 +36,8 @@ def render(recipe: dict) -> str:
         f"- constraint: `{c['mode']} = {c['value']}`; lm_head: `{recipe['lm_head']['format']}`"
         f" (tied to embeddings: {recipe['lm_head'].get('tied')}); embeddings kept fp16",
         f"- evaluation: {ev.get('text')}, {ev.get('windows')} windows of {m['seqlen']} tokens, {m['eval_tokens']} predicted tokens",
-        f"- calibration: {recipe['calibration']['text']}, seed {recipe['calibration']['seed']}",
+        f"- calibration: {recipe['calibration']['text']}, seed {recipe['calibration']['seed']}; allocation sums each "
+        f"block's {recipe['calibration'].get('alloc_loss', 'dce')}",
         f"- ONNX Runtime session: {ev.get('ort_session')}",
         "",
         "| | PPL | vs fp |",
@@ -156,11 +157,13 @@ def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
     m = recipe["metrics"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     blocks = recipe["blocks"]
+    loss = recipe["calibration"].get("alloc_loss", "dce")  # recipes before the choice summed dCE
     if all(b.get("sensitivity") for b in blocks):
-        options = [[Choice(f, _bytes_in(b, f), s["dce"]) for f, s in b["sensitivity"].items()] for b in blocks]
+        options = [[Choice(f, _bytes_in(b, f), s[loss]) for f, s in b["sensitivity"].items()] for b in blocks]
         frontier = pareto_frontier(options)
         fp16 = m["size_bytes_blocks_fp16"]
-        ax.plot([p.bytes / fp16 for p in frontier], [m["ppl_fp"] * math.exp(p.loss) for p in frontier], ".-", ms=3, label="predicted (sum of block dCE)")
+        ax.plot([p.bytes / fp16 for p in frontier], [m["ppl_fp"] * math.exp(p.loss) for p in frontier], ".-", ms=3,
+                label=f"predicted (sum of block {'KL' if loss == 'kl' else 'dCE'})")
     x = m["size_bytes_blocks"] / m["size_bytes_blocks_fp16"]
     ax.plot([x], [m["ppl_quant_torch"]], "s", label="chosen: PyTorch")
     ax.plot([x], [m["ppl_quant_ort"]], "x", ms=10, label="chosen: ONNX Runtime")

@@ -188,3 +188,46 @@ def test_repair_stops_when_nothing_is_left_to_upgrade():
     formats, history = repair(plan, REPAIR_OPTIONS, max_loss=-1.0, measure=_measure, log=lambda s: None)
     assert formats == ["fp16", "fp16", "fp16"]
     assert history[-1]["measured"] == 0.0
+
+
+@pytest.mark.parametrize("loss", ["kl", "dce"])
+def test_calibrate_allocates_on_the_chosen_loss(tmp_path, monkeypatch, loss):
+    """A block whose dCE is negative (favourable noise) but whose KL is the largest: the KL
+    allocation keeps it at w8 and puts the other block at w4, the dCE allocation the reverse.
+    The recipe records which loss was summed."""
+    import torch
+
+    import qublast.calibrate as calibrate_mod
+    from qublast.arch import arch_for
+    from qublast.calibrate import CalibConfig, calibrate
+    from qublast.sensitivity import Sensitivity
+    from qublast.sizes import block_bytes
+    from tests.tiny import VOCAB, tiny_model
+
+    model = tiny_model("llama")
+    spec = arch_for(model.config.model_type)
+    measured = {0: (-0.01, 0.05), 1: (0.002, 0.003)}  # block -> (dCE, KL) of its w4
+
+    def table(*_args, **_kwargs):
+        return [{"fp16": Sensitivity(i, "fp16", 0.0, 0.0), "w8": Sensitivity(i, "w8", 0.0, 1e-4),
+                 "w4": Sensitivity(i, "w4", *measured[i])} for i in (0, 1)]
+
+    monkeypatch.setattr(calibrate_mod, "sweep", table)
+    layers = model.model.layers
+    one_w4 = (block_bytes(layers[0], spec, "w4") + block_bytes(layers[1], spec, "w8")) / (2 * block_bytes(layers[0], spec, "fp16"))
+    cfg = CalibConfig(target_size=one_w4 + 1e-6, alloc_loss=loss, seqlen=16, sens_windows=2, holdout_windows=2, cache_dir=tmp_path)
+    ids = torch.randint(0, VOCAB, (16 * 4,), generator=torch.Generator().manual_seed(0)).numpy()
+    recipe, _ = calibrate(model, spec, model_info={"weight_sha256": "x"}, calib_ids=ids, calib_label="t", cfg=cfg, log=lambda _m: None)
+    formats = [b["format"] for b in recipe["blocks"]]
+    assert formats == (["w8", "w4"] if loss == "kl" else ["w4", "w8"])
+    assert recipe["calibration"]["alloc_loss"] == loss
+    w8_w4 = (1e-4 + measured[1][1]) if loss == "kl" else (0.0 + measured[0][0])
+    assert recipe["allocation"]["predicted_loss"] == pytest.approx(w8_w4)
+
+
+def test_unknown_allocation_loss_is_an_input_error():
+    from qublast.calibrate import CalibConfig
+    from qublast.errors import InputError
+
+    with pytest.raises(InputError, match="allocation loss"):
+        CalibConfig(alloc_loss="mse")

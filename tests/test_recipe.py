@@ -44,7 +44,7 @@ def _recipe() -> dict:
             {"index": 1, "format": "w4", "bytes": 60, "bytes_fp16": 200, "sensitivity": {},
              "linears": [_linear(1, "self_attn.q_proj", "w4", 4, 32), _linear(1, "mlp.down_proj", "fp16", None, None)]},
         ],
-        "allocation": {"predicted_dce": 0.01, "heldout_dce": 0.02, "repair": []},
+        "allocation": {"predicted_loss": 0.01, "heldout_ce_fp": 3.0, "heldout_ce_quant": 3.02, "repair": []},
         "metrics": {"ppl_fp": 10.0, "ppl_quant_torch": 10.2, "ppl_quant_ort": 10.2, "size_bytes_fp16": 1000,
                     "size_bytes": 600, "size_bytes_blocks_fp16": 400, "size_bytes_blocks": 160,
                     "eval_tokens": 512, "seqlen": 16},
