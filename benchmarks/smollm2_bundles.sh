@@ -32,10 +32,12 @@ run ppl1-nomap --max-ppl-increase 0.01 --no-scaling
 run ppl5-nomap --max-ppl-increase 0.05 --no-scaling
 run size40-nomap --target-size 0.4 --no-scaling
 run uniform-w8 --uniform w8
-# The map at the sizes the map-off runs reached: the equal-size comparison of issue 4.
-for name in ppl1-nomap ppl5-nomap; do
-  [ -f "$out/$name/recipe.json" ] || continue
-  fraction=$(python -c "import json,math,sys; m=json.load(open(sys.argv[1]))['metrics']; print(math.ceil(1e4*m['size_bytes_blocks']/m['size_bytes_blocks_fp16'])/1e4)" "$out/$name/recipe.json")
-  run "${name%-nomap}-size-map" --target-size "$fraction"
+# Each side at the sizes the other side's PPL-bound runs reached: the equal-size comparison of issue 4.
+size_of() {
+  python -c "import json,math,sys; m=json.load(open(sys.argv[1]))['metrics']; print(math.ceil(1e4*m['size_bytes_blocks']/m['size_bytes_blocks_fp16'])/1e4)" "$1"
+}
+for name in ppl1 ppl5; do
+  [ -f "$out/$name-nomap/recipe.json" ] && run "$name-size-map" --target-size "$(size_of "$out/$name-nomap/recipe.json")"
+  [ -f "$out/$name/recipe.json" ] && run "$name-size-nomap" --target-size "$(size_of "$out/$name/recipe.json")" --no-scaling
 done
 python "$(dirname "$0")/summarize.py" "$out"/*/recipe.json
