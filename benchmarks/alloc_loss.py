@@ -31,15 +31,19 @@ from qublast.apply import BlockTransform, transforms_applied  # noqa: E402
 from qublast.blocks import BlockRunner, blocks_of  # noqa: E402
 from qublast.evaluate import window_ce  # noqa: E402
 from qublast.models import load_model, resolve_source  # noqa: E402
-from qublast.sensitivity import Sensitivity, _read_journal, _score  # noqa: E402
+from qublast.sensitivity import JOURNAL_VERSION, Sensitivity, _score  # noqa: E402
 from qublast.sizes import block_bytes  # noqa: E402
 
 LOSSES = ("sens_dce", "kl", "heldout_dce", "pooled_dce")
 
 
 def read(path: Path) -> dict[tuple[int, str], Sensitivity]:
-    header = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
-    return _read_journal(path, header["fingerprint"])
+    """A sweep's journal, read only (the sweep's own reader would set aside a journal it cannot use)."""
+    header, *lines = path.read_text(encoding="utf-8").splitlines()
+    if json.loads(header).get("version") != JOURNAL_VERSION:
+        sys.exit(f"alloc_loss: {path} is not a version {JOURNAL_VERSION} sensitivity journal")
+    entries = [Sensitivity(**json.loads(line)) for line in lines]
+    return {(e.block, e.format): e for e in entries}
 
 
 def heldout(args, model, spec, hold: np.ndarray) -> None:
