@@ -37,7 +37,7 @@ def render(recipe: dict) -> str:
         f" (tied to embeddings: {recipe['lm_head'].get('tied')}); embeddings kept fp16",
         f"- evaluation: {ev.get('text')}, {ev.get('windows')} windows of {m['seqlen']} tokens, {m['eval_tokens']} predicted tokens",
         f"- calibration: {recipe['calibration']['text']}, seed {recipe['calibration']['seed']}; allocation sums each "
-        f"block's {recipe['calibration'].get('alloc_loss', 'dce')}",
+        f"block's {_alloc_loss(recipe)}",
         f"- ONNX Runtime session: {ev.get('ort_session')}",
         "",
         "| | PPL | vs fp |",
@@ -157,7 +157,7 @@ def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
     m = recipe["metrics"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     blocks = recipe["blocks"]
-    loss = recipe["calibration"].get("alloc_loss", "dce")  # recipes before the choice summed dCE
+    loss = _alloc_loss(recipe)
     if all(b.get("sensitivity") for b in blocks):
         options = [[Choice(f, _bytes_in(b, f), s[loss]) for f, s in b["sensitivity"].items()] for b in blocks]
         frontier = pareto_frontier(options)
@@ -174,6 +174,11 @@ def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _alloc_loss(recipe: dict) -> str:
+    """The per-block loss allocation summed ("kl" or "dce"); recipes before the choice summed dCE."""
+    return recipe["calibration"].get("alloc_loss", "dce")
 
 
 def _bytes_in(block: dict, fmt: str) -> int:
