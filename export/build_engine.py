@@ -100,6 +100,19 @@ def graph_layout(proto) -> KvLayout:
         raise GraphError(str(exc)) from exc
 
 
+def embeds_width(proto) -> int | None:
+    """Hidden size of the graph's ``inputs_embeds`` input, or None for a graph taking ``input_ids``."""
+    from runtime import io_spec
+
+    for tensor in proto.graph.input:
+        if tensor.name == io_spec.INPUTS_EMBEDS:
+            dims = tensor.type.tensor_type.shape.dim
+            if len(dims) != 3 or not dims[2].HasField("dim_value"):
+                raise GraphError(f"{io_spec.INPUTS_EMBEDS} must be [batch, seq, hidden] with a static hidden size")
+            return dims[2].dim_value
+    return None
+
+
 def missing_external_data(proto, folder: Path) -> list[str]:
     """External data files the graph names that are not in ``folder``."""
     import onnx
@@ -180,7 +193,8 @@ def build(cfg: BuildConfig) -> Path:
     if missing:
         raise InputError(f"{bundle} is incomplete: {ONNX_NAME} needs {', '.join(missing)}")
     context = bundle_context(bundle, cfg.context)
-    shapes = engine.profiles(num_layers=layout.num_layers, kv_heads=layout.kv_heads, head_dim=layout.head_dim, context=context)
+    shapes = engine.profiles(num_layers=layout.num_layers, kv_heads=layout.kv_heads, head_dim=layout.head_dim, context=context,
+                             hidden=embeds_width(proto))
     workspace = int(cfg.workspace_gb * (1 << 30)) if cfg.workspace_gb else None
     del proto  # the build parses the file itself; keep host memory for it
     plan = build_plan(onnx_path, profile_dims(shapes), workspace_bytes=workspace)

@@ -10,19 +10,21 @@ from __future__ import annotations
 from runtime import io_spec
 
 
-def profiles(*, num_layers: int, kv_heads: int, head_dim: int, context: int) -> dict[str, tuple[str, str, str]]:
+def profiles(*, num_layers: int, kv_heads: int, head_dim: int, context: int, hidden: int | None = None) -> dict[str, tuple[str, str, str]]:
     """``{input: (min, opt, max)}`` shapes as trtexec writes them ("1x128"), batch 1.
 
     Each of min, opt and max is itself a consistent shape set (mask = past + seq): min is a
     first token, opt one decode step at half the context (where generation spends its time),
-    max a ``context``-token prefill after a ``context - 1`` cache.
+    max a ``context``-token prefill after a ``context - 1`` cache. ``hidden``: the graph takes
+    ``inputs_embeds`` [1, seq, hidden] (host-side embedding table) instead of ``input_ids``.
     """
     if context < 2:
         raise ValueError(f"context must be >= 2, got {context}")
     seq = (1, 1, context)
     past = (0, context // 2, context - 1)
+    first = {io_spec.INPUTS_EMBEDS: tuple(f"1x{s}x{hidden}" for s in seq)} if hidden else {io_spec.INPUT_IDS: tuple(f"1x{s}" for s in seq)}
     out = {
-        io_spec.INPUT_IDS: tuple(f"1x{s}" for s in seq),
+        **first,
         io_spec.POSITION_IDS: tuple(f"1x{s}" for s in seq),
         io_spec.ATTENTION_MASK: tuple(f"1x{p + s}" for p, s in zip(past, seq)),
     }

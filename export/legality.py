@@ -1,10 +1,17 @@
-"""TensorRT legality of a QDQ graph (explicit quantization, strongly typed build).
+"""TensorRT legality of a Jetson graph (explicit quantization, strongly typed build, fp16).
 
-Rules (REFERENCES.md): default-domain opset 21; only standard-domain ops; every zero point
-absent or zero (symmetric); weight DequantizeLinear reads a constant INT8 or INT4 initializer
-with constant scales: INT8 per tensor or per channel, INT4 only 2-D, blocked (``block_size``,
-even blocked dimension) and weight-only (feeding MatMul/Gemm); activation quantization is
-INT8 with one scalar constant scale (per tensor), never INT4.
+Each rule and its source is listed in docs/targets.md:
+
+- default-domain opset 21; only standard-domain ops;
+- every zero point absent or zero (symmetric);
+- weight DequantizeLinear reads a constant INT8 or INT4 initializer with constant scales:
+  INT8 per tensor or per channel (no blocks), INT4 only 2-D, blocked with ``block_size`` 64
+  or 128 along an even dimension, and weight-only (feeding MatMul/Gemm);
+- activation quantization is INT8 with one scalar constant scale (per tensor), never INT4;
+- fp16 graph (a strongly typed engine keeps the graph's types): DequantizeLinear scales are
+  fp16 (its output type is its scale's); float weights are fp16; MatMul/Gemm/Conv compute in
+  fp16; fp32 appears only in ``FP32_OPS`` (RMSNorm's reduction, rotary tables, softmax and
+  its mask, the logits cast), and the logits output is fp32.
 """
 from __future__ import annotations
 
@@ -15,11 +22,35 @@ from onnx import numpy_helper
 from qublast.errors import GraphError
 
 REQUIRED_OPSET = 21
+INT4_BLOCK_SIZES = (64, 128)
 _INT8, _INT4 = onnx.TensorProto.INT8, onnx.TensorProto.INT4
+_FP32, _FP16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+# Ops that may output fp32 in an fp16 graph, and why (docs/targets.md):
+FP32_OPS = {
+    "Cast": "into and out of the fp32 islands below; logits to fp32",
+    "Pow": "RMSNorm: mean of squares in fp32 (x^2 overflows fp16 for |x| > 256)",
+    "ReduceMean": "RMSNorm's reduction",
+    "Add": "RMSNorm's + eps; the attention mask added to fp32 scores",
+    "Sqrt": "RMSNorm", "Reciprocal": "RMSNorm", "Div": "RMSNorm",
+    "Mul": "RMSNorm's normalisation; rotary angles (positions x inverse frequencies)",
+    "Cos": "rotary tables (positions beyond 2048 are not exact in fp16)", "Sin": "rotary tables",
+    "Concat": "rotary tables", "Where": "masking fp32 attention scores", "Softmax": "attention probabilities in fp32",
+    "Reshape": "moving fp32 scores", "Unsqueeze": "moving fp32 tables", "Transpose": "moving fp32 tables",
+    "Expand": "broadcasting fp32 tables",
+}
+_COMPUTE = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 
 
-def violations(model: onnx.ModelProto) -> list[str]:
-    """Every rule the graph breaks, one line each (empty: legal)."""
+def violations(model: onnx.ModelProto, *, graph_dtype: str = "float16") -> list[str]:
+    """Every rule the graph breaks, one line each (empty: legal); ``graph_dtype`` "float16" adds
+    the fp16-graph rules."""
+    found = _qdq_violations(model)
+    if graph_dtype == "float16":
+        found += fp16_violations(model)
+    return found
+
+
+def _qdq_violations(model: onnx.ModelProto) -> list[str]:
     graph = model.graph
     found = []
     opsets = {o.domain: o.version for o in model.opset_import}
@@ -40,9 +71,31 @@ def violations(model: onnx.ModelProto) -> list[str]:
     return found
 
 
-def check_trt_legal(model: onnx.ModelProto) -> None:
+def fp16_violations(model: onnx.ModelProto) -> list[str]:
+    """fp16-graph rules: fp16 weights and scales, fp16 matmuls, fp32 only in ``FP32_OPS``, fp32 logits."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    found = [f"initializer {t.name} {list(t.dims)} is fp32: weights of an fp16 graph are fp16 or quantized"
+             for t in graph.initializer if t.data_type == _FP32 and len(t.dims) >= 2]
+    for node in graph.node:
+        outs = [types.get(o) for o in node.output]
+        if node.op_type in _COMPUTE and _FP32 in [types.get(i) for i in node.input] + outs:
+            found.append(f"{node.name}: {node.op_type} computes in fp32 (an fp16 graph's matmuls run in fp16)")
+        elif node.op_type == "DequantizeLinear" and types.get(node.input[1]) != _FP16:
+            found.append(f"{node.name}: DequantizeLinear scale is not fp16 (its output type is its scale's)")
+        elif _FP32 in outs and node.op_type not in FP32_OPS:
+            found.append(f"{node.name}: {node.op_type} outputs fp32, outside the fp32 islands an fp16 graph allows")
+    logits = [o for o in graph.output if o.name == "logits"]
+    if logits and logits[0].type.tensor_type.elem_type != _FP32:
+        found.append("logits output is not fp32")
+    return found
+
+
+def check_trt_legal(model: onnx.ModelProto, *, graph_dtype: str = "float16") -> None:
     """Raise ``GraphError`` naming the first violations; return quietly for a legal graph."""
-    found = violations(model)
+    found = violations(model, graph_dtype=graph_dtype)
     if found:
         more = f" (+{len(found) - 3} more)" if len(found) > 3 else ""
         raise GraphError("graph is not TensorRT-legal: " + "; ".join(found[:3]) + more)
@@ -91,6 +144,8 @@ def _check_dq(node, inits, consumers) -> list[str]:
             found.append(f"{node.name}: INT4 weight is {len(codes.dims)}-D, TensorRT needs 2-D")
         elif not block:
             found.append(f"{node.name}: INT4 weight without block_size")
+        elif block not in INT4_BLOCK_SIZES:
+            found.append(f"{node.name}: INT4 block size {block} is not one TensorRT supports {INT4_BLOCK_SIZES}")
         elif codes.dims[axis] % 2 or codes.dims[axis] % block:
             found.append(f"{node.name}: INT4 blocked dimension {codes.dims[axis]} is odd or not a multiple of {block}")
         users = consumers.get(node.output[0], [])

@@ -21,17 +21,18 @@ import onnx_graphsurgeon as gs
 
 from qublast import text as qtext
 from qublast.calibrate import CalibConfig, calibrate
-from qublast.errors import InputError
+from qublast.errors import GraphError, InputError
 from qublast.files import atomic_write_text
+from qublast.formats import get_target
 from qublast.models import load_model, resolve_source, weight_hash
-from qublast.recipe import check_model, quantized_linears, read_recipe, read_tensors, write_recipe, write_tensors
-from runtime.bundle import MANIFEST, has_act_quant, manifest_for
-from runtime.session import ACCURACY_LEVEL, OrtModel
+from qublast.recipe import check_model, check_target, read_recipe, read_tensors, write_recipe, write_tensors
+from runtime.bundle import MANIFEST, manifest_for
+from runtime.embedding import FILE as TABLE_FILE
+from runtime.embedding import EmbeddingTable
+from runtime.session import OrtModel
+from runtime.targets import TARGETS
 
-from . import engine, onnx_export, qdq
-from .legality import check_trt_legal
-
-TARGETS = ("jetson", "cpu")
+from . import engine, graph, sizes
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class ExportConfig:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise InputError(f"unknown target {self.target!r}; known: {', '.join(TARGETS)}")
+        if self.calib.target != self.target:
+            raise InputError(f"calibration target {self.calib.target!r} differs from export target {self.target!r}")
         if self.seqlen < 2:
             raise InputError(f"--seqlen must be >= 2, got {self.seqlen}")
         if self.max_eval_windows is not None and self.max_eval_windows < 1:
@@ -105,15 +108,15 @@ def _build(cfg: ExportConfig, work: Path) -> None:
     timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    _export_graph(model, spec, recipe, scales, work)
+    target = get_target(cfg.target)
+    exported = graph.export_bundle_graph(model, spec, recipe, scales, work, target, log=log)
     timings["export_s"] = time.perf_counter() - t0
 
-    recipe["metrics"].update(_verify(cfg, model, spec, recipe, scales, windows, work, ppl_fp=ppl_fp, timings=timings))
+    recipe["metrics"].update(_sizes(work, recipe, exported))
+    recipe["metrics"].update(_verify(cfg, model, spec, recipe, scales, windows, work, target, ppl_fp=ppl_fp, timings=timings))
     recipe["metrics"]["timings"] = timings
-    session = {"graph_optimization_level": "ORT_ENABLE_ALL", "session.qdq_matmulnbits_accuracy_level": ACCURACY_LEVEL}
-    if has_act_quant(recipe):
-        session["session.disable_quant_qdq"] = "1"
-    recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": int(len(windows)), "ort_session": session}
+    recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": int(len(windows)),
+                            "graph_optimization_level": "ORT_ENABLE_ALL", "ort_session": dict(target.ort_session)}
     _write_bundle(cfg, work, recipe, scales, tokenizer, model)
 
 
@@ -121,60 +124,43 @@ def _recipe_and_scales(cfg: ExportConfig, model, spec, tokenizer, info) -> tuple
     if cfg.recipe:
         recipe = read_recipe(cfg.recipe)
         check_model(recipe, info["weight_sha256"])
+        check_target(recipe, get_target(cfg.target))
         log(f"reusing recipe {cfg.recipe}")
         return recipe, read_tensors(Path(cfg.recipe).with_name("scales.safetensors"))
     calib_src = qtext.calib_text(path=cfg.calib_text, dataset=cfg.calib_dataset)
     calib_ids = qtext.tokenize(tokenizer, calib_src.text)
-    log(f"calibration: {calib_src.label} ({len(calib_ids)} tokens), mode {cfg.calib.mode}={cfg.calib.mode_value}")
+    log(f"calibration: {calib_src.label} ({len(calib_ids)} tokens), target {cfg.target}, mode {cfg.calib.mode}={cfg.calib.mode_value}")
     return calibrate(model, spec, model_info=info, calib_ids=calib_ids, calib_label=calib_src.label, cfg=cfg.calib, log=log)
 
 
-def _export_graph(model, spec, recipe: dict, tensors: dict, work: Path) -> None:
-    """Fold the map into the fp model, export ONNX, then the QDQ passes, legality check and save."""
-    from qublast.apply import fold_recipe
-
-    fold_recipe(model, spec, recipe, tensors)
-    log("exporting ONNX (opset 21, KV cache)")
-    raw = work / "raw"
-    raw.mkdir()
-    proto = onnx_export.export_onnx(model, raw / "model.onnx")
-    node_modules = onnx_export.linear_modules(proto)
-    graph = gs.import_onnx(onnx.load(str(raw / "model.onnx")))
-    linears = quantized_linears(recipe)
-    if spec.lm_head not in linears:
-        head_nodes = [name for name, module in node_modules.items() if module == spec.lm_head]
-        graph = qdq.share_tied_table(graph, lm_head_node=head_nodes[0]) if head_nodes else graph
-    graph = qdq.quantize_weights(graph, linears, {p: tensors[f"{p}.scale"] for p in linears}, node_modules)
-    acts = {lin["path"]: lin["act_scale"] for b in recipe["blocks"] for lin in b["linears"] if lin.get("act_scale")}
-    if acts:
-        graph = qdq.quantize_activations(graph, acts, node_modules)
-    final = gs.export_onnx(graph)
-    final.opset_import[0].version = onnx_export.OPSET
-    check_trt_legal(final)
-    onnx.save(final, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx.data")
-    onnx.checker.check_model(str(work / "model.onnx"))
-    shutil.rmtree(raw)
+def _sizes(work: Path, recipe: dict, exported: dict) -> dict:
+    """Deployed bytes read from the files, and the block linears' bytes read from the graph."""
+    files = sizes.deployed_files(work)
+    blocks = sum(exported["linear_bytes"].values())
+    if blocks != recipe["metrics"]["size_bytes_blocks_predicted"]:
+        raise GraphError(f"the graph stores {blocks} bytes of block linears, calibration predicted "
+                         f"{recipe['metrics']['size_bytes_blocks_predicted']}: byte accounting is wrong")
+    return {"size_files": files, "size_bytes": sum(files.values()), "size_bytes_blocks": blocks}
 
 
-def _verify(cfg, model, spec, recipe, scales, windows, work: Path, *, ppl_fp: float, timings: dict) -> dict:
+def _verify(cfg, model, spec, recipe, scales, windows, work: Path, target, *, ppl_fp: float, timings: dict) -> dict:
     """PyTorch (fake-quant) vs ONNX Runtime: logits on prefill + decode, and PPL on the windows."""
     from qublast.apply import quantize_recipe
     from qublast.evaluate import perplexity
 
-    quantize_recipe(model, spec, recipe, scales)  # the map is already folded in (_export_graph)
+    quantize_recipe(model, spec, recipe, scales)  # the map is already folded in (export_bundle_graph)
     t0 = time.perf_counter()
     ppl_torch = perplexity(model, windows, desc="ppl torch (quantized)").ppl
     timings["eval_torch_s"] = time.perf_counter() - t0
-    ort_model = OrtModel(str(work / "model.onnx"), threads=cfg.threads, int8_fusion=not has_act_quant(recipe))
+    table = EmbeddingTable.load(work / TABLE_FILE) if (work / TABLE_FILE).is_file() else None
+    ort_model = OrtModel(str(work / "model.onnx"), threads=cfg.threads, session_config=target.ort_session, embedding=table)
     agreement = _logit_agreement(model, ort_model, windows[0][:64])
     ort = _ort_ppl(ort_model, windows)
     timings["eval_ort_s"] = ort["seconds"]
     log(f"PPL fp {ppl_fp:.4f} | quantized torch {ppl_torch:.4f} | ORT {ort['ppl']:.4f}")
     return {"ppl_fp": ppl_fp, "ppl_quant_torch": ppl_torch, "ppl_quant_ort": ort["ppl"],
             "ppl_increase_ort": ort["ppl"] / ppl_fp - 1, "ort_vs_torch": ort["ppl"] / ppl_torch - 1,
-            "eval_tokens": ort["tokens"], "seqlen": cfg.seqlen, "logit_agreement": agreement,
-            "onnx_file_bytes": sum(p.stat().st_size for p in work.glob("model.onnx*"))}
+            "eval_tokens": ort["tokens"], "seqlen": cfg.seqlen, "logit_agreement": agreement}
 
 
 def _ort_ppl(ort_model, windows) -> dict:
@@ -199,7 +185,8 @@ def _logit_agreement(model, ort_model, ids: np.ndarray, *, decode_steps: int = 4
         with torch.no_grad():
             ref = model(input_ids=torch.from_numpy(seq[None]), use_cache=False).logits[:, -1:].numpy()
         decode = max(decode, float(np.abs(logits - ref).max()))
-    return {"prefill_max_abs": prefill, "decode_max_abs": decode, "decode_steps": decode_steps}
+    return {"prefill_max_abs": prefill, "decode_max_abs": decode, "decode_steps": decode_steps,
+            "logit_range": float(np.abs(ref).max())}
 
 
 def _cached_fp_ppl(model, windows: np.ndarray, info: dict, cache_dir: Path) -> float:
@@ -225,13 +212,22 @@ def _write_bundle(cfg, work: Path, recipe: dict, scales: dict, tokenizer, model)
     write_tensors(scales, work / "scales.safetensors")
     tokenizer.save_pretrained(str(work / "tokenizer"))
     kv_heads, head_dim = kv_shape(model.config)
-    shapes = engine.profiles(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim, context=cfg.context)
-    script = work / "build_engine.sh"
-    script.write_text(engine.build_script(shapes))
-    script.chmod(0o755)
-    (work / "engine_profiles.json").write_text(json.dumps({"target": cfg.target, "context": cfg.context, "shapes": shapes}, indent=1))
+    hidden = model.config.hidden_size if recipe["embedding"]["storage"] == "side_table" else None
+    shapes = engine.profiles(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
+                             context=cfg.context, hidden=hidden)
+    if get_target(cfg.target).engine == "tensorrt":
+        script = work / "build_engine.sh"
+        script.write_text(engine.build_script(shapes))
+        (work / "engine_profiles.json").write_text(json.dumps({"target": cfg.target, "context": cfg.context, "shapes": shapes}, indent=1))
     write_report(recipe, work)
     (work / MANIFEST).write_text(json.dumps(manifest_for(work, recipe_version=recipe["version"]), indent=1))
+    _make_readable(work)
+
+
+def _make_readable(folder: Path) -> None:
+    """Files 0644 (scripts 0755), folders 0755: a bundle copied to a device runs as any user."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() or path.suffix == ".sh" else 0o644)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -5,12 +5,16 @@ Each pass takes a ``gs.Graph`` and ends with ``cleanup().toposort()``:
 - ``share_tied_table``: the lm_head MatMul reads ``Transpose(embedding table)`` instead of a
   second, pre-transposed copy the exporter made for tied weights.
 - ``quantize_weights``: for each quantized linear, its ``[in, out]`` weight constant becomes
-  ``DequantizeLinear(q, scale)``: INT8 per output channel (axis 1) or INT4 blocks along the
-  input (axis 0, ``block_size``), zero point 0, codes recomputed from the checkpoint's weight
-  and the recipe's scales. INT4 codes are packed two per byte, low nibble first.
+  ``DequantizeLinear(q, scale)``: INT8 per output channel (axis 1), or INT8 / INT4 blocks
+  along the input (axis 0, ``block_size``), zero point 0, codes recomputed from the fp32
+  weight (after the map's folds) and the recipe's scales. Scales are stored in the graph's
+  float type, so the DequantizeLinear outputs it (TensorRT and ONNX take the output type from
+  the scale). INT4 codes are packed two per byte, low nibble first.
 - ``quantize_activations``: for each ``w8a8`` linear, its MatMul's input passes through its
   own QuantizeLinear -> DequantizeLinear pair (INT8, per-tensor scale, zero point 0). One pair
   per consuming MatMul: a pair shared by q/k/v stops ONNX Runtime's fusion.
+- ``fusable_rms_norms``: ``x * Reciprocal(Sqrt(.))`` becomes ``x / Sqrt(.)``, the form ONNX
+  Runtime fuses into SimplifiedLayerNormalization (CPU target; docs/ort-sources.md).
 """
 from __future__ import annotations
 
@@ -39,62 +43,89 @@ def share_tied_table(graph: gs.Graph, *, lm_head_node: str) -> gs.Graph:
     return graph.cleanup().toposort()
 
 
-def quantize_weights(graph: gs.Graph, linears: dict[str, dict], scales: dict[str, torch.Tensor], node_modules: dict[str, str]) -> gs.Graph:
-    """Replace each quantized linear's weight constant with a DequantizeLinear (see module doc)."""
+def quantize_weights(graph: gs.Graph, linears: dict[str, dict], scales: dict[str, torch.Tensor], node_modules: dict[str, str],
+                     *, weights: dict[str, torch.Tensor], float_dtype=np.float32) -> gs.Graph:
+    """Replace each quantized linear's weight constant with a DequantizeLinear (see module doc);
+    ``weights`` holds each linear's fp32 weight [out, in] the codes are computed from."""
     nodes = _matmuls(graph, linears, node_modules, what="quantized linear")
     for module, entry in linears.items():
         node = nodes[module]
-        w = torch.from_numpy(_weight_out_in(node, module))  # [out, in]
-        q = quantize_with_scale(w, scales[module], bits=entry["bits"], block_size=entry["block_size"]).numpy()
-        scale = scales[module].numpy().astype(np.float32)  # [out, G]
-        node.inputs[1] = _dequantize(graph, module, q.T, scale, bits=entry["bits"], block_size=entry["block_size"])
+        _check_weight(node, module, tuple(weights[module].shape))
+        q = quantize_with_scale(weights[module], scales[module], bits=entry["bits"], block_size=entry["block_size"]).numpy()
+        scale = scales[module].numpy().astype(float_dtype)  # [out, G]
+        node.inputs[1] = _dequantize(graph, module, q.T, scale, bits=entry["bits"], block_size=entry["block_size"],
+                                     per_channel=entry.get("per_channel", False))
     return graph.cleanup().toposort()
 
 
-def quantize_activations(graph: gs.Graph, act_scales: dict[str, float], node_modules: dict[str, str]) -> gs.Graph:
+def quantize_activations(graph: gs.Graph, act_scales: dict[str, float], node_modules: dict[str, str], *, float_dtype=np.float32) -> gs.Graph:
     """Insert a Q/DQ pair in front of the activation input of each named linear's MatMul."""
     nodes = _matmuls(graph, act_scales, node_modules, what="w8a8 linear")
     for module, scale in act_scales.items():
         node = nodes[module]
         x = node.inputs[0]
-        scale_c = gs.Constant(f"{module}.act_scale", np.array(scale, dtype=np.float32))
+        scale_c = gs.Constant(f"{module}.act_scale", np.array(scale, dtype=float_dtype))
         zero = gs.Constant(f"{module}.act_zero", np.array(0, dtype=np.int8))
         q = gs.Variable(f"{module}.act_q", dtype=np.int8, shape=x.shape)
-        dq = gs.Variable(f"{module}.act_dq", dtype=np.float32, shape=x.shape)
+        dq = gs.Variable(f"{module}.act_dq", dtype=float_dtype, shape=x.shape)
         graph.nodes.append(gs.Node("QuantizeLinear", name=f"{module}.act_quant", inputs=[x, scale_c, zero], outputs=[q]))
         graph.nodes.append(gs.Node("DequantizeLinear", name=f"{module}.act_dequant", inputs=[q, scale_c, zero], outputs=[dq]))
         node.inputs[0] = dq
     return graph.cleanup().toposort()
 
 
-def _weight_out_in(node: gs.Node, module: str) -> np.ndarray:
-    """The MatMul's weight as [out, in]: a constant [in, out], or Transpose of a constant [out, in]."""
+def fusable_rms_norms(graph: gs.Graph) -> gs.Graph:
+    """Rewrite ``Mul(x, Reciprocal(Sqrt(v)))`` as ``Div(x, Sqrt(v))`` (same value; ORT fuses the latter)."""
+    for node in list(graph.nodes):
+        if node.op != "Reciprocal" or not node.inputs[0].inputs or node.inputs[0].inputs[0].op != "Sqrt":
+            continue
+        users = list(node.outputs[0].outputs)
+        if len(users) != 1 or users[0].op != "Mul":
+            continue
+        mul = users[0]
+        x = mul.inputs[0] if mul.inputs[1] is node.outputs[0] else mul.inputs[1]
+        sqrt_out = node.inputs[0]
+        mul.op = "Div"
+        mul.inputs.clear()
+        mul.inputs.extend([x, sqrt_out])
+    return graph.cleanup().toposort()
+
+
+def _check_weight(node: gs.Node, module: str, shape: tuple[int, int]) -> None:
+    """The MatMul's weight must be the linear's: a constant [in, out], or Transpose of a constant [out, in]."""
     weight = node.inputs[1]
+    found = None
     if isinstance(weight, gs.Constant) and len(weight.shape) == 2:
-        return np.ascontiguousarray(weight.values.T)
-    producer = weight.inputs[0] if weight.inputs else None
-    if (
-        producer is not None and producer.op == "Transpose" and producer.attrs.get("perm") == [1, 0]
-        and isinstance(producer.inputs[0], gs.Constant)
-    ):
-        return np.ascontiguousarray(producer.inputs[0].values)
-    raise GraphError(f"{module}: MatMul weight is not a 2-D constant")
+        found = tuple(weight.shape[::-1])
+    elif weight.inputs and weight.inputs[0].op == "Transpose" and weight.inputs[0].attrs.get("perm") == [1, 0]:
+        source = weight.inputs[0].inputs[0]
+        found = tuple(source.shape) if isinstance(source, gs.Constant) else None
+    if found is None:
+        raise GraphError(f"{module}: MatMul weight is not a 2-D constant")
+    if found != shape:
+        raise GraphError(f"{module}: graph weight {found} does not match the model's {shape}")
 
 
-def _dequantize(graph: gs.Graph, module: str, q_t: np.ndarray, scale: np.ndarray, *, bits: int, block_size: int) -> gs.Variable:
-    """DequantizeLinear node for codes ``q_t`` [in, out] and scales [out, G]; returns its output."""
+def _dequantize(graph: gs.Graph, module: str, q_t: np.ndarray, scale: np.ndarray, *, bits: int, block_size: int,
+                per_channel: bool) -> gs.Variable:
+    """DequantizeLinear node for codes ``q_t`` [in, out] and scales [out, G]; returns its output.
+
+    ``per_channel``: INT8 with one scale per output column (axis 1), the layout TensorRT takes;
+    else blocks along the input (axis 0), even when one block spans the whole input, so ONNX
+    Runtime's MatMulNBits quantizes activations in the blocks calibration emulated."""
     in_f, out_f = q_t.shape
-    if bits == 8 and block_size == in_f:
+    if bits == 8 and per_channel and block_size == in_f:
         codes = gs.Constant(f"{module}.qweight", np.ascontiguousarray(q_t.astype(np.int8)))
         scale_c = gs.Constant(f"{module}.scale", np.ascontiguousarray(scale[:, 0]))  # [out]
         attrs = {"axis": 1}
-    elif bits == 4:
-        codes = gs.Constant(f"{module}.qweight", LazyValues(pack_int4(f"{module}.qweight", q_t)))
+    elif bits in (4, 8) and in_f % block_size == 0:
+        values = LazyValues(pack_int4(f"{module}.qweight", q_t)) if bits == 4 else np.ascontiguousarray(q_t.astype(np.int8))
+        codes = gs.Constant(f"{module}.qweight", values)
         scale_c = gs.Constant(f"{module}.scale", np.ascontiguousarray(scale.T))  # [G, out]
         attrs = {"axis": 0, "block_size": block_size}
     else:
         raise GraphError(f"{module}: no DequantizeLinear layout for {bits}-bit weights with block {block_size}")
-    out = gs.Variable(f"{module}.weight_dq", dtype=np.float32, shape=[in_f, out_f])
+    out = gs.Variable(f"{module}.weight_dq", dtype=scale.dtype, shape=[in_f, out_f])
     graph.nodes.append(gs.Node("DequantizeLinear", name=f"{module}.dq", attrs=attrs, inputs=[codes, scale_c], outputs=[out]))
     return out
 

@@ -1,9 +1,11 @@
-"""Applying a block's transform to a model in place: fold smoothing scales, fake-quantize
-weights, and (``w8a8``) fake-quantize linear inputs with static per-tensor scales.
+"""Applying a transform to a model in place: fold smoothing scales, fake-quantize weights, and
+fake-quantize linear inputs the way the target computes them.
 
 The model keeps fp32 weights holding exactly ``q * scale``, which is what the deployed
-graph's ``DequantizeLinear`` reconstructs; activation hooks compute what its
-QuantizeLinear/DequantizeLinear pair computes.
+graph's ``DequantizeLinear`` reconstructs; activation hooks compute what the target does to
+a linear's input: a static INT8 Q/DQ pair (``w8a8`` on Jetson) or ONNX Runtime's dynamic
+per-block INT8 quantization (``w8``/``w4`` on the CPU target). The embedding table and
+``lm_head`` are transformed by ``VocabTransform`` (module ``vocab``).
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.targets import WeightFormat
+
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
-from .formats import Format, block_size_for, get_format
-from .quant import CLIP_GRID, QuantizedWeight, dequantize, quantize_weight, quantize_with_scale
+from .formats import block_size_for
+from .quant import CLIP_GRID, QuantizedWeight, dequantize, fake_quant_dynamic, quantize_weight, quantize_with_scale
 from .scaling import fake_quant, fold_into_norm, fold_into_rows, scale_columns
 
 _HOOKS = "_qublast_act_hooks"
@@ -23,24 +27,28 @@ _HOOKS = "_qublast_act_hooks"
 
 @dataclass(frozen=True)
 class BlockTransform:
-    """Everything done to one block: its format, the map's alpha and smoothing scales per
-    producer (relative name -> alpha, s [in]), activation scales per linear (w8a8), and
-    the map's input-channel importance per linear (mean x^2 after the folds; weights the
-    clip search)."""
+    """Everything done to one block: its format (as the target stores it), the map's alpha and
+    smoothing scales per producer (relative name -> alpha, s [in]), static activation scales
+    per linear (``act="static"`` formats), and the map's input-channel importance per linear
+    (mean x^2 after the folds; weights the clip search)."""
 
-    format: str
+    fmt: WeightFormat
     alpha: dict[str, float] = field(default_factory=dict)
     smooth: dict[str, torch.Tensor] = field(default_factory=dict)
     act_scales: dict[str, float] = field(default_factory=dict)
     importance: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def format(self) -> str:
+        return self.fmt.name
 
-def quantize_linear(linear: torch.nn.Linear, fmt: Format, *, clip_grid: tuple[float, ...] = CLIP_GRID,
+
+def quantize_linear(linear: torch.nn.Linear, fmt: WeightFormat, *, clip_grid: tuple[float, ...] = CLIP_GRID,
                     importance: torch.Tensor | None = None) -> QuantizedWeight | None:
-    """Quantized form of a linear's weight in ``fmt``; ``None`` for fp16 (kept)."""
-    if fmt.weight_bits is None:
+    """Quantized form of a linear's weight in ``fmt``; ``None`` for an unquantized format."""
+    if fmt.bits is None:
         return None
-    return quantize_weight(linear.weight, bits=fmt.weight_bits, block_size=block_size_for(fmt, linear.in_features),
+    return quantize_weight(linear.weight, bits=fmt.bits, block_size=block_size_for(fmt, linear.in_features),
                            clip_grid=clip_grid, importance=importance)
 
 
@@ -64,16 +72,30 @@ def fold_block(block: torch.nn.Module, spec: ArchSpec, smooth: dict[str, torch.T
             lin.weight.data.copy_(w)
 
 
-def set_act_quant(block: torch.nn.Module, spec: ArchSpec, act_scales: dict[str, float]) -> None:
-    """Fake-quantize the inputs of the named linears (INT8, per tensor); replaces earlier hooks."""
-    clear_act_quant(block)
-    handles = []
-    for name, scale in act_scales.items():
-        def hook(_module, args, scale=scale):
-            return (fake_quant(args[0], scale),) + tuple(args[1:])
+def act_quantizers(fmt: WeightFormat, linears: dict[str, torch.nn.Linear], act_scales: dict[str, float]) -> dict[str, tuple]:
+    """``{name: ("static", scale) | ("dynamic", block)}``: what the target does to each linear's input."""
+    if fmt.act == "static":
+        return {name: ("static", act_scales[name]) for name in linears if name in act_scales}
+    if fmt.act == "dynamic":
+        return {name: ("dynamic", block_size_for(fmt, lin.in_features)) for name, lin in linears.items()}
+    return {}
 
-        handles.append(get_module(block, name).register_forward_pre_hook(hook))
-    setattr(block, _HOOKS, handles)
+
+def set_act_quant(module: torch.nn.Module, quantizers: dict[str, tuple]) -> None:
+    """Fake-quantize the inputs of the named sub-modules (``act_quantizers``); replaces earlier hooks."""
+    clear_act_quant(module)
+    handles = []
+    for name, (kind, value) in quantizers.items():
+        if kind == "static":
+            def hook(_module, args, scale=value):
+                return (fake_quant(args[0], scale),) + tuple(args[1:])
+        else:
+            def hook(_module, args, block=value):
+                return (fake_quant_dynamic(args[0], block),) + tuple(args[1:])
+
+        target = module if name == "" else get_module(module, name)
+        handles.append(target.register_forward_pre_hook(hook))
+    setattr(module, _HOOKS, handles)
 
 
 def clear_act_quant(module: torch.nn.Module) -> None:
@@ -88,15 +110,14 @@ def clear_act_quant(module: torch.nn.Module) -> None:
 def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *, clip_grid: tuple[float, ...] = CLIP_GRID) -> dict[str, QuantizedWeight]:
     """Fold, quantize weights and set activation quantization for one block, in place."""
     fold_block(block, spec, t.smooth)
-    fmt = get_format(t.format)
     out = {}
-    for name in spec.linears:
-        linear = get_module(block, name)
-        qw = quantize_linear(linear, fmt, clip_grid=clip_grid, importance=t.importance.get(name))
+    linears = {name: get_module(block, name) for name in spec.linears}
+    for name, linear in linears.items():
+        qw = quantize_linear(linear, t.fmt, clip_grid=clip_grid, importance=t.importance.get(name))
         if qw is not None:
             linear.weight.data.copy_(qw.dequantize())
             out[name] = qw
-    set_act_quant(block, spec, t.act_scales)
+    set_act_quant(block, act_quantizers(t.fmt, linears, t.act_scales))
     return out
 
 
@@ -119,8 +140,9 @@ def block_transformed(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform,
         yield transform_block(block, spec, t, clip_grid=clip_grid)
 
 
-def apply_transforms(model: torch.nn.Module, spec: ArchSpec, transforms: list[BlockTransform], *, lm_head: str = "fp16") -> dict[str, QuantizedWeight]:
-    """Transform every block (and lm_head); keys of the result are full module paths."""
+def apply_transforms(model: torch.nn.Module, spec: ArchSpec, transforms: list[BlockTransform], vocab=None) -> dict[str, QuantizedWeight]:
+    """Transform every block, then the embedding table and lm_head (``vocab``: a
+    ``vocab.VocabTransform``, None keeps both); keys of the result are full module paths."""
     layers = blocks_of(model, spec)
     if len(transforms) != len(layers):
         raise ValueError(f"{len(transforms)} transforms for {len(layers)} blocks")
@@ -128,30 +150,18 @@ def apply_transforms(model: torch.nn.Module, spec: ArchSpec, transforms: list[Bl
     for index, (layer, t) in enumerate(zip(layers, transforms)):
         for name, qw in transform_block(layer, spec, t).items():
             out[f"{spec.blocks}.{index}.{name}"] = qw
-    head_fmt = get_format(lm_head)
-    if head_fmt.weight_bits is not None:
-        head = _untied_lm_head(model, spec)
-        qw = quantize_linear(head, head_fmt)
-        head.weight.data = qw.dequantize()
-        out[spec.lm_head] = qw
+    if vocab is not None:
+        out.update(vocab.apply(model, spec))
     return out
 
 
-def apply_plan(model: torch.nn.Module, spec: ArchSpec, plan: list[str], *, lm_head: str = "fp16") -> dict[str, QuantizedWeight]:
-    """``apply_transforms`` with plain formats (no scaling map)."""
-    return apply_transforms(model, spec, [BlockTransform(f) for f in plan], lm_head=lm_head)
-
-
 @contextmanager
-def transforms_applied(model: torch.nn.Module, spec: ArchSpec, transforms: list[BlockTransform], *, lm_head: str = "fp16"):
-    """Within the context the model is transformed; every weight is restored and hooks removed after."""
-    head = get_module(model, spec.lm_head)
-    saved_head = head.weight
-    try:
-        with restored(blocks_of(model, spec)):
-            yield apply_transforms(model, spec, transforms, lm_head=lm_head)
-    finally:
-        head.weight = saved_head
+def transforms_applied(model: torch.nn.Module, spec: ArchSpec, transforms: list[BlockTransform], vocab=None):
+    """Within the context the model is transformed; every weight, module and hook is restored after."""
+    from .vocab import vocab_restored
+
+    with vocab_restored(model, spec), restored(blocks_of(model, spec)):
+        yield apply_transforms(model, spec, transforms, vocab)
 
 
 def fold_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -168,29 +178,33 @@ def fold_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: d
         fold_block(layer, spec, smooth)
 
 
-def quantize_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Quantize a folded model in place as the recipe says: weight codes from its scales, activation scales."""
+def requantize(weight: torch.Tensor, scale: torch.Tensor | None, entry: dict, path: str) -> torch.Tensor:
+    """``dequantize(clamp(round(weight / scale)))`` for a recipe entry; a mismatch is a ``RecipeError``."""
     from .errors import RecipeError
-    from .recipe import quantized_linears
 
+    if scale is None:
+        raise RecipeError(f"scales file has no scale for {path}")
+    try:
+        q = quantize_with_scale(weight, scale, bits=entry["bits"], block_size=entry["block_size"])
+    except ValueError as exc:
+        raise RecipeError(f"{path}: {exc}") from exc
+    return dequantize(q, scale, entry["block_size"])
+
+
+def quantize_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Quantize a folded model in place as the recipe says: weight codes from its scales, activation
+    quantization as its target computes it, embedding table and lm_head included."""
+    from .formats import get_format, get_target
+    from .recipe import block_linears
+    from .vocab import VocabTransform
+
+    target = get_target(recipe["target"]["name"])
     for block, layer in zip(recipe["blocks"], blocks_of(model, spec)):
-        set_act_quant(layer, spec, {lin["name"]: lin["act_scale"] for lin in block["linears"] if lin.get("act_scale")})
-    for path, entry in quantized_linears(recipe).items():
-        scale = tensors.get(f"{path}.scale")
-        if scale is None:
-            raise RecipeError(f"scales file has no scale for {path}")
-        linear = _untied_lm_head(model, spec) if path == spec.lm_head else get_module(model, path)
-        try:
-            q = quantize_with_scale(linear.weight, scale, bits=entry["bits"], block_size=entry["block_size"])
-        except ValueError as exc:
-            raise RecipeError(f"{path}: {exc}") from exc
-        linear.weight.data = dequantize(q, scale, entry["block_size"])
-
-
-def _untied_lm_head(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.Linear:
-    """The lm_head with its own weight tensor, so quantizing it leaves the embedding alone."""
-    head = get_module(model, spec.lm_head)
-    embed = get_module(model, spec.embed)
-    if head.weight.data_ptr() == embed.weight.data_ptr():
-        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    return head
+        fmt = get_format(block["format"], target)
+        linears = {lin["name"]: get_module(layer, lin["name"]) for lin in block["linears"]}
+        scales = {lin["name"]: lin["act_scale"] for lin in block["linears"] if lin.get("act_scale")}
+        set_act_quant(layer, act_quantizers(fmt, linears, scales))
+    for path, entry in block_linears(recipe).items():
+        linear = get_module(model, path)
+        linear.weight.data = requantize(linear.weight, tensors.get(f"{path}.scale"), entry, path)
+    VocabTransform.from_recipe(recipe, target).replay(model, spec, tensors)

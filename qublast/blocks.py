@@ -41,9 +41,9 @@ class BlockRunner:
         self.layers = blocks_of(model, spec)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.first_hidden, self.layer_kwargs = self._capture()
-        final = self.run_from(0, self.first_hidden)
-        self.ref_logprobs = [torch.log_softmax(logits, dim=-1) for logits in self.logit_chunks(final)]
-        self.fp_score = self.score(final)
+        self.final_hidden = self.run_from(0, self.first_hidden)  # [N, S, H], the fp model's
+        self.ref_logprobs = [torch.log_softmax(logits, dim=-1) for logits in self.logit_chunks(self.final_hidden)]
+        self.fp_score = self.score(self.final_hidden)
 
     @torch.no_grad()
     def _capture(self) -> tuple[torch.Tensor, list[dict]]:

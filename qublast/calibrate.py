@@ -1,5 +1,8 @@
 """Calibration: sensitivity sweep -> allocation -> measured repair -> recipe + scales.
 
+Allocation units are the blocks plus one vocabulary unit (embedding table and lm_head,
+options are their format pairs, priced together because a tied table stored once in the
+graph costs less than two copies). Formats and bytes are the target's (``--target``).
 The model is left exactly as it came in (fp weights); the decisions live in the recipe.
 """
 from __future__ import annotations
@@ -12,18 +15,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.targets import EMBED_FORMATS
+
 from .allocate import Choice, Plan, repair, solve_for_loss, solve_for_size
 from .apply import transforms_applied
 from .arch import ArchSpec
-from .blocks import BlockRunner, blocks_of, get_module
-from .errors import InputError
-from .evaluate import ce_shift, window_ce
-from .formats import CANDIDATES, FORMATS
+from .blocks import BlockRunner, blocks_of
+from .errors import BudgetError, InputError
+from .evaluate import PeakRecorder, ce_shift, fp16_overflow, window_ce
+from .formats import ALL_FORMATS, fits, get_format, get_target
 from .quant import CLIP_GRID
-from .scaling import ALPHA_GRID, RANGE_METHODS
+from .entries import block_entries, target_entry, vocab_entries
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
+from .scaling import ALPHA_GRID, RANGE_METHODS
 from .sensitivity import sweep
-from .sizes import block_bytes, is_tied, linear_entry, model_sizes
+from .sizes import block_bytes, fp16_bytes, predicted_sizes, rest_bytes, vocab_bytes
+from .vocab import VocabTransform, head_importance
 
 DEFAULT_MAX_PPL_INCREASE = 0.01
 # One-sided ~97.7% bound on the held-out dCE: 16 windows of 512 tokens measure a mixed
@@ -33,18 +40,22 @@ Z_UPPER = 2.0
 # across window samples; "dce" is the quantity itself but, on the sweep's few windows, so noisy
 # that the knapsack picks the blocks whose noise was favourable (docs/results.md).
 ALLOC_LOSSES = ("kl", "dce")
+AUTO = "auto"  # --embeddings / --lm-head: the knapsack chooses
 
 
 @dataclass(frozen=True)
 class CalibConfig:
     """Everything calibration decides with; validated when built. Exactly one mode is active."""
 
+    target: str = "jetson"
     max_ppl_increase: float | None = None
-    target_size: float | None = None  # fraction of the block linears' fp16 bytes
+    target_size: float | None = None  # the whole deployed model as a fraction of its fp16 bytes
+    blocks_size: float | None = None  # the block linears alone as a fraction of their fp16 bytes
     uniform: str | None = None
     formats: tuple[str, ...] | None = None  # one format per block, given by the user
-    lm_head: str = "fp16"
-    candidates: tuple[str, ...] = CANDIDATES
+    lm_head: str = AUTO
+    embeddings: str = AUTO
+    candidates: tuple[str, ...] | None = None  # None: every format of the target
     seqlen: int = 512
     sens_windows: int = 8
     holdout_windows: int = 16
@@ -56,22 +67,29 @@ class CalibConfig:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
     def __post_init__(self):
-        modes = [m for m in (self.max_ppl_increase, self.target_size, self.uniform, self.formats) if m is not None]
+        modes = [m for m in (self.max_ppl_increase, self.target_size, self.blocks_size, self.uniform, self.formats) if m is not None]
         if len(modes) > 1:
-            raise InputError("give only one of --max-ppl-increase, --target-size, --uniform, --formats")
+            raise InputError("give only one of --max-ppl-increase, --target-size, --blocks-size, --uniform, --formats")
         if not modes:
             object.__setattr__(self, "max_ppl_increase", DEFAULT_MAX_PPL_INCREASE)
+        target = get_target(self.target)
+        if self.candidates is None:
+            object.__setattr__(self, "candidates", target.block_formats)
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
             raise InputError(f"--max-ppl-increase must be > 0, got {self.max_ppl_increase}")
-        if self.target_size is not None and not 0 < self.target_size <= 1:
-            raise InputError(f"--target-size must be a fraction in (0, 1], got {self.target_size}")
+        for flag, value in (("--target-size", self.target_size), ("--blocks-size", self.blocks_size)):
+            if value is not None and not 0 < value <= 1:
+                raise InputError(f"{flag} must be a fraction in (0, 1], got {value}")
         if self.formats is not None and not self.formats:
             raise InputError("--formats needs one format per block")
-        for name in (*self.candidates, self.lm_head, *([self.uniform] if self.uniform else []), *(self.formats or ())):
-            if name not in FORMATS:
-                raise InputError(f"unknown format {name!r}; known: {', '.join(FORMATS)}")
+        for name in (*self.candidates, *([self.uniform] if self.uniform else []), *(self.formats or ())):
+            get_format(name, target)
         if "fp16" not in self.candidates:
             raise InputError("the candidate formats must include fp16")
+        if self.lm_head != AUTO and self.lm_head not in target.head_formats:
+            raise InputError(f"--lm-head {self.lm_head!r}: lm_head takes {', '.join(target.head_formats)} on target {target.name!r}")
+        if self.embeddings != AUTO and self.embeddings not in EMBED_FORMATS:
+            raise InputError(f"--embeddings {self.embeddings!r}: the table takes {', '.join(EMBED_FORMATS)}")
         if self.range_method not in RANGE_METHODS:
             raise InputError(f"unknown range method {self.range_method!r}; known: {', '.join(RANGE_METHODS)}")
         if self.alloc_loss not in ALLOC_LOSSES:
@@ -87,12 +105,14 @@ class CalibConfig:
             return "uniform"
         if self.formats is not None:
             return "formats"
-        return "target_size" if self.target_size is not None else "max_ppl_increase"
+        if self.target_size is not None:
+            return "target_size"
+        return "blocks_size" if self.blocks_size is not None else "max_ppl_increase"
 
     @property
     def mode_value(self):
         values = {"uniform": self.uniform, "formats": ",".join(self.formats or ()), "target_size": self.target_size,
-                  "max_ppl_increase": self.max_ppl_increase}
+                  "blocks_size": self.blocks_size, "max_ppl_increase": self.max_ppl_increase}
         return values[self.mode]
 
     def fixed_formats(self, num_blocks: int) -> list[str] | None:
@@ -105,46 +125,115 @@ class CalibConfig:
             raise InputError(f"--formats gives {len(self.formats)} formats for a model with {num_blocks} blocks")
         return list(self.formats)
 
+    def vocab_choices(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(embedding formats, lm_head formats) allocation may pick from: all, or the pinned one.
+        Modes without a budget to spend (uniform, formats, blocks_size) keep unpinned ones at fp16."""
+        target = get_target(self.target)
+        free = self.mode in ("max_ppl_increase", "target_size")
+        embed = (self.embeddings,) if self.embeddings != AUTO else (tuple(EMBED_FORMATS) if free else ("fp16",))
+        head = (self.lm_head,) if self.lm_head != AUTO else (target.head_formats if free else ("fp16",))
+        return embed, head
+
+
+def vocab_option(embed: str, head: str) -> str:
+    """Name of the vocabulary unit's option in a plan: ``"<embedding>/<lm_head>"``."""
+    return f"{embed}/{head}"
+
+
+def split_plan(formats) -> tuple[list[str], str, str]:
+    """Plan formats (blocks..., vocab option) -> (block formats, embedding format, lm_head format)."""
+    *blocks, vocab = formats
+    embed, head = vocab.split("/")
+    return list(blocks), embed, head
+
 
 def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray, calib_label: str, cfg: CalibConfig, log=print) -> tuple[dict, dict]:
-    """Decide a transform per block; returns ``(recipe, tensors)``. The model keeps its fp weights."""
+    """Decide a transform per block and the vocabulary formats; returns ``(recipe, tensors)``.
+    The model keeps its fp weights."""
     from .text import calib_windows
 
+    target = get_target(cfg.target)
     sens, holdout = calib_windows(calib_ids, cfg.seqlen, (cfg.sens_windows, cfg.holdout_windows), seed=cfg.seed)
     layers = blocks_of(model, spec)
     fixed = cfg.fixed_formats(len(layers))
     candidates = ("fp16", *sorted(set(fixed) - {"fp16"})) if fixed else cfg.candidates
-    runner = BlockRunner(model, spec, torch.from_numpy(sens))
+    _check_fits(layers, spec, target, candidates, fixed)
+    embed_choices, head_choices = cfg.vocab_choices()
+    runner = _runner(model, spec, sens, target, log)
     fingerprint = _fingerprint(model_info, sens, cfg)
     journal = cfg.cache_dir / f"sensitivity-{fingerprint[:16]}.jsonl"
-    log(f"sensitivity: {len(layers)} blocks x {len(candidates) - 1} formats on {sens.size} tokens, scaling map "
+    log(f"sensitivity on target {target.name}: {len(layers)} blocks x {len(candidates) - 1} formats, embedding "
+        f"{'/'.join(embed_choices)}, lm_head {'/'.join(head_choices)} on {sens.size} tokens, scaling map "
         f"{'on' if cfg.scaling else 'off'} (journal {journal})")
-    table = sweep(runner, candidates, journal=journal, fingerprint=fingerprint, scaling=cfg.scaling, range_method=cfg.range_method)
+    table, vocab_table = sweep(runner, target, candidates, journal=journal, fingerprint=fingerprint, scaling=cfg.scaling,
+                               range_method=cfg.range_method, vocab={"embed": embed_choices, "lm_head": head_choices})
+    importance = head_importance(runner)
     del runner
+    options = _options(model, spec, target, table, vocab_table, candidates, embed_choices, head_choices, cfg.alloc_loss)
     allocation: dict = {}
     if fixed:
-        formats = fixed
+        formats = [*fixed, vocab_option(embed_choices[0], head_choices[0])]
     else:
-        options = [[Choice(f, block_bytes(layer, spec, f), getattr(row[f], cfg.alloc_loss)) for f in candidates]
-                   for layer, row in zip(layers, table)]
-        formats, allocation = _allocate(model, spec, table, options, holdout, cfg, log)
-    transforms = [row[f].transform() for row, f in zip(table, formats)]
-    with transforms_applied(model, spec, transforms, lm_head=cfg.lm_head) as qweights:
+        formats, allocation = _allocate(model, spec, target, table, options, holdout, cfg, importance, log)
+    block_formats, embed, head = split_plan(formats)
+    transforms = [row[f].transform(target) for row, f in zip(table, block_formats)]
+    vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance)
+    with transforms_applied(model, spec, transforms, vocab) as qweights, PeakRecorder(model) as peaks:
         allocation["heldout_ce_quant"] = float(window_ce(model, holdout).mean())
-    recipe = _recipe(model, spec, formats, qweights, table, allocation, model_info=model_info, cfg=cfg, calib_label=calib_label)
+    recipe = {
+        "format": RECIPE_FORMAT, "version": RECIPE_VERSION, "model": model_info, "target": target_entry(target),
+        "calibration": _calibration_entry(cfg, calib_label, candidates, peaks.summary()),
+        "constraint": {"mode": cfg.mode, "value": cfg.mode_value},
+        "blocks": block_entries(model, spec, target, block_formats, qweights, table, scaling=cfg.scaling),
+        **vocab_entries(model, spec, target, embed=embed, head=head, qweights=qweights, table=vocab_table),
+        "allocation": allocation,
+        "metrics": predicted_sizes(model, spec, target, block_formats, embed=embed, head=head),
+    }
     tensors = {f"{path}.scale": qw.scale for path, qw in qweights.items()}
     for index, t in enumerate(transforms):
         tensors.update({f"{spec.blocks}.{index}.{producer}.smooth": s for producer, s in t.smooth.items()})
     return recipe, tensors
 
 
-def _allocate(model, spec, table, options, holdout, cfg: CalibConfig, log) -> tuple[list[str], dict]:
+def _runner(model, spec, sens: np.ndarray, target, log) -> BlockRunner:
+    """The sweep's runner; for an fp16 graph, first check the fp model's activations fit fp16."""
+    with PeakRecorder(model) as peaks:
+        runner = BlockRunner(model, spec, torch.from_numpy(sens))
+    if target.graph_dtype == "float16":
+        reason = fp16_overflow(peaks.summary())
+        if reason:
+            raise InputError(f"{reason} (target {target.name}); the model cannot be deployed as an fp16 graph")
+        log(f"fp16 range: largest activation {peaks.summary()['max']:.4g} ({peaks.summary()['where']})")
+    return runner
+
+
+def _check_fits(layers, spec, target, candidates, fixed) -> None:
+    """Every linear can take every candidate (a block size of the target divides its input)."""
+    for name in candidates:
+        fmt = get_format(name, target)
+        for index, layer in enumerate(layers):
+            bad = [n for n in spec.linears if not fits(fmt, layer.get_submodule(n).in_features)]
+            if bad and (fixed or name != "fp16"):
+                raise InputError(f"block {index}: {bad[0]} (input {layer.get_submodule(bad[0]).in_features}) cannot take "
+                                 f"{name} on target {target.name} (block sizes {fmt.block_sizes}); drop it from --candidates")
+
+
+def _options(model, spec, target, table, vocab_table, candidates, embed_choices, head_choices, loss: str) -> list[list[Choice]]:
+    """One option list per block, then the vocabulary unit's (embedding, lm_head) pairs."""
+    options = [[Choice(f, block_bytes(layer, spec, f, target), getattr(row[f], loss)) for f in candidates]
+               for layer, row in zip(blocks_of(model, spec), table)]
+    embed_loss = {f: getattr(s, loss) for f, s in vocab_table["embed"].items()}
+    head_loss = {f: getattr(s, loss) for f, s in vocab_table["lm_head"].items()}
+    options.append([Choice(vocab_option(e, h), vocab_bytes(model, spec, target, embed=e, head=h), embed_loss[e] + head_loss[h])
+                    for e in embed_choices for h in head_choices])
+    return options
+
+
+def _allocate(model, spec, target, table, options, holdout, cfg: CalibConfig, importance, log) -> tuple[list[str], dict]:
     fp_windows = window_ce(model, holdout)
     info: dict = {"heldout_ce_fp": float(fp_windows.mean())}
-    if cfg.mode == "target_size":
-        fp16_bytes = sum(next(c.bytes for c in block if c.format == "fp16") for block in options)
-        budget = int(cfg.target_size * fp16_bytes)
-        plan = solve_for_size(options, budget)
+    if cfg.mode in ("target_size", "blocks_size"):
+        plan, budget = _solve_size(model, spec, target, options, cfg)
         info.update(budget_bytes=budget, predicted_loss=plan.loss)
         return list(plan.formats), info
     max_loss = math.log1p(cfg.max_ppl_increase)
@@ -154,8 +243,10 @@ def _allocate(model, spec, table, options, holdout, cfg: CalibConfig, log) -> tu
 
     def measure(formats: list[str]) -> float:
         """The upper bound on the held-out dCE that repair compares with the target."""
-        transforms = [row[f].transform() for row, f in zip(table, formats)]
-        with transforms_applied(model, spec, transforms, lm_head=cfg.lm_head):
+        blocks, embed, head = split_plan(formats)
+        transforms = [row[f].transform(target) for row, f in zip(table, blocks)]
+        vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance)
+        with transforms_applied(model, spec, transforms, vocab):
             shift = ce_shift(window_ce(model, holdout), fp_windows)
         shifts[tuple(formats)] = shift
         return shift.upper(Z_UPPER)
@@ -168,53 +259,33 @@ def _allocate(model, spec, table, options, holdout, cfg: CalibConfig, log) -> tu
     return formats, info
 
 
-def _recipe(model, spec, formats, qweights, table, allocation, *, model_info, cfg: CalibConfig, calib_label) -> dict:
-    layers = blocks_of(model, spec)
-    blocks = []
-    for index, (layer, fmt) in enumerate(zip(layers, formats)):
-        chosen = table[index][fmt]
-        linears = []
-        for name in spec.linears:
-            path = f"{spec.blocks}.{index}.{name}"
-            entry = linear_entry(get_module(layer, name), name=name, path=path, fmt_name=fmt)
-            if path in qweights:
-                entry["error"] = qweights[path].stats.as_dict()
-            if chosen.act_scales and name in chosen.act_scales:
-                entry["act_scale"] = chosen.act_scales[name]
-                entry["act_range"] = chosen.act_scales[name] * 127
-            linears.append(entry)
-        blocks.append({
-            "index": index,
-            "format": fmt,
-            "alpha": chosen.alpha,
-            "map": chosen.scaled if cfg.scaling and fmt != "fp16" else None,
-            "block_err": chosen.block_err,
-            "block_err_unscaled": chosen.block_err_unscaled,
-            "smooth": sorted(chosen.smooth or {}),
-            "bytes": sum(e["bytes"] for e in linears),
-            "bytes_fp16": block_bytes(layer, spec, "fp16"),
-            "sensitivity": {f: {"dce": s.dce, "kl": s.kl, "alpha": s.alpha, "map": s.scaled, "dce_map_off": s.dce_unscaled}
-                            for f, s in table[index].items()},
-            "linears": linears,
-        })
-    head_entry = linear_entry(get_module(model, spec.lm_head), name=spec.lm_head, path=spec.lm_head, fmt_name=cfg.lm_head)
-    if spec.lm_head in qweights:
-        head_entry["error"] = qweights[spec.lm_head].stats.as_dict()
+def _solve_size(model, spec, target, options, cfg: CalibConfig) -> tuple[Plan, int]:
+    """Least predicted loss within the size budget; a budget below the smallest model is a ``BudgetError``.
+
+    ``--target-size`` counts the whole deployed model (knapsack units plus the norms and other
+    small tensors); ``--blocks-size`` the block linears alone (the vocabulary unit is pinned)."""
+    if cfg.mode == "blocks_size":
+        units = options[:-1] + [options[-1][:1]]
+        reference = sum(fp16_bytes(layer.get_submodule(name)) for layer in blocks_of(model, spec) for name in spec.linears)
+        offset, fraction, what = -units[-1][0].bytes, cfg.blocks_size, "block linears"
+    else:
+        units, reference = options, fp16_bytes(model)
+        offset, fraction, what = rest_bytes(model, spec, target), cfg.target_size, "whole model"
+    budget = int(fraction * reference)
+    smallest = sum(min(c.bytes for c in unit) for unit in units) + offset
+    if smallest > budget:
+        raise BudgetError(f"size budget {fraction} x fp16 ({budget} bytes, {what}) is below the smallest {what} on target "
+                          f"{target.name}: {smallest} bytes = {smallest / reference:.4f} x fp16")
+    return solve_for_size(units, budget - offset), budget
+
+
+def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: dict) -> dict:
     return {
-        "format": RECIPE_FORMAT,
-        "version": RECIPE_VERSION,
-        "model": model_info,
-        "calibration": {
-            "text": calib_label, "seqlen": cfg.seqlen, "sens_windows": cfg.sens_windows,
-            "holdout_windows": cfg.holdout_windows, "seed": cfg.seed, "candidates": list(cfg.candidates),
-            "clip_grid": list(CLIP_GRID), "safety": cfg.safety, "scaling": cfg.scaling,
-            "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,
-        },
-        "constraint": {"mode": cfg.mode, "value": cfg.mode_value},
-        "lm_head": {"format": cfg.lm_head, "tied": is_tied(model, spec), "linears": [head_entry]},
-        "blocks": blocks,
-        "allocation": allocation,
-        "metrics": model_sizes(model, spec, formats, lm_head=cfg.lm_head),
+        "text": calib_label, "seqlen": cfg.seqlen, "sens_windows": cfg.sens_windows,
+        "holdout_windows": cfg.holdout_windows, "seed": cfg.seed, "candidates": list(candidates),
+        "clip_grid": list(CLIP_GRID), "safety": cfg.safety, "scaling": cfg.scaling,
+        "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,
+        "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
     }
 
 
@@ -222,5 +293,5 @@ def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
     digest = hashlib.sha256()
     digest.update(model_info["weight_sha256"].encode())
     digest.update(np.ascontiguousarray(sens).tobytes())
-    digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method)).encode())
+    digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method, cfg.target, ALL_FORMATS)).encode())
     return digest.hexdigest()

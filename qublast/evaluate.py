@@ -59,3 +59,52 @@ def ce_shift(after: np.ndarray, before: np.ndarray) -> Shift:
     diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
     stderr = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("inf")
     return Shift(float(diff.mean()), stderr)
+
+
+FP16_MAX = 65504.0
+FP16_HEADROOM = 2.0  # an fp16 graph is refused when a calibration peak exceeds FP16_MAX / FP16_HEADROOM
+
+
+class PeakRecorder:
+    """Largest |output| of every sub-module while the context is open (forward hooks).
+
+    ``peaks`` maps module path -> max |x| over everything the model computed: what an fp16 graph
+    must hold without overflowing (module outputs: linears, norms, activations, whole blocks,
+    i.e. the residual stream).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.peaks, self._handles = model, {}, []
+
+    def __enter__(self) -> PeakRecorder:
+        for name, module in self.model.named_modules():
+            if name:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        def hook(_module, _args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+                self.peaks[name] = max(self.peaks.get(name, 0.0), float(out.detach().abs().max()))
+
+        return hook
+
+    def summary(self, *, top: int = 5) -> dict:
+        """``{"max", "where", "top": [[path, peak], ...]}`` for the recipe."""
+        ranked = sorted(self.peaks.items(), key=lambda kv: -kv[1])
+        return {"max": ranked[0][1] if ranked else 0.0, "where": ranked[0][0] if ranked else None,
+                "top": [[k, v] for k, v in ranked[:top]]}
+
+
+def fp16_overflow(peaks: dict) -> str | None:
+    """A one-line reason when recorded peaks leave less than FP16_HEADROOM x below fp16's largest value."""
+    if peaks and peaks["max"] > FP16_MAX / FP16_HEADROOM:
+        return (f"{peaks['where']} reaches {peaks['max']:.4g} on calibration text, within {FP16_HEADROOM:g}x of fp16's "
+                f"largest value {FP16_MAX:g}: an fp16 graph would overflow")
+    return None

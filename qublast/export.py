@@ -8,24 +8,32 @@ import argparse
 import sys
 from pathlib import Path
 
-from .calibrate import ALLOC_LOSSES, CalibConfig
+from runtime.targets import EMBED_FORMATS, TARGETS
+
+from .calibrate import ALLOC_LOSSES, AUTO, CalibConfig
 from .errors import QublastError
-from .formats import CANDIDATES, FORMATS
+from .formats import ALL_FORMATS
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qublast.export", description=__doc__.splitlines()[0])
-    p.add_argument("--target", default="jetson", help="jetson (TensorRT build script) or cpu")
+    p.add_argument("--target", default="jetson",
+                   help="; ".join(f"{t.name}: {t.description}, formats {'/'.join(t.formats)}" for t in TARGETS.values()))
     p.add_argument("--model", help="hub id, local HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", type=Path, default=Path("bundle"), help="bundle directory (default: ./bundle)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--max-ppl-increase", type=float, help="max relative PPL increase, e.g. 0.01 (default)")
-    mode.add_argument("--target-size", type=float, help="block linears' size as a fraction of their fp16 bytes")
-    mode.add_argument("--uniform", choices=sorted(FORMATS), help="every block in one format (baselines)")
+    mode.add_argument("--target-size", type=float, help="the whole deployed model's bytes as a fraction of its fp16 bytes")
+    mode.add_argument("--blocks-size", type=float, help="the block linears' bytes as a fraction of their fp16 bytes "
+                                                        "(embedding and lm_head as --embeddings / --lm-head say, default fp16)")
+    mode.add_argument("--uniform", choices=ALL_FORMATS, help="every block in one format (baselines)")
     mode.add_argument("--formats", help="one format per block, comma-separated (e.g. w8,w4,...: another run's choice)")
     p.add_argument("--recipe", type=Path, help="reuse a recipe.json (scales.safetensors beside it)")
-    p.add_argument("--lm-head", default="fp16", choices=sorted(FORMATS), help="lm_head format (default fp16)")
-    p.add_argument("--candidates", default=",".join(CANDIDATES), help="formats blocks may take (add w8a8 for INT8 compute)")
+    p.add_argument("--lm-head", default=AUTO, choices=(AUTO, *ALL_FORMATS),
+                   help="lm_head format; auto (default): allocation chooses under --max-ppl-increase / --target-size, else fp16")
+    p.add_argument("--embeddings", default=AUTO, choices=(AUTO, *EMBED_FORMATS),
+                   help="embedding table format (host-side table unless kept fp16 with a tied fp16 lm_head); auto as --lm-head")
+    p.add_argument("--candidates", help="formats blocks may take, comma-separated (default: all of the target's)")
     p.add_argument("--calib-text", help="calibration text file (train/validation text, never test)")
     p.add_argument("--calib-dataset", help="calibration dataset name (wikitext2), validation split")
     p.add_argument("--eval-text", help="evaluation file in WikiText raw layout (e.g. wiki.test.raw)")
@@ -56,9 +64,11 @@ def config_from_args(args: argparse.Namespace):
     from export.pipeline import ExportConfig
 
     calib = CalibConfig(
-        max_ppl_increase=args.max_ppl_increase, target_size=args.target_size, uniform=args.uniform,
+        target=args.target, max_ppl_increase=args.max_ppl_increase, target_size=args.target_size,
+        blocks_size=args.blocks_size, uniform=args.uniform,
         formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats is not None else None,
-        lm_head=args.lm_head, candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
+        lm_head=args.lm_head, embeddings=args.embeddings,
+        candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()) if args.candidates else None,
         seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,

@@ -1,71 +1,68 @@
-"""Per-block precision formats and the byte accounting of DESIGN.md.
+"""Per-block precision formats and their byte costs, as each deployment target stores them.
 
-Every format here is one TensorRT builds on Jetson Orin: symmetric, zero point 0, per output
-channel INT8 or block-wise INT4 weight-only scales. Sizes count what the deployed model
-stores: quantized weights, their fp16 scales, and fp16 for everything kept.
+The formats themselves are data in ``runtime/targets.py`` (shared with export and the
+runtime, which imports no torch); this module gives calibration the checked views it needs:
+a format on a target, its scale group length for one linear, and the bytes it stores.
+Every size here counts what the target's graph holds: integer codes, one scale per group in
+the graph's float type (fp16 on Jetson, fp32 on the CPU target), and unquantized weights in
+the graph's float type.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from runtime.targets import EMBED_FORMATS, EMBED_SCALE_BYTES, TARGETS, Target, WeightFormat, block_size, weight_bytes
 
 from .errors import InputError
 
-FP16_BYTES = 2
-PREFERRED_INT4_BLOCK = 128
-MIN_INT4_BLOCK = 16
+FP16_BYTES = 2  # the reference: every size reduction is against the fp16 checkpoint
+ALL_FORMATS: tuple[str, ...] = ("fp16", "w8a8", "w8", "w4")  # names any target may use
 
 
-@dataclass(frozen=True)
-class Format:
-    """A weight (and later activation) precision a block can take."""
-
-    name: str
-    weight_bits: int | None  # None: the weight is kept in fp16
-    act_bits: int | None = None  # None: activations stay in fp16
-    blocked: bool = False  # scales per block along the input dimension (INT4)
-
-
-FORMATS: dict[str, Format] = {
-    "fp16": Format("fp16", None),
-    "w8a8": Format("w8a8", 8, act_bits=8),
-    "w8": Format("w8", 8),
-    "w4": Format("w4", 4, blocked=True),
-}
-# w8a8 stores the same bytes as w8, so size/PPL budgets gain nothing from it: it is opt-in
-# (--candidates fp16,w8a8,w8,w4 or --uniform w8a8) for INT8 tensor-core speed on the device.
-CANDIDATES: tuple[str, ...] = ("fp16", "w8", "w4")
-
-
-def get_format(name: str) -> Format:
-    """Look a format up by name; unknown names are an ``InputError``."""
+def get_target(name: str) -> Target:
+    """The deployment target ``name``; unknown names are an ``InputError``."""
     try:
-        return FORMATS[name]
+        return TARGETS[name]
     except KeyError:
-        raise InputError(f"unknown format {name!r}; known: {', '.join(FORMATS)}") from None
+        raise InputError(f"unknown target {name!r}; known: {', '.join(TARGETS)}") from None
 
 
-def int4_block_size(in_features: int) -> int:
-    """Block size along the input: 128 if it divides, else the largest power of two >= 16 that does."""
-    if in_features % PREFERRED_INT4_BLOCK == 0:
-        return PREFERRED_INT4_BLOCK
-    block = PREFERRED_INT4_BLOCK // 2
-    while block >= MIN_INT4_BLOCK:
-        if in_features % block == 0:
-            return block
-        block //= 2
-    raise InputError(f"input size {in_features} has no INT4 block size (power of two >= 16)")
+def get_format(name: str, target: Target) -> WeightFormat:
+    """Format ``name`` as ``target`` stores it; unknown or refused formats are an ``InputError``."""
+    if name not in ALL_FORMATS:
+        raise InputError(f"unknown format {name!r}; known: {', '.join(ALL_FORMATS)}")
+    try:
+        return target.format(name)
+    except KeyError as exc:
+        raise InputError(exc.args[0]) from None
 
 
-def block_size_for(fmt: Format, in_features: int) -> int:
-    """Scale group length along the input: the whole row for per-channel formats."""
-    return int4_block_size(in_features) if fmt.blocked else in_features
+def embed_format(name: str) -> WeightFormat:
+    """Format of the host-side embedding table (the same on every target)."""
+    try:
+        return EMBED_FORMATS[name]
+    except KeyError:
+        raise InputError(f"unknown embedding format {name!r}; known: {', '.join(EMBED_FORMATS)}") from None
 
 
-def linear_bytes(fmt: Format, out_features: int, in_features: int, *, has_bias: bool = False) -> int:
-    """Bytes the deployed model stores for one linear in ``fmt`` (weights, scales, bias)."""
-    bias = FP16_BYTES * out_features if has_bias else 0
-    if fmt.weight_bits is None:
-        return FP16_BYTES * out_features * in_features + bias
-    groups = in_features // block_size_for(fmt, in_features)
-    weight = (out_features * in_features * fmt.weight_bits + 7) // 8
-    return weight + FP16_BYTES * out_features * groups + bias
+def block_size_for(fmt: WeightFormat, in_features: int) -> int:
+    """Scale group length along the input: the whole row when per channel, else a block size
+    the target accepts that divides ``in_features``."""
+    size = block_size(fmt, in_features)
+    if size is None:
+        raise InputError(f"input size {in_features} has no {fmt.name} block size (allowed: {fmt.block_sizes})")
+    return size
+
+
+def fits(fmt: WeightFormat, in_features: int) -> bool:
+    """True when ``fmt`` can store a weight with ``in_features`` inputs (a block size divides it)."""
+    return fmt.bits is None or block_size(fmt, in_features) is not None
+
+
+def linear_bytes(fmt: WeightFormat, out_features: int, in_features: int, *, target: Target, has_bias: bool = False) -> int:
+    """Bytes ``target`` stores for one linear in ``fmt`` (weights, scales, bias in the graph's float type)."""
+    bias = target.float_bytes * out_features if has_bias else 0
+    return weight_bytes(fmt, out_features, in_features, float_bytes=target.float_bytes) + bias
+
+
+def table_bytes(fmt: WeightFormat, rows: int, width: int) -> int:
+    """Bytes of the host-side embedding table in ``fmt`` (codes plus fp16 scales, or fp16 rows)."""
+    return weight_bytes(fmt, rows, width, float_bytes=FP16_BYTES, scale_bytes=EMBED_SCALE_BYTES)

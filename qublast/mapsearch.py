@@ -15,7 +15,8 @@ import torch
 from .apply import BlockTransform, block_transformed, fold_block, restored
 from .arch import ArchSpec
 from .blocks import BlockRunner, get_module
-from .formats import get_format
+from runtime.targets import WeightFormat
+
 from .scaling import ALPHA_GRID, act_range, act_scale, smooth_scales
 
 SEARCH_TOKENS = 1024
@@ -58,10 +59,10 @@ def group_smoothing(spec: ArchSpec, block: torch.nn.Module, inputs: dict[str, to
     return out
 
 
-def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_name: str, *, scaling: bool,
+def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt: WeightFormat, *, scaling: bool,
                      range_method: str) -> tuple[tuple[BlockTransform, float], tuple[BlockTransform, float]]:
     """``(map, error), (off, error)``: the best ``BlockTransform`` of block ``index`` in
-    ``fmt_name`` and the transform with the map off, each with its relative output error.
+    ``fmt`` (as the target stores and computes it) and the transform with the map off, each with its relative output error.
     With ``scaling`` off, or where nothing beats the map off, both are the same object.
 
     The map off is plain weight-MSE clipping and no folds. The map on adds activation-aware
@@ -70,9 +71,8 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_
     so far, scored on the whole block's output. The map off is a candidate too, so the
     chosen transform is never worse than it on the search tokens.
     """
-    fmt = get_format(fmt_name)
-    if fmt.weight_bits is None:
-        unquantized = (BlockTransform(fmt_name), 0.0)
+    if fmt.bits is None:
+        unquantized = (BlockTransform(fmt), 0.0)
         return unquantized, unquantized
     spec, block = runner.spec, runner.layers[index]
     hidden = hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]  # [n, S, H]: the first windows
@@ -80,12 +80,12 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt_
     ref_norm = max(ref.pow(2).mean().item(), 1e-12)
     inputs = input_samples(runner, index, hidden, spec.linears)
     grid = ALPHA_GRID if scaling else (0.0,)
-    scales = {a: group_smoothing(spec, block, inputs, a, act_aware=fmt.act_bits is None) for a in grid}
+    scales = {a: group_smoothing(spec, block, inputs, a, act_aware=fmt.act != "static") for a in grid}
 
     def scored(alpha: dict[str, float], *, weighted: bool = True) -> tuple[BlockTransform, float]:
         smooth = {p: scales[a][p] for p, a in alpha.items() if a > 0}
-        acts = _act_scales(runner, index, hidden, smooth, range_method) if fmt.act_bits else {}
-        t = BlockTransform(fmt_name, alpha, smooth, acts, importance(spec, inputs, smooth) if weighted else {})
+        acts = _act_scales(runner, index, hidden, smooth, range_method) if fmt.act == "static" else {}
+        t = BlockTransform(fmt, alpha, smooth, acts, importance(spec, inputs, smooth) if weighted else {})
         with block_transformed(block, spec, t, clip_grid=SEARCH_CLIP_GRID):
             return t, (runner.run_block(index, hidden) - ref).pow(2).mean().item() / ref_norm
 

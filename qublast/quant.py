@@ -118,3 +118,20 @@ def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, *, bits: int, bloc
     groups = w.detach().float().reshape(out_f, in_f // block_size, block_size)  # [out, G, bs]
     q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
     return q.to(torch.int8).view(out_f, in_f)
+
+
+def fake_quant_dynamic(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """INT8 quantize-dequantize of ``x`` [..., K] per row and per block of ``block_size`` along K,
+    as ONNX Runtime's MatMulNBits computes its activation at accuracy level 4 (x86 MLAS):
+    amax per block, codes round_half_even(x * (127 / amax)), values codes * (amax / 127).
+
+    Checked bit for bit against ONNX Runtime 1.32's quantized codes (docs/ort-sources.md).
+    """
+    *lead, k = x.shape
+    if k % block_size:
+        raise ValueError(f"block size {block_size} does not divide the activation's last dimension {k}")
+    blocks = x.float().reshape(*lead, k // block_size, block_size)  # [..., G, bs]
+    amax = blocks.abs().amax(dim=-1, keepdim=True)  # [..., G, 1]
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inv)  # torch.round rounds half to even
+    return (codes * (amax / 127.0)).reshape(x.shape).to(x.dtype)

@@ -1,29 +1,34 @@
 """The recipe: the versioned, self-describing record of what calibration decided.
 
-``recipe.json`` layout (version 2; version 1 recipes, whose scaling map only folds into norms
-and whose ``alpha`` is one number per block, are still read)::
+``recipe.json`` layout (version 3; recipes of versions 1 and 2, made before targets, are
+refused with a message to calibrate again)::
 
-    {"format": "qublast-recipe", "version": 2,
+    {"format": "qublast-recipe", "version": 3,
      "model": {"id", "model_type", "weight_sha256", "num_blocks"},
-     "calibration": {text, seqlen, windows, seed, candidates, "alloc_loss": "kl" | "dce", ...},
-     "constraint": {"mode": "max_ppl_increase" | "target_size" | "uniform" | "formats", "value"},
-     "lm_head": {"format", "linears": [...]},
+     "target": {"name", "graph_dtype", "formats": {name: {bits, act, per_channel, block_sizes}},
+                "head_formats", "ort_session"},
+     "calibration": {text, seqlen, windows, seed, candidates, "alloc_loss", "activation_peaks", ...},
+     "constraint": {"mode": "max_ppl_increase" | "target_size" | "blocks_size" | "uniform" | "formats", "value"},
+     "embedding": {"format", "tied", "storage": "graph" | "side_table", "path", "shape", "bits", "block_size",
+                   "bytes", "error", "sensitivity": {format: {"dce", "kl"}}},
+     "lm_head": {"format", "tied", "linears": [...], "sensitivity": {format: {"dce", "kl"}}},
      "blocks": [{"index", "format", "bytes", "bytes_fp16", "alpha": {producer: alpha}, "smooth": [producer],
                  "map": true | false | null (kept the scaling map; null for fp16 blocks and --no-scaling),
                  "block_err", "block_err_unscaled",
                  "sensitivity": {format: {"dce", "kl", "alpha", "map", "dce_map_off"}},
-                 "linears": [{"name", "format", "bits", "block_size", "shape", "bytes", "error"}]}],
-     "allocation": {"predicted_loss" (sum of the blocks' alloc_loss), "heldout_ce_fp", "heldout_ce_quant",
+                 "linears": [{"name", "path", "format", "bits", "block_size", "act", "shape", "bytes", "error"}]}],
+     "allocation": {"predicted_loss" (sum of the units' alloc_loss), "heldout_ce_fp", "heldout_ce_quant",
                     "repair": [...]},
-     "metrics": {"ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes",
-                 "size_bytes_blocks_fp16", "size_bytes_blocks", "eval_tokens", "seqlen", ...}}
+     "metrics": {"ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes" (the deployed
+                 files), "size_files": {file: bytes}, "size_bytes_blocks_fp16", "size_bytes_blocks" (block
+                 linears' initializers in the graph), "size_bytes_predicted", "eval_tokens", "seqlen", ...}}
 
-``scales.safetensors`` holds, for every quantized linear (full module path ``P``), the fp32
-tensor ``P.scale`` of shape [out, in // block_size], and for every folded norm ``N`` of the
-scaling map (a norm, or in version 2 also a producing linear such as ``up_proj``) its
+``scales.safetensors`` holds, for every quantized linear (full module path ``P``, ``lm_head``
+included) and a quantized embedding table (its module path), the fp32 tensor ``P.scale`` of
+shape [out, in // block_size], and for every folded producer ``N`` of the scaling map its
 per-channel scales ``N.smooth`` [in]. Integer codes are not stored: they are
-``clamp(round(w / scale))`` of the checkpoint's weight after the folds, which export
-recomputes exactly.
+``clamp(round(w / scale))`` of the checkpoint's weight after the folds (for the table: of the
+embedding module's output rows), which export recomputes exactly.
 """
 from __future__ import annotations
 
@@ -32,12 +37,12 @@ from pathlib import Path
 
 from .errors import RecipeError
 from .files import atomic_write_bytes, atomic_write_text
-from .formats import FORMATS
+from .formats import ALL_FORMATS
 
 RECIPE_FORMAT = "qublast-recipe"
-RECIPE_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-REQUIRED_KEYS = ("model", "calibration", "constraint", "lm_head", "blocks", "allocation", "metrics")
+RECIPE_VERSION = 3
+READABLE_VERSIONS = (3,)
+REQUIRED_KEYS = ("model", "target", "calibration", "constraint", "embedding", "lm_head", "blocks", "allocation", "metrics")
 REQUIRED_METRICS = (
     "ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes",
     "size_bytes_blocks_fp16", "size_bytes_blocks", "eval_tokens", "seqlen",
@@ -74,6 +79,8 @@ def validate(recipe: dict) -> None:
 def _validate(recipe: dict) -> None:
     if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
         raise RecipeError("not a QuBLAST recipe (missing format tag)")
+    if recipe.get("version") in (1, 2):
+        raise RecipeError(f"recipe version {recipe['version']} was made before deployment targets; calibrate again")
     if recipe.get("version") not in READABLE_VERSIONS:
         raise RecipeError(f"recipe version {recipe.get('version')!r} is not supported (expected one of {READABLE_VERSIONS})")
     missing = [k for k in REQUIRED_KEYS if k not in recipe]
@@ -85,12 +92,18 @@ def _validate(recipe: dict) -> None:
     blocks = recipe["blocks"]
     if [b.get("index") for b in blocks] != list(range(recipe["model"].get("num_blocks", -1))):
         raise RecipeError("recipe blocks do not cover the model's blocks in order")
+    formats = recipe["target"].get("formats", {})
     for block in blocks:
         for entry in [block] + block.get("linears", []):
-            if entry.get("format") not in FORMATS:
+            if entry.get("format") not in ALL_FORMATS:
                 raise RecipeError(f"block {block['index']}: unknown format {entry.get('format')!r}")
-    if recipe["lm_head"].get("format") not in FORMATS:
-        raise RecipeError(f"lm_head: unknown format {recipe['lm_head'].get('format')!r}")
+            if entry.get("format") not in formats:
+                raise RecipeError(f"block {block['index']}: format {entry['format']!r} is not one of target "
+                                  f"{recipe['target'].get('name')!r}'s {sorted(formats)}")
+    if recipe["lm_head"].get("format") not in recipe["target"].get("head_formats", ()):
+        raise RecipeError(f"lm_head: format {recipe['lm_head'].get('format')!r} is not one its target allows")
+    if recipe["embedding"].get("format") not in ALL_FORMATS:
+        raise RecipeError(f"embedding: unknown format {recipe['embedding'].get('format')!r}")
 
 
 def check_model(recipe: dict, weight_sha256: str) -> None:
@@ -100,6 +113,16 @@ def check_model(recipe: dict, weight_sha256: str) -> None:
         raise RecipeError(
             f"recipe was made for weights {expected[:12]}…, this checkpoint is {weight_sha256[:12]}…"
         )
+
+
+def check_target(recipe: dict, target) -> None:
+    """Refuse a recipe made for a target whose formats differ from ``target``'s (a ``runtime.targets.Target``)."""
+    from .entries import target_entry
+
+    made_for, wanted = recipe["target"], target_entry(target)
+    if made_for.get("formats") != wanted["formats"] or made_for.get("graph_dtype") != wanted["graph_dtype"]:
+        raise RecipeError(f"recipe was made for target {made_for.get('name')!r}, whose formats or graph differ from "
+                          f"target {target.name!r}'s: calibrate again with --target {target.name}")
 
 
 def write_tensors(tensors: dict, path: str | Path) -> None:
@@ -121,13 +144,14 @@ def read_tensors(path: str | Path) -> dict:
         raise RecipeError(f"cannot read scales {path}: {exc}") from exc
 
 
+def block_linears(recipe: dict) -> dict[str, dict]:
+    """``{full module path: linear entry}`` for every block linear the recipe quantizes."""
+    return {lin["path"]: lin for block in recipe["blocks"] for lin in block["linears"] if lin["bits"] is not None}
+
+
 def quantized_linears(recipe: dict) -> dict[str, dict]:
-    """``{full module path: linear entry}`` for every linear the recipe quantizes."""
-    out = {}
-    for block in recipe["blocks"]:
-        for lin in block["linears"]:
-            if lin["bits"] is not None:
-                out[lin["path"]] = lin
+    """``{full module path: linear entry}`` for every graph linear the recipe quantizes (blocks and lm_head)."""
+    out = block_linears(recipe)
     for lin in recipe["lm_head"].get("linears", []):
         if lin["bits"] is not None:
             out[lin["path"]] = lin

@@ -31,14 +31,17 @@ def render(recipe: dict) -> str:
     lines = [f"# QuBLAST report: {model['id']}", ""]
     if model.get("gguf") and any(tag in model["gguf"].upper() for tag in ("Q2", "Q3", "Q4", "Q5", "Q6", "Q8")):
         lines += [f"> {GGUF_CAVEAT.format(gguf=model['gguf'])}", ""]
-    c, ev = recipe["constraint"], recipe.get("evaluation", {})
+    c, ev, t = recipe["constraint"], recipe.get("evaluation", {}), recipe["target"]
+    emb, head = recipe["embedding"], recipe["lm_head"]
     lines += [
-        f"- constraint: `{c['mode']} = {c['value']}`; lm_head: `{recipe['lm_head']['format']}`"
-        f" (tied to embeddings: {recipe['lm_head'].get('tied')}); embeddings kept fp16",
+        f"- target: `{t['name']}` ({t['graph_dtype']} graph; formats {', '.join(t['formats'])}; lm_head {', '.join(t['head_formats'])})",
+        f"- constraint: `{c['mode']} = {c['value']}`; embedding table `{emb['format']}` ({_storage(emb)}); "
+        f"lm_head `{head['format']}` (tied to the embedding: {head.get('tied')})",
         f"- evaluation: {ev.get('text')}, {ev.get('windows')} windows of {m['seqlen']} tokens, {m['eval_tokens']} predicted tokens",
         f"- calibration: {recipe['calibration']['text']}, seed {recipe['calibration']['seed']}; allocation sums each "
-        f"block's {_alloc_loss(recipe)}",
-        f"- ONNX Runtime session: {ev.get('ort_session')}",
+        f"unit's {_alloc_loss(recipe)}",
+        f"- ONNX Runtime session ({ev.get('graph_optimization_level', 'ORT_ENABLE_ALL')}): {ev.get('ort_session')} "
+        "(the runtime opens the bundle with the same options)",
         "",
         "| | PPL | vs fp |",
         "|---|---|---|",
@@ -46,14 +49,12 @@ def render(recipe: dict) -> str:
         f"| quantized, PyTorch | {m['ppl_quant_torch']:.4f} | {100 * (m['ppl_quant_torch'] / m['ppl_fp'] - 1):+.2f}% |",
         f"| quantized, ONNX Runtime (deployed graph) | {m['ppl_quant_ort']:.4f} | {100 * (m['ppl_quant_ort'] / m['ppl_fp'] - 1):+.2f}% |",
         "",
-        "| size | fp16 | deployed | reduction |",
-        "|---|---|---|---|",
-        f"| whole model | {_mb(m['size_bytes_fp16'])} | {_mb(m['size_bytes'])} | {100 * (1 - m['size_bytes'] / m['size_bytes_fp16']):.1f}% |",
-        f"| block linears | {_mb(m['size_bytes_blocks_fp16'])} | {_mb(m['size_bytes_blocks'])} | {100 * (1 - m['size_bytes_blocks'] / m['size_bytes_blocks_fp16']):.1f}% |",
+        *_size_lines(m),
         "",
-        f"ONNX files on disk (fp32 graph, kept tensors stored fp32): {_mb(m.get('onnx_file_bytes', 0))}. "
         f"Logit agreement PyTorch vs ORT: {m.get('logit_agreement')}. Timings (s): {_timings(m)}",
         "",
+        *_peaks(recipe),
+        *_vocab_lines(recipe),
         "## Blocks",
         "",
         "map: `on` where the block keeps the scaling map in its format, `off` where it keeps the map off "
@@ -82,6 +83,56 @@ def render(recipe: dict) -> str:
     lines += _act_ranges(recipe)
     lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe['allocation'])}\n```", ""]
     return "\n".join(lines)
+
+
+def _storage(emb: dict) -> str:
+    if emb["storage"] == "graph":
+        return "in the graph, shared with lm_head"
+    return "host-side table embedding.safetensors, fed as inputs_embeds"
+
+
+def _size_lines(m: dict) -> list[str]:
+    """Deployed sizes, read from the files, next to the fp16 references."""
+    files = m.get("size_files", {})
+    listing = ", ".join(f"{name} {_mb(n)}" for name, n in files.items())
+    return [
+        "| size | fp16 | deployed | reduction |",
+        "|---|---|---|---|",
+        f"| whole model (the deployed files) | {_mb(m['size_bytes_fp16'])} | {_mb(m['size_bytes'])} | "
+        f"{100 * (1 - m['size_bytes'] / m['size_bytes_fp16']):.1f}% |",
+        f"| block linears (their initializers in the graph) | {_mb(m['size_bytes_blocks_fp16'])} | {_mb(m['size_bytes_blocks'])} | "
+        f"{100 * (1 - m['size_bytes_blocks'] / m['size_bytes_blocks_fp16']):.1f}% |",
+        "",
+        f"Files counted (every file the target loads, each tensor as the target stores it): {listing}. "
+        f"Calibration predicted {_mb(m.get('size_bytes_predicted', 0))} for the whole model. The fp16 reference "
+        "counts every distinct parameter of the checkpoint at two bytes.",
+    ]
+
+
+def _peaks(recipe: dict) -> list[str]:
+    peaks = recipe["calibration"].get("activation_peaks") or {}
+    if not peaks:
+        return []
+    return [f"Largest activation of the deployed model on calibration text: {peaks['max']:.4g} at {peaks['where']} "
+            f"(fp16 holds up to 65504; an fp16 graph is refused above half of it).", ""]
+
+
+def _vocab_lines(recipe: dict) -> list[str]:
+    """The embedding table and lm_head: format, bytes, sensitivity of each format."""
+    emb, head = recipe["embedding"], recipe["lm_head"]
+    out = ["## Embedding table and lm_head", "",
+           "| unit | format | storage | bytes | rel. error | " + " | ".join(f"dCE / KL {f}" for f in ("w8", "w4")) + " |",
+           "|---|---|---|---|---|---|---|"]
+    head_lin = head["linears"][0]
+    for name, unit, storage, size, err in (
+        ("embedding", emb, _storage(emb), emb["bytes"] or "(in lm_head's)", emb.get("error", {}).get("rel_err")),
+        ("lm_head", head, "graph MatMul", head_lin["bytes"], head_lin.get("error", {}).get("rel_err")),
+    ):
+        sens = unit.get("sensitivity", {})
+        cells = [f"{sens[f]['dce']:+.5f} / {sens[f]['kl']:.5f}" if f in sens else "-" for f in ("w8", "w4")]
+        rel = "-" if err is None else f"{err:.4f}"
+        out.append(f"| {name} | {unit['format']} | {storage} | {size} | {rel} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _act_ranges(recipe: dict) -> list[str]:
@@ -132,12 +183,19 @@ def _plot_sensitivity(recipe: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     blocks = recipe["blocks"]
     formats = sorted({f for b in blocks for f in b.get("sensitivity", {}) if f != "fp16"})
+    vocab = {"embedding": (-1, recipe["embedding"].get("sensitivity", {})), "lm_head": (len(blocks), recipe["lm_head"].get("sensitivity", {}))}
+    markers = {"w8a8": "^", "w8": "o", "w4": "s"}
     for fmt in formats:
-        ax.plot([b["index"] for b in blocks], [b["sensitivity"][fmt]["dce"] for b in blocks], marker="o", label=fmt)
+        ax.plot([b["index"] for b in blocks], [b["sensitivity"][fmt]["dce"] for b in blocks], marker=markers.get(fmt, "o"), label=fmt)
+    for unit, (x, sens) in vocab.items():
+        for fmt, values in sens.items():
+            if fmt != "fp16":
+                ax.plot([x], [values["dce"]], marker=markers.get(fmt, "o"), color="black", ls="none")
+    ax.set_xticks([-1, *range(0, len(blocks), 5), len(blocks)], ["emb", *map(str, range(0, len(blocks), 5)), "head"])
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("block")
-    ax.set_ylabel("dCE when only this block is quantized (nats/token)")
-    ax.set_title("Per-block sensitivity" if formats else "Per-block sensitivity (not measured: uniform recipe)")
+    ax.set_xlabel("block (emb: embedding table, head: lm_head; black markers)")
+    ax.set_ylabel("dCE when only this unit is quantized (nats/token)")
+    ax.set_title("Per-unit sensitivity" if formats else "Per-unit sensitivity (blocks not measured: fixed formats)")
     if formats:
         ax.legend()
     fig.tight_layout()
@@ -146,29 +204,28 @@ def _plot_sensitivity(recipe: dict, path: Path) -> None:
 
 
 def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
-    """Predicted PPL of every Pareto-optimal allocation vs size, with the chosen one measured."""
+    """Predicted PPL of every Pareto-optimal allocation vs whole-model size, with the chosen one measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .allocate import Choice, pareto_frontier
+    from .allocate import pareto_frontier
 
     m = recipe["metrics"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    blocks = recipe["blocks"]
     loss = _alloc_loss(recipe)
-    if all(b.get("sensitivity") for b in blocks):
-        options = [[Choice(f, _bytes_in(b, f), s[loss]) for f, s in b["sensitivity"].items()] for b in blocks]
+    options = _options(recipe, loss)
+    if options:
+        rest = m["size_bytes_predicted"] - sum(_chosen_bytes(recipe))
         frontier = pareto_frontier(options)
-        fp16 = m["size_bytes_blocks_fp16"]
-        ax.plot([p.bytes / fp16 for p in frontier], [m["ppl_fp"] * math.exp(p.loss) for p in frontier], ".-", ms=3,
-                label=f"predicted (sum of block {'KL' if loss == 'kl' else 'dCE'})")
-    x = m["size_bytes_blocks"] / m["size_bytes_blocks_fp16"]
+        ax.plot([(p.bytes + rest) / m["size_bytes_fp16"] for p in frontier], [m["ppl_fp"] * math.exp(p.loss) for p in frontier],
+                ".-", ms=3, label=f"predicted (sum of units' {'KL' if loss == 'kl' else 'dCE'})")
+    x = m["size_bytes"] / m["size_bytes_fp16"]
     ax.plot([x], [m["ppl_quant_torch"]], "s", label="chosen: PyTorch")
     ax.plot([x], [m["ppl_quant_ort"]], "x", ms=10, label="chosen: ONNX Runtime")
     ax.axhline(m["ppl_fp"], color="grey", lw=0.5, label="fp")
-    ax.set_xlabel("block linears, fraction of fp16 bytes")
+    ax.set_xlabel("whole model, fraction of fp16 bytes (deployed files)")
     ax.set_ylabel("PPL")
     ax.legend()
     fig.tight_layout()
@@ -176,13 +233,50 @@ def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _options(recipe: dict, loss: str):
+    """Allocation options rebuilt from the recipe (blocks, then the vocabulary unit), or [] when not measured."""
+    from .allocate import Choice
+    from .formats import get_target
+
+    target = get_target(recipe["target"]["name"])
+    blocks = recipe["blocks"]
+    if not all(b.get("sensitivity") for b in blocks) or len(blocks[0]["sensitivity"]) < 2:
+        return []
+    options = [[Choice(f, _bytes_in(b, f, target), s[loss]) for f, s in b["sensitivity"].items()] for b in blocks]
+    emb, head = recipe["embedding"], recipe["lm_head"]
+    vocab = [Choice(f"{e}/{h}", _vocab_bytes(recipe, e, h, target), es[loss] + hs[loss])
+             for e, es in emb.get("sensitivity", {}).items() for h, hs in head.get("sensitivity", {}).items()]
+    return options + ([vocab] if vocab else [[Choice("fixed", _chosen_bytes(recipe)[-1], 0.0)]])
+
+
+def _chosen_bytes(recipe: dict) -> list[int]:
+    """Bytes of the chosen option of every unit (blocks, then the vocabulary unit)."""
+    from .formats import get_target
+
+    target = get_target(recipe["target"]["name"])
+    return [b["bytes"] for b in recipe["blocks"]] + [
+        _vocab_bytes(recipe, recipe["embedding"]["format"], recipe["lm_head"]["format"], target)]
+
+
+def _vocab_bytes(recipe: dict, embed: str, head: str, target) -> int:
+    from .formats import embed_format, get_format, linear_bytes, table_bytes
+
+    emb, lin = recipe["embedding"], recipe["lm_head"]["linears"][0]
+    rows, width = emb["shape"]
+    if emb["tied"] and embed == "fp16" and head == "fp16":
+        return target.float_bytes * rows * width
+    return table_bytes(embed_format(embed), rows, width) + linear_bytes(get_format(head, target), *lin["shape"], target=target,
+                                                                        has_bias=lin.get("bias", False))
+
+
 def _alloc_loss(recipe: dict) -> str:
     """The per-block loss allocation summed ("kl" or "dce"); recipes before the choice summed dCE."""
     return recipe["calibration"].get("alloc_loss", "dce")
 
 
-def _bytes_in(block: dict, fmt: str) -> int:
+def _bytes_in(block: dict, fmt: str, target) -> int:
     """Block bytes in ``fmt`` from its linears' shapes (the recipe stores only the chosen format's)."""
     from .formats import get_format, linear_bytes
 
-    return sum(linear_bytes(get_format(fmt), *lin["shape"], has_bias=lin.get("bias", False)) for lin in block["linears"])
+    return sum(linear_bytes(get_format(fmt, target), *lin["shape"], target=target, has_bias=lin.get("bias", False))
+               for lin in block["linears"])

@@ -20,18 +20,23 @@ from tqdm import tqdm
 
 import torch
 
+from runtime.targets import Target
+
 from .apply import BlockTransform, block_transformed
 from .blocks import BlockRunner, Score
+from .formats import embed_format, get_format
 from .mapsearch import search_transform
+from .vocab import VocabTransform, head_importance, score_vocab
 
-JOURNAL_VERSION = 4
+JOURNAL_VERSION = 5
+VOCAB_UNITS = ("embed", "lm_head")
 
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """dCE (nats/token) and KL (nats/token) of quantizing one block alone."""
+    """dCE (nats/token) and KL (nats/token) of quantizing one block (or "embed", "lm_head") alone."""
 
-    block: int
+    block: int | str
     format: str
     dce: float
     kl: float
@@ -45,50 +50,93 @@ class Sensitivity:
     act_scales: dict | None = None
     importance: dict | None = None  # linear -> mean x^2 per input channel (lists, for the journal)
 
-    def transform(self) -> BlockTransform:
+    def transform(self, target: Target) -> BlockTransform:
+        """The block transform this row measured, with the format as ``target`` stores it."""
         smooth = {k: torch.tensor(v, dtype=torch.float32) for k, v in (self.smooth or {}).items()}
         importance = {k: torch.tensor(v, dtype=torch.float32) for k, v in (self.importance or {}).items()}
-        return BlockTransform(self.format, dict(self.alpha), smooth, dict(self.act_scales or {}), importance)
+        return BlockTransform(get_format(self.format, target), dict(self.alpha), smooth, dict(self.act_scales or {}), importance)
 
 
-def sweep(runner: BlockRunner, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,
-          scaling: bool = True, range_method: str = "mse") -> list[dict[str, Sensitivity]]:
-    """Measure every (block, candidate); returns one ``{format: Sensitivity}`` per block."""
+def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,
+          scaling: bool = True, range_method: str = "mse", vocab: dict[str, tuple[str, ...]] | None = None,
+          ) -> tuple[list[dict[str, Sensitivity]], dict[str, dict[str, Sensitivity]]]:
+    """Measure every (block, candidate) and every (vocab unit, format) of ``vocab``
+    (``{"embed": formats, "lm_head": formats}``); returns one ``{format: Sensitivity}`` per block
+    and per vocab unit, fp16 rows included."""
     done = _read_journal(journal, fingerprint)
     layers = runner.layers
+    vocab = {unit: tuple(f for f in formats if f != "fp16") for unit, formats in (vocab or {}).items()}
     todo = [(i, f) for i in range(len(layers)) for f in candidates if f != "fp16" and (i, f) not in done]
-    hidden = runner.first_hidden
+    todo += [(u, f) for u, formats in vocab.items() for f in formats if (u, f) not in done]
     bar = tqdm(total=len(todo), desc="sensitivity", unit="run", file=sys.stderr, disable=not todo)
     with open(journal, "a", encoding="utf-8") as log:
         if journal.stat().st_size == 0:
             _write(log, {"version": JOURNAL_VERSION, "fingerprint": fingerprint})
+
+        def record(key, measure):
+            if key not in done:
+                done[key] = measure()
+                _write(log, asdict(done[key]))
+                bar.update(1)
+
+        hidden = runner.first_hidden
         for index in range(len(layers)):
             for name in candidates:
-                if name == "fp16" or (index, name) in done:
-                    continue
-                done[(index, name)] = _measure(runner, index, hidden, name, scaling=scaling, range_method=range_method)
-                _write(log, asdict(done[(index, name)]))
-                bar.update(1)
-            if index + 1 < len(layers):
+                if name != "fp16":
+                    record((index, name), lambda: _measure(runner, index, hidden, get_format(name, target), scaling=scaling,
+                                                           range_method=range_method))
+            if _needs_later(done, index + 1, len(layers), candidates):  # else nothing reads the later hidden states
                 hidden = runner.run_block(index, hidden)
+        importance = head_importance(runner) if vocab.get("lm_head") else None
+        for unit, formats in vocab.items():
+            for name in formats:
+                record((unit, name), lambda: _measure_vocab(runner, target, unit, name, importance))
     bar.close()
+    return _table(done, len(layers), candidates), _vocab_table(done, vocab)
+
+
+def _needs_later(done: dict, start: int, num_blocks: int, candidates) -> bool:
+    """True when some block from ``start`` on still has a candidate to measure."""
+    return any((i, f) not in done for i in range(start, num_blocks) for f in candidates if f != "fp16")
+
+
+def _fp16_row(key) -> Sensitivity:
+    return Sensitivity(key, "fp16", 0.0, 0.0, block_err_unscaled=0.0, dce_unscaled=0.0, kl_unscaled=0.0)
+
+
+def _table(done: dict, num_blocks: int, candidates) -> list[dict[str, Sensitivity]]:
     table = []
-    for index in range(len(layers)):
-        row = {"fp16": Sensitivity(index, "fp16", 0.0, 0.0, block_err_unscaled=0.0, dce_unscaled=0.0, kl_unscaled=0.0)}
+    for index in range(num_blocks):
+        row = {"fp16": _fp16_row(index)}
         row.update({f: done[(index, f)] for f in candidates if f != "fp16"})
         table.append(row)
     return table
 
 
-def _measure(runner: BlockRunner, index: int, hidden, name: str, *, scaling: bool, range_method: str) -> Sensitivity:
-    (mapped, mapped_err), (off, off_err) = search_transform(runner, index, hidden, name, scaling=scaling, range_method=range_method)
+def _vocab_table(done: dict, vocab: dict[str, tuple[str, ...]]) -> dict[str, dict[str, Sensitivity]]:
+    return {unit: {"fp16": _fp16_row(unit), **{f: done[(unit, f)] for f in formats}} for unit, formats in vocab.items()}
+
+
+def _measure_vocab(runner: BlockRunner, target: Target, unit: str, name: str, importance) -> Sensitivity:
+    """dCE and KL with only the embedding table or only lm_head in format ``name``."""
+    if unit == "embed":
+        transform = VocabTransform(embed_format(name), get_format("fp16", target))
+    else:
+        transform = VocabTransform(embed_format("fp16"), get_format(name, target), importance)
+    score = score_vocab(runner, transform, unit=unit)
+    return Sensitivity(unit, name, score.ce - runner.fp_score.ce, score.kl, dce_unscaled=score.ce - runner.fp_score.ce,
+                       kl_unscaled=score.kl)
+
+
+def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, range_method: str) -> Sensitivity:
+    (mapped, mapped_err), (off, off_err) = search_transform(runner, index, hidden, fmt, scaling=scaling, range_method=range_method)
     off_score = _score(runner, index, hidden, off)
     mapped_score = off_score if mapped is off else _score(runner, index, hidden, mapped)
     scaled = mapped is not off and mapped_score.ce < off_score.ce
     t, err, score = (mapped, mapped_err, mapped_score) if scaled else (off, off_err, off_score)
     fp_ce = runner.fp_score.ce
     return Sensitivity(
-        index, name, score.ce - fp_ce, score.kl, alpha=t.alpha, block_err=err, block_err_unscaled=off_err,
+        index, fmt.name, score.ce - fp_ce, score.kl, alpha=t.alpha, block_err=err, block_err_unscaled=off_err,
         dce_unscaled=off_score.ce - fp_ce, kl_unscaled=off_score.kl, scaled=scaled,
         smooth={k: v.tolist() for k, v in t.smooth.items()}, act_scales=dict(t.act_scales),
         importance={k: v.tolist() for k, v in t.importance.items()},

@@ -1,62 +1,84 @@
-"""Byte accounting of a mixed-precision model (DESIGN.md "Size accounting")."""
+"""Byte accounting of a mixed-precision model as a target deploys it (DESIGN.md "Size accounting").
+
+These are *predictions* from shapes and formats, used by allocation; the bundle's reported
+sizes are read from the written files (``export.sizes``) and tested against these.
+"""
 from __future__ import annotations
 
 import torch
 
+from runtime.targets import Target
+
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
-from .formats import FP16_BYTES, block_size_for, get_format, linear_bytes
+from .formats import FP16_BYTES, block_size_for, embed_format, get_format, linear_bytes, table_bytes
+from .vocab import is_tied, side_table
 
 
-def linear_bytes_in(linear: torch.nn.Linear, fmt_name: str) -> int:
-    """Bytes one linear stores in format ``fmt_name``."""
-    return linear_bytes(get_format(fmt_name), linear.out_features, linear.in_features, has_bias=linear.bias is not None)
+def linear_bytes_in(linear: torch.nn.Linear, fmt_name: str, target: Target) -> int:
+    """Bytes one linear stores in format ``fmt_name`` on ``target``."""
+    return linear_bytes(get_format(fmt_name, target), linear.out_features, linear.in_features, target=target,
+                        has_bias=linear.bias is not None)
 
 
-def block_bytes(block: torch.nn.Module, spec: ArchSpec, fmt_name: str) -> int:
+def block_bytes(block: torch.nn.Module, spec: ArchSpec, fmt_name: str, target: Target) -> int:
     """Bytes of a block's quantizable linears in one format."""
-    return sum(linear_bytes_in(get_module(block, name), fmt_name) for name in spec.linears)
+    return sum(linear_bytes_in(get_module(block, name), fmt_name, target) for name in spec.linears)
 
 
-def linear_entry(linear: torch.nn.Linear, *, name: str, path: str, fmt_name: str) -> dict:
+def linear_entry(linear: torch.nn.Linear, *, name: str, path: str, fmt_name: str, target: Target) -> dict:
     """Recipe entry for one linear (error statistics are added by the caller when quantized)."""
-    fmt = get_format(fmt_name)
+    fmt = get_format(fmt_name, target)
     return {
         "name": name,
         "path": path,
         "format": fmt_name,
-        "bits": fmt.weight_bits,
-        "block_size": block_size_for(fmt, linear.in_features) if fmt.weight_bits else None,
+        "bits": fmt.bits,
+        "block_size": block_size_for(fmt, linear.in_features) if fmt.bits else None,
+        "act": fmt.act,
+        "per_channel": fmt.per_channel,
         "shape": [linear.out_features, linear.in_features],
         "bias": linear.bias is not None,
-        "bytes": linear_bytes_in(linear, fmt_name),
+        "bytes": linear_bytes_in(linear, fmt_name, target),
     }
 
 
-def is_tied(model: torch.nn.Module, spec: ArchSpec) -> bool:
-    """True when lm_head and the embedding share one tensor."""
-    return get_module(model, spec.lm_head).weight.data_ptr() == get_module(model, spec.embed).weight.data_ptr()
+def vocab_bytes(model: torch.nn.Module, spec: ArchSpec, target: Target, *, embed: str, head: str) -> int:
+    """Bytes of the embedding table and lm_head as deployed: one in-graph copy of a tied table
+    whose two uses stay unquantized, else the host table plus the graph's lm_head."""
+    head_module = get_module(model, spec.lm_head)
+    tied = is_tied(model, spec)
+    if not side_table(tied=tied, embed=embed, head=head):
+        return target.float_bytes * head_module.weight.numel()
+    rows, width = get_module(model, spec.embed).weight.shape
+    return table_bytes(embed_format(embed), rows, width) + linear_bytes_in(head_module, head, target)
 
 
-def model_sizes(model: torch.nn.Module, spec: ArchSpec, plan: list[str], *, lm_head: str) -> dict[str, int]:
-    """fp16 and deployed bytes, for the whole model and for the block linears alone."""
-    seen, total_fp16 = set(), 0
-    for param in model.parameters():
-        if param.data_ptr() not in seen:
-            seen.add(param.data_ptr())
-            total_fp16 += FP16_BYTES * param.numel()
+def fp16_bytes(model: torch.nn.Module) -> int:
+    """The reference: every distinct parameter tensor in fp16."""
+    seen = {p.data_ptr(): p.numel() for p in model.parameters()}
+    return FP16_BYTES * sum(seen.values())
+
+
+def rest_bytes(model: torch.nn.Module, spec: ArchSpec, target: Target) -> int:
+    """Parameters that are neither block linears nor the embedding / lm_head (norms, ...) in the graph's float type."""
+    skip = {get_module(model, spec.embed).weight.data_ptr(), get_module(model, spec.lm_head).weight.data_ptr()}
+    for layer in blocks_of(model, spec):
+        for name in spec.linears:
+            linear = get_module(layer, name)
+            skip.update(p.data_ptr() for p in linear.parameters())
+    seen = {p.data_ptr(): p.numel() for p in model.parameters() if p.data_ptr() not in skip}
+    return target.float_bytes * sum(seen.values())
+
+
+def predicted_sizes(model: torch.nn.Module, spec: ArchSpec, target: Target, formats: list[str], *, embed: str, head: str) -> dict[str, int]:
+    """Predicted deployed bytes (whole model, block linears) next to the fp16 references."""
     layers = blocks_of(model, spec)
-    blocks_fp16 = sum(block_bytes(layer, spec, "fp16") for layer in layers)
-    blocks = sum(block_bytes(layer, spec, fmt) for layer, fmt in zip(layers, plan))
-    head = get_module(model, spec.lm_head)
-    head_delta = 0
-    if lm_head != "fp16":
-        head_delta = linear_bytes_in(head, lm_head)
-        if not is_tied(model, spec):  # untied: the quantized copy replaces the fp16 one
-            head_delta -= linear_bytes_in(head, "fp16")
+    blocks = sum(block_bytes(layer, spec, fmt, target) for layer, fmt in zip(layers, formats))
     return {
-        "size_bytes_fp16": total_fp16,
-        "size_bytes": total_fp16 - blocks_fp16 + blocks + head_delta,
-        "size_bytes_blocks_fp16": blocks_fp16,
-        "size_bytes_blocks": blocks,
+        "size_bytes_fp16": fp16_bytes(model),
+        "size_bytes_predicted": blocks + vocab_bytes(model, spec, target, embed=embed, head=head) + rest_bytes(model, spec, target),
+        "size_bytes_blocks_fp16": sum(fp16_bytes(get_module(layer, name)) for layer in layers for name in spec.linears),
+        "size_bytes_blocks_predicted": blocks,
     }
+

@@ -14,7 +14,7 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "qublast-bundle"
 BUNDLE_VERSION = 1
-SUPPORTED_RECIPE_VERSIONS = (1, 2)
+SUPPORTED_RECIPE_VERSIONS = (3,)
 
 
 class BundleError(Exception):
@@ -84,28 +84,37 @@ class Bundle:
 
 
 def open_bundle(path: str | Path, *, backend: str = "ort", threads: int | None = None) -> Bundle:
-    """Verify and load a bundle with the ``ort`` (ONNX Runtime) or ``trt`` (TensorRT engine) backend."""
+    """Verify and load a bundle with the ``ort`` (ONNX Runtime) or ``trt`` (TensorRT engine) backend.
+
+    ONNX Runtime runs with the session options the bundle's perplexity was measured with; a
+    bundle with ``embedding.safetensors`` gets its rows looked up here and fed as ``inputs_embeds``."""
     from tokenizers import Tokenizer
+
+    from .embedding import FILE, EmbeddingError, EmbeddingTable
 
     path = Path(path)
     recipe = verify(path)
     tokenizer = Tokenizer.from_file(str(path / "tokenizer" / "tokenizer.json"))
+    try:
+        table = EmbeddingTable.load(path / FILE) if (path / FILE).is_file() else None
+    except EmbeddingError as exc:
+        raise BundleError(str(exc)) from exc
     if backend == "ort":
         from .session import OrtModel
 
-        model = OrtModel(str(path / "model.onnx"), threads=threads, int8_fusion=not has_act_quant(recipe))
+        model = OrtModel(str(path / "model.onnx"), threads=threads, session_config=ort_session(recipe), embedding=table)
     elif backend == "trt":
         from .trt_session import TrtModel
 
         plan = path / "model.plan"
         if not plan.is_file():
             raise BundleError(f"{path} has no model.plan: build it on this device with {path / 'build_engine.sh'}")
-        model = TrtModel(str(plan))
+        model = TrtModel(str(plan), embedding=table)
     else:
         raise BundleError(f"unknown backend {backend!r}; known: ort, trt")
     return Bundle(path, model, tokenizer, recipe)
 
 
-def has_act_quant(recipe: dict) -> bool:
-    """True when the recipe quantizes some activations (w8a8 blocks)."""
-    return any(lin.get("act_scale") for b in recipe.get("blocks", []) for lin in b.get("linears", []))
+def ort_session(recipe: dict) -> dict[str, str]:
+    """The ONNX Runtime session config entries a bundle's perplexity was measured with."""
+    return dict(recipe.get("evaluation", {}).get("ort_session", {}))

@@ -17,8 +17,9 @@ I/O binding, per ``forward`` call (simple and correct over fast):
    copied device -> host and the stream is synchronised;
 4. every buffer is freed, also when a step fails.
 
-Floating-point outputs come back as float32 whatever the engine's output dtype (fp16 or
-fp32), as ONNX Runtime returns them, so presents can be fed back unchanged.
+Logits come back as float32; presents in the engine's dtype (fp16 for a Jetson graph), so
+they can be fed back unchanged. A graph taking ``inputs_embeds`` gets the rows of the
+bundle's host-side embedding table (``runtime.embedding``), cast to the engine's dtype.
 
 TensorRT's Python bindings and cuda-python (``cuda.bindings.runtime``, or the older
 ``cuda.cudart``) are imported when a model is opened; ``BackendUnavailable`` says which one is
@@ -93,7 +94,7 @@ def _static(dim) -> bool:
 class TrtModel:
     """A QuBLAST engine in TensorRT: ``forward`` runs prefill or one decode step."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, embedding=None):
         trt = import_tensorrt()
         self._cudart = import_cudart()
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -107,8 +108,13 @@ class TrtModel:
         self.dtypes = {n: _numpy_dtype(trt, n, self.engine.get_tensor_dtype(n)) for n in names}
         self.layout = kv_layout_from_shapes({n: tuple(self.engine.get_tensor_shape(n)) for n in self.input_names})
         self.output_names = io_spec.output_names(self.layout.num_layers)
-        missing = [n for n in [io_spec.INPUT_IDS, *self.output_names] if n not in names]
-        unknown = sorted(set(self.input_names) - set(io_spec.input_names(self.layout.num_layers)))
+        self.embeds = io_spec.INPUTS_EMBEDS in names
+        if self.embeds and embedding is None:
+            raise ValueError(f"{path} takes inputs_embeds: pass the bundle's embedding table")
+        self.embedding = embedding
+        first = io_spec.INPUTS_EMBEDS if self.embeds else io_spec.INPUT_IDS
+        missing = [n for n in [first, *self.output_names] if n not in names]
+        unknown = sorted(set(self.input_names) - set(io_spec.input_names(self.layout.num_layers, embeds=self.embeds)))
         if missing or unknown:
             raise ValueError(f"{path}: engine lacks {missing} or has inputs outside io_spec {unknown}: "
                              "not a QuBLAST KV-cache graph")
@@ -118,20 +124,22 @@ class TrtModel:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """Past tensors of length 0 for a prefill: 2 * layers arrays [batch, kv_heads, 0, head_dim]."""
         shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
-        return [np.zeros(shape, np.float32) for _ in range(2 * self.layout.num_layers)]
+        dtype = self.dtypes[io_spec.past_name(0, "key")]
+        return [np.zeros(shape, dtype) for _ in range(2 * self.layout.num_layers)]
 
     def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits [B, S, V] (float32) and presents for ``input_ids`` [B, S] after ``past`` (None: prefill)."""
         batch, _ = input_ids.shape
-        feeds = io_spec.model_feeds(input_ids, past if past is not None else self.empty_past(batch))
+        embeds = self.embedding.lookup(input_ids) if self.embeds else None
+        feeds = io_spec.model_feeds(input_ids, past if past is not None else self.empty_past(batch), embeds=embeds)
         inputs = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.input_names}
         for name, array in inputs.items():
             if not self.context.set_input_shape(name, array.shape):
                 raise ValueError(f"{name} of shape {array.shape} is outside the engine's optimisation profile")
         outputs = {n: np.empty(self._output_shape(n), self.dtypes[n]) for n in self.output_names}
         self._run(inputs, outputs)
-        results = [_as_float32(outputs[n]) for n in self.output_names]
-        return results[0], results[1:]
+        results = [outputs[n] for n in self.output_names]
+        return _as_float32(results[0]), results[1:]
 
     def _output_shape(self, name: str) -> tuple[int, ...]:
         shape = tuple(self.context.get_tensor_shape(name))

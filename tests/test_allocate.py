@@ -200,6 +200,7 @@ def test_calibrate_allocates_on_the_chosen_loss(tmp_path, monkeypatch, loss):
     import qublast.calibrate as calibrate_mod
     from qublast.arch import arch_for
     from qublast.calibrate import CalibConfig, calibrate
+    from qublast.formats import get_target
     from qublast.sensitivity import Sensitivity
     from qublast.sizes import block_bytes
     from tests.tiny import VOCAB, tiny_model
@@ -209,13 +210,16 @@ def test_calibrate_allocates_on_the_chosen_loss(tmp_path, monkeypatch, loss):
     measured = {0: (-0.01, 0.05), 1: (0.002, 0.003)}  # block -> (dCE, KL) of its w4
 
     def table(*_args, **_kwargs):
-        return [{"fp16": Sensitivity(i, "fp16", 0.0, 0.0), "w8": Sensitivity(i, "w8", 0.0, 1e-4),
-                 "w4": Sensitivity(i, "w4", *measured[i])} for i in (0, 1)]
+        return ([{"fp16": Sensitivity(i, "fp16", 0.0, 0.0), "w8": Sensitivity(i, "w8", 0.0, 1e-4),
+                  "w4": Sensitivity(i, "w4", *measured[i])} for i in (0, 1)],
+                {unit: {"fp16": Sensitivity(unit, "fp16", 0.0, 0.0)} for unit in ("embed", "lm_head")})
 
     monkeypatch.setattr(calibrate_mod, "sweep", table)
-    layers = model.model.layers
-    one_w4 = (block_bytes(layers[0], spec, "w4") + block_bytes(layers[1], spec, "w8")) / (2 * block_bytes(layers[0], spec, "fp16"))
-    cfg = CalibConfig(target_size=one_w4 + 1e-6, alloc_loss=loss, seqlen=16, sens_windows=2, holdout_windows=2, cache_dir=tmp_path)
+    layers, cpu = model.model.layers, get_target("cpu")
+    one_w4 = ((block_bytes(layers[0], spec, "w4", cpu) + block_bytes(layers[1], spec, "w8", cpu))
+              / sum(p.numel() * 2 for layer in layers for n in spec.linears for p in layer.get_submodule(n).parameters()))
+    cfg = CalibConfig(target="cpu", blocks_size=one_w4 + 1e-6, alloc_loss=loss, seqlen=16, sens_windows=2, holdout_windows=2,
+                      cache_dir=tmp_path)
     ids = torch.randint(0, VOCAB, (16 * 4,), generator=torch.Generator().manual_seed(0)).numpy()
     recipe, _ = calibrate(model, spec, model_info={"weight_sha256": "x"}, calib_ids=ids, calib_label="t", cfg=cfg, log=lambda _m: None)
     formats = [b["format"] for b in recipe["blocks"]]
@@ -223,6 +227,7 @@ def test_calibrate_allocates_on_the_chosen_loss(tmp_path, monkeypatch, loss):
     assert recipe["calibration"]["alloc_loss"] == loss
     w8_w4 = (1e-4 + measured[1][1]) if loss == "kl" else (0.0 + measured[0][0])
     assert recipe["allocation"]["predicted_loss"] == pytest.approx(w8_w4)
+    assert recipe["embedding"]["format"] == recipe["lm_head"]["format"] == "fp16"  # --blocks-size keeps them
 
 
 def test_unknown_allocation_loss_is_an_input_error():

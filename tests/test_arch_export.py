@@ -13,12 +13,16 @@ from qublast.apply import BlockTransform, apply_transforms, block_transformed, f
 from qublast.arch import REGISTRY, arch_for
 from qublast.blocks import BlockRunner, blocks_of, get_module
 from qublast.errors import UnsupportedModelError
+from qublast.formats import get_format, get_target
 from qublast.mapsearch import search_transform
+from qublast.vocab import VocabTransform
 from runtime import io_spec
+from runtime.embedding import EmbeddingTable
 from runtime.session import OrtModel
 from tests.tiny import VOCAB, tiny_model
 
 ARCHS = sorted(REGISTRY)
+JETSON, CPU = get_target("jetson"), get_target("cpu")
 
 
 def test_unknown_architecture_is_a_clear_error():
@@ -50,13 +54,13 @@ def test_block_runner_reproduces_model(model_type):
     assert runner.fp_score.kl == pytest.approx(0.0, abs=1e-6)
 
 
-def _searched_transforms(model, spec, formats):
+def _searched_transforms(model, spec, target, formats):
     """The scaling map searched per block on random tokens, as the sweep does."""
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     runner = BlockRunner(model, spec, ids)
     hidden, out = runner.first_hidden, []
     for index, fmt in enumerate(formats):
-        out.append(search_transform(runner, index, hidden, fmt, scaling=True, range_method="mse")[0][0])
+        out.append(search_transform(runner, index, hidden, get_format(fmt, target), scaling=True, range_method="mse")[0][0])
         hidden = runner.run_block(index, hidden)
     return out
 
@@ -69,6 +73,7 @@ def test_search_reports_the_unscaled_error_it_beat(fmt):
     spec = arch_for(model.config.model_type)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     runner = BlockRunner(model, spec, ids)
+    fmt = get_format(fmt, JETSON)
     (t, err), (off, unscaled) = search_transform(runner, 0, runner.first_hidden, fmt, scaling=True, range_method="mse")
     (t0, err0), (off0, unscaled0) = search_transform(runner, 0, runner.first_hidden, fmt, scaling=False, range_method="mse")
     assert t0 is off0 and not any(t0.alpha.values()) and not t0.smooth and not t0.importance
@@ -97,7 +102,7 @@ def test_sweep_keeps_the_map_only_where_it_lowers_dce(tmp_path, monkeypatch, map
         return Score(score.ce + map_shift, score.kl) if is_map else score
 
     monkeypatch.setattr(sens, "_score", shifted)
-    table = sens.sweep(runner, ("fp16", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f")
+    table, _ = sens.sweep(runner, JETSON, ("fp16", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f")
     for row in table:
         kept = row["w4"]
         if map_shift > 0:
@@ -110,7 +115,8 @@ def test_sweep_keeps_the_map_only_where_it_lowers_dce(tmp_path, monkeypatch, map
     assert map_shift > 0 or any(row["w4"].scaled for row in table)
 
 
-def test_sweep_keeps_the_lower_of_map_and_map_off(tmp_path):
+@pytest.mark.parametrize("target,formats", [(JETSON, ("w8a8", "w4")), (CPU, ("w8", "w4"))], ids=["jetson", "cpu"])
+def test_sweep_keeps_the_lower_of_map_and_map_off(tmp_path, target, formats):
     """With the real search, each kept entry's dCE is the lower of the two and its transform is
     the map off exactly when the map did not lower dCE."""
     from qublast.sensitivity import sweep
@@ -119,16 +125,16 @@ def test_sweep_keeps_the_lower_of_map_and_map_off(tmp_path):
     spec = arch_for(model.config.model_type)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     runner = BlockRunner(model, spec, ids)
-    table = sweep(runner, ("fp16", "w8a8", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f")
+    table, _ = sweep(runner, target, ("fp16", *formats), journal=tmp_path / "j.jsonl", fingerprint="f")
     hidden = runner.first_hidden
     for index, row in enumerate(table):
-        for kept in (row["w8a8"], row["w4"]):
+        for kept in (row[f] for f in formats):
             assert kept.dce <= kept.dce_unscaled
             if kept.scaled:
                 assert kept.dce < kept.dce_unscaled and (kept.smooth or kept.importance)
             else:
                 assert kept.dce == kept.dce_unscaled and not kept.smooth and not kept.importance
-            with block_transformed(runner.layers[index], spec, kept.transform()):  # the journaled transform gives the kept dCE
+            with block_transformed(runner.layers[index], spec, kept.transform(target)):  # the journaled transform gives the kept dCE
                 score = runner.score(runner.run_from(index + 1, runner.run_block(index, hidden)))
             assert score.ce - runner.fp_score.ce == pytest.approx(kept.dce, abs=1e-6)
         hidden = runner.run_block(index, hidden)
@@ -154,19 +160,23 @@ def test_importance_is_the_folded_input_power():
         torch.testing.assert_close(power, folded[name].pow(2).mean(dim=0), rtol=1e-4, atol=1e-6)
 
 
-def _export_quantized(model, spec, tmp_path, formats, lm_head):
-    """Fold the map into the fp model, export, quantize in torch, inject the same QDQ into the graph."""
-    transforms = _searched_transforms(model, spec, formats)
+def _export_quantized(model, spec, tmp_path, target, formats, head):
+    """Fold the map into the fp model, export (fp32, host-side table), quantize in torch, inject the same QDQ."""
+    transforms = _searched_transforms(model, spec, target, formats)
     for layer, t in zip(blocks_of(model, spec), transforms):
         fold_block(layer, spec, t.smooth)
-    proto = onnx_export.export_onnx(model, tmp_path / "raw.onnx")
+    proto = onnx_export.export_onnx(model, tmp_path / "raw.onnx", embeds=True)
     node_modules = onnx_export.linear_modules(proto)
-    folded = [BlockTransform(t.format, t.alpha, {}, t.act_scales, t.importance) for t in transforms]
-    qweights = apply_transforms(model, spec, folded, lm_head=lm_head)
-    linears = {path: {"bits": qw.bits, "block_size": qw.block_size} for path, qw in qweights.items()}
+    folded = [BlockTransform(t.fmt, t.alpha, {}, t.act_scales, t.importance) for t in transforms]
+    weights = {path: get_module(model, path).weight.detach().clone() for path in set(node_modules.values())}
+    qweights = apply_transforms(model, spec, folded, VocabTransform.of(target, embed="fp16", head=head))
+    per_channel = {"w8a8"}  # the only per-channel format (Jetson); CPU w8 is blocked even when one block spans the row
+    fmts = {f"{spec.blocks}.{i}.{n}": t.fmt.name for i, t in enumerate(transforms) for n in spec.linears}
+    linears = {path: {"bits": qw.bits, "block_size": qw.block_size, "per_channel": fmts.get(path) in per_channel}
+               for path, qw in qweights.items()}
     acts = {f"{spec.blocks}.{i}.{name}": s for i, t in enumerate(transforms) for name, s in t.act_scales.items()}
     graph = gs.import_onnx(onnx.load(str(tmp_path / "raw.onnx")))
-    graph = qdq.quantize_weights(graph, linears, {p: qw.scale for p, qw in qweights.items()}, node_modules)
+    graph = qdq.quantize_weights(graph, linears, {p: qw.scale for p, qw in qweights.items()}, node_modules, weights=weights)
     graph = qdq.quantize_activations(graph, acts, node_modules)
     final = gs.export_onnx(graph)
     onnx.save(final, str(tmp_path / "q.onnx"), save_as_external_data=True, location="q.onnx.data")
@@ -188,25 +198,33 @@ def test_fold_is_exact_before_quantization(model_type):
     torch.testing.assert_close(model(input_ids=ids).logits, ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("target,formats,head,tol", [(JETSON, ["w8a8", "w4"], "w4", 2e-4), (CPU, ["w8", "w4"], "w8", 2e-4)],
+                         ids=["jetson", "cpu"])
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_quantized_export_matches_pytorch(model_type, tmp_path):
+def test_quantized_export_matches_pytorch(model_type, target, formats, head, tol, tmp_path):
+    """Every architecture, both targets' formats (static INT8 activations and INT4 on Jetson; ONNX
+    Runtime's dynamic INT8 activations on CPU, emulated in PyTorch), lm_head quantized and the
+    table fed as inputs_embeds: ONNX Runtime with the target's session options equals PyTorch."""
     model = tiny_model(model_type)
     spec = arch_for(model.config.model_type)
-    final, node_modules, qweights, acts = _export_quantized(model, spec, tmp_path, ["w8a8", "w4"], "w8")
+    final, node_modules, qweights, acts = _export_quantized(model, spec, tmp_path, target, formats, head)
     # every linear of the model was found in the graph, none silently skipped
-    assert set(qweights) <= set(node_modules.values())
-    assert violations(final) == []
+    assert set(qweights) <= set(node_modules.values()) and spec.lm_head in qweights
+    if target is JETSON:
+        assert violations(final, graph_dtype="float32") == []
     onnx.checker.check_model(str(tmp_path / "q.onnx"))
     dq = [n for n in final.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == len(qweights) + len(acts)
     q_nodes = [n for n in final.graph.node if n.op_type == "QuantizeLinear"]
-    assert len(q_nodes) == len(acts) == len(spec.linears)  # one activation pair per consuming MatMul
-    ort_model = OrtModel(str(tmp_path / "q.onnx"), int8_fusion=False)  # exact: see runtime.session
+    assert len(q_nodes) == len(acts) == (len(spec.linears) if "w8a8" in formats else 0)  # one pair per consuming MatMul
+    table = get_module(model, spec.embed).weight.detach().numpy()  # the fp16-rounded rows the host table holds
+    embedding = EmbeddingTable(table.astype(np.float16), None, 16, table.shape[1], table.shape[1])
+    ort_model = OrtModel(str(tmp_path / "q.onnx"), session_config=target.ort_session, embedding=embedding)
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(1, 12))
     logits, past = ort_model.forward(ids)
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
-    np.testing.assert_allclose(logits, ref, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(logits, ref, atol=tol, rtol=1e-4)
     seq = ids
     for step in range(3):  # decode through the KV cache
         token = np.array([[7 + step]])
@@ -214,19 +232,43 @@ def test_quantized_export_matches_pytorch(model_type, tmp_path):
         seq = np.concatenate([seq, token], axis=1)
         with torch.no_grad():
             ref = model(input_ids=torch.from_numpy(seq)).logits[:, -1:].numpy()
-        np.testing.assert_allclose(logits, ref, atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(logits, ref, atol=tol, rtol=1e-4)
     assert past[0].shape[2] == seq.shape[1]
 
 
-def test_io_table(tmp_path):
-    model = tiny_model("llama")
-    proto = onnx_export.export_onnx(model, tmp_path / "m.onnx")
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_grouped_attention_equals_sdpa(model_type):
+    """The export's attention (query heads grouped under their KV head, no K/V copies) computes
+    what transformers' SDPA does, with and without a cache."""
+    from export.attention import registered
+
+    model = tiny_model(model_type)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=True)
+        step = model(input_ids=ids[:, :1] + 1, past_key_values=ref.past_key_values).logits
+        with registered(model):
+            ours = model(input_ids=ids, use_cache=True)
+            ours_step = model(input_ids=ids[:, :1] + 1, past_key_values=ours.past_key_values).logits
+    torch.testing.assert_close(ours.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_step, step, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # restored after the export
+
+
+@pytest.mark.parametrize("dtype,embeds", [(torch.float32, False), (torch.float16, True)], ids=["cpu-ids", "jetson-embeds"])
+def test_io_table(tmp_path, dtype, embeds):
+    """The graph's inputs and outputs are io_spec's: names, dynamic axes, dtypes (fp32 logits always)."""
+    model = tiny_model("llama").to(dtype)
+    proto = onnx_export.export_onnx(model, tmp_path / "m.onnx", embeds=embeds)
     layers = model.config.num_hidden_layers
-    assert [i.name for i in proto.graph.input] == io_spec.input_names(layers)
+    assert [i.name for i in proto.graph.input] == io_spec.input_names(layers, embeds=embeds)
     assert [o.name for o in proto.graph.output] == io_spec.output_names(layers)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
-    assert dims[io_spec.INPUT_IDS] == ["batch", "seq"]
+    first = io_spec.INPUTS_EMBEDS if embeds else io_spec.INPUT_IDS
+    assert dims[first] == (["batch", "seq", 64] if embeds else ["batch", "seq"])
     assert dims[io_spec.past_name(0, "key")][1::2] == [2, 16]  # kv_heads, head_dim are static
-    types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
-    assert types[io_spec.INPUT_IDS] == onnx.TensorProto.INT64
-    assert types[io_spec.past_name(0, "value")] == onnx.TensorProto.FLOAT
+    types = {i.name: i.type.tensor_type.elem_type for i in [*proto.graph.input, *proto.graph.output]}
+    graph_float = onnx.TensorProto.FLOAT16 if dtype == torch.float16 else onnx.TensorProto.FLOAT
+    assert types[first] == (graph_float if embeds else onnx.TensorProto.INT64)
+    assert types[io_spec.past_name(0, "value")] == types[io_spec.present_name(1, "key")] == graph_float
+    assert types[io_spec.LOGITS] == onnx.TensorProto.FLOAT

@@ -1,4 +1,7 @@
-"""TensorRT legality rules on tiny hand-built QDQ graphs, checked by onnx.checker and ONNX Runtime."""
+"""TensorRT legality rules on tiny hand-built QDQ graphs, checked by onnx.checker and ONNX Runtime.
+
+The Q/DQ rules are checked on fp32 graphs (``graph_dtype="float32"``); the fp16-graph rules of
+the Jetson target on fp16 graphs at the end."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from export.legality import check_trt_legal, violations
 from export.qdq import pack_int4
 from qublast.errors import GraphError
-from runtime.session import ACCURACY_LEVEL
 
-M, K, N, BLOCK = 3, 32, 4, 16
+M, K, N, BLOCK = 3, 128, 4, 64
+ACCURACY_LEVEL = "1"  # fp32 math in fused weight-only MatMuls, what the Jetson graph's ORT check uses
 RNG = np.random.default_rng(0)
 Q8 = RNG.integers(-128, 128, size=(K, N)).astype(np.int8)  # [in, out]
 S8 = (RNG.random(N).astype(np.float32) * 0.01 + 0.001).astype(np.float16).astype(np.float32)  # [out]
@@ -116,8 +119,8 @@ def _unpack_int4(tensor: onnx.TensorProto) -> np.ndarray:
 
 def test_int8_per_channel_is_legal_and_runs():
     model = _int8_model()
-    assert violations(model) == []
-    check_trt_legal(model)
+    assert violations(model, graph_dtype="float32") == []
+    check_trt_legal(model, graph_dtype="float32")
     onnx.checker.check_model(model, full_check=True)
     expected = X @ (Q8.astype(np.float32) * S8[None, :])
     np.testing.assert_allclose(_run(model), expected, rtol=1e-5, atol=1e-5)
@@ -125,14 +128,14 @@ def test_int8_per_channel_is_legal_and_runs():
 
 def test_int8_zero_point_zero_is_legal():
     model = _int8_model(zero_point=np.zeros(N, np.int8))
-    assert violations(model) == []
+    assert violations(model, graph_dtype="float32") == []
     np.testing.assert_allclose(_run(model), X @ (Q8 * S8[None, :]), rtol=1e-5, atol=1e-5)
 
 
 def test_int4_blocked_is_legal_and_runs():
     model = _int4_model()
-    assert violations(model) == []
-    check_trt_legal(model)
+    assert violations(model, graph_dtype="float32") == []
+    check_trt_legal(model, graph_dtype="float32")
     onnx.checker.check_model(model, full_check=True)
     w = Q4.astype(np.float32) * np.repeat(S4, BLOCK, axis=0)  # [K, N]
     np.testing.assert_allclose(_run(model), X @ w, rtol=1e-5, atol=1e-5)
@@ -141,11 +144,11 @@ def test_int4_blocked_is_legal_and_runs():
 # ---- illegal graphs, one rule each --------------------------------------------------------
 
 def _assert_only(model: onnx.ModelProto, fragment: str) -> None:
-    found = violations(model)
+    found = violations(model, graph_dtype="float32")
     assert len(found) == 1, found
     assert fragment in found[0], found
     with pytest.raises(GraphError, match="not TensorRT-legal"):
-        check_trt_legal(model)
+        check_trt_legal(model, graph_dtype="float32")
 
 
 def test_opset_20_is_reported():
@@ -187,7 +190,7 @@ def test_quantize_to_int4_by_zero_point_is_reported():
 def test_int8_activation_per_tensor_is_legal_and_runs():
     zp = numpy_helper.from_array(np.array(0, np.int8), "x.zp")
     model = _act_qdq_model(scale=np.array(0.05, np.float32), zp=zp)
-    assert violations(model) == []
+    assert violations(model, graph_dtype="float32") == []
     onnx.checker.check_model(model, full_check=True)
     x_dq = np.clip(np.rint(X / 0.05), -128, 127).astype(np.float32) * np.float32(0.05)
     np.testing.assert_allclose(_run(model), x_dq @ (Q8 * S8[None, :]), rtol=1e-5, atol=1e-5)
@@ -202,8 +205,8 @@ def test_int4_without_block_size_is_reported():
     _assert_only(_int4_model(block_size=None), "without block_size")
 
 
-def test_int4_block_not_dividing_is_reported():
-    _assert_only(_int4_model(block_size=12), "not a multiple of 12")
+def test_int4_block_size_outside_tensorrts_is_reported():
+    _assert_only(_int4_model(block_size=32), "block size 32 is not one TensorRT supports")
 
 
 def test_int4_feeding_add_is_reported():
@@ -232,10 +235,10 @@ def test_several_violations_are_all_listed():
     model = _int8_model(opset=20, zero_point=np.ones(N, np.int8))
     model.graph.node.append(helper.make_node("Gelu", ["y"], ["y2"], name="gelu", domain="com.microsoft"))
     model.graph.node.append(helper.make_node("FusedMatMul", ["y"], ["y3"], name="fmm", domain="com.microsoft"))
-    found = violations(model)
+    found = violations(model, graph_dtype="float32")
     assert len(found) == 4
     with pytest.raises(GraphError, match=r"\(\+1 more\)"):
-        check_trt_legal(model)
+        check_trt_legal(model, graph_dtype="float32")
 
 
 # ---- pack_int4 ----------------------------------------------------------------------------
@@ -263,3 +266,50 @@ def test_pack_int4_out_of_range(bad):
     q[1, 0] = bad
     with pytest.raises(GraphError, match="out of range"):
         pack_int4("t", q)
+
+
+# ---- fp16 graphs (the Jetson target) -------------------------------------------------------
+
+def _fp16_model(*, weight_dtype=np.float16, scale_dtype=np.float16, logits=TensorProto.FLOAT) -> onnx.ModelProto:
+    """x (fp16) -> MatMul(DQ(INT4 w, scale)) -> MatMul(float weight) -> Cast -> logits."""
+    inits = [pack_int4("w.q", Q4), numpy_helper.from_array(S4.astype(scale_dtype), "w.scale"),
+             numpy_helper.from_array(RNG.standard_normal((N, N)).astype(weight_dtype), "w2")]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w.q", "w.scale"], ["w.dq"], name="w.dq", axis=0, block_size=BLOCK),
+        helper.make_node("MatMul", ["x", "w.dq"], ["h"], name="mm"),
+    ]
+    if weight_dtype == np.float32:  # the fp32 matmul a Jetson graph must not have
+        nodes.append(helper.make_node("Cast", ["h"], ["h32"], name="up", to=TensorProto.FLOAT))
+        nodes.append(helper.make_node("MatMul", ["h32", "w2"], ["y"], name="mm2"))
+    else:
+        nodes.append(helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"))
+    nodes.append(helper.make_node("Cast", ["y"], ["logits"], name="to_logits", to=logits))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [M, K])],
+                              [helper.make_tensor_value_info("logits", logits, [M, N])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_fp16_graph_is_legal_and_runs():
+    model = _fp16_model()
+    assert violations(model) == []
+    onnx.checker.check_model(model, full_check=True)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": X.astype(np.float16)})[0]
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_fp32_matmul_in_an_fp16_graph_is_rejected():
+    found = violations(_fp16_model(weight_dtype=np.float32))
+    assert any("mm2: MatMul computes in fp32" in f for f in found), found
+    assert any("initializer w2 [4, 4] is fp32" in f for f in found), found
+    with pytest.raises(GraphError, match="not TensorRT-legal"):
+        check_trt_legal(_fp16_model(weight_dtype=np.float32))
+
+
+def test_fp32_dequantize_scale_in_an_fp16_graph_is_rejected():
+    found = violations(_fp16_model(scale_dtype=np.float32))
+    assert any("DequantizeLinear scale is not fp16" in f for f in found), found
+
+
+def test_fp16_logits_are_rejected():
+    assert any("logits output is not fp32" in f for f in violations(_fp16_model(logits=TensorProto.FLOAT16)))

@@ -1,9 +1,11 @@
-"""The CLI end to end on a tiny local model: bundle contents, recipe reuse, bad input -> exit 2."""
+"""The CLI end to end on tiny local models, both targets: bundle contents, sizes read from the
+files, the embedding table and lm_head as allocation units, recipe reuse, bad input -> exit 2."""
 from __future__ import annotations
 
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 
@@ -11,8 +13,11 @@ from export.legality import violations
 from qublast.export import main
 from qublast.recipe import read_recipe
 
-FAST = ["--target", "cpu", "--calib-seqlen", "32", "--calib-windows", "2", "--holdout-windows", "2",
-        "--seqlen", "32", "--max-eval-windows", "3", "--context", "64"]
+COMMON = ["--calib-seqlen", "32", "--calib-windows", "2", "--holdout-windows", "2",
+          "--seqlen", "32", "--max-eval-windows", "3", "--context", "64"]
+FAST = ["--target", "cpu", *COMMON]
+JETSON = ["--target", "jetson", *COMMON]
+DEPLOYED = ("model.onnx", "model.onnx.data", "embedding.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +28,112 @@ def bundle(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def jetson_bundle(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "j"
+    assert main(["--model", str(tiny_model_dir), *JETSON, "--max-ppl-increase", "0.05", "--out", str(out),
+                 "--cache-dir", str(out.parent / "cache")]) == 0
+    return out
+
+
+def _files_on_disk(bundle) -> int:
+    return sum((bundle / n).stat().st_size for n in DEPLOYED if (bundle / n).is_file())
+
+
 def test_bundle_contents(bundle):
     for name in ("recipe.json", "scales.safetensors", "model.onnx", "model.onnx.data", "report.md",
-                 "sensitivity.png", "size_vs_ppl.png", "build_engine.sh", "engine_profiles.json", "tokenizer/tokenizer.json"):
+                 "sensitivity.png", "size_vs_ppl.png", "tokenizer/tokenizer.json"):
         assert (bundle / name).is_file(), name
+    assert not (bundle / "build_engine.sh").exists()  # the CPU target builds no TensorRT engine
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".b.")]  # no half bundle left
     recipe = read_recipe(bundle / "recipe.json")
     m = recipe["metrics"]
+    assert recipe["target"]["name"] == "cpu" and recipe["evaluation"]["ort_session"] == {"session.qdq_matmulnbits_accuracy_level": "4"}
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
     assert m["size_bytes"] <= m["size_bytes_fp16"] and m["size_bytes_blocks"] <= m["size_bytes_blocks_fp16"]
-    assert m["logit_agreement"]["decode_max_abs"] < 1e-3
-    assert violations(onnx.load(str(bundle / "model.onnx"), load_external_data=False)) == []
+    assert m["logit_agreement"]["decode_max_abs"] < 1e-2 * m["logit_agreement"]["logit_range"]
     assert recipe["allocation"]["repair"][-1]["measured"] <= recipe["allocation"]["repair_target_dce"] or all(
         b["format"] == "fp16" for b in recipe["blocks"])
     assert "| block | format |" in (bundle / "report.md").read_text()
     for block in recipe["blocks"]:  # the per-block map ablation: chosen alpha never worse than alpha 0
         assert block["block_err"] <= block["block_err_unscaled"], block["index"]
+    for path in bundle.rglob("*"):  # readable by any user once copied to a device
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_sizes_are_read_from_the_files(bundle, jetson_bundle):
+    """size_bytes is the deployed files on disk; the block linears' bytes in the graph equal what
+    calibration predicted from the target's byte costs; the report names the files."""
+    import json as _json
+
+    for b in (bundle, jetson_bundle):
+        recipe = read_recipe(b / "recipe.json")
+        m = recipe["metrics"]
+        assert m["size_bytes"] == _files_on_disk(b) == sum(m["size_files"].values())
+        assert set(m["size_files"]) == {n for n in DEPLOYED if (b / n).is_file()}
+        assert m["size_bytes_blocks"] == m["size_bytes_blocks_predicted"] == sum(x["bytes"] for x in recipe["blocks"])
+        assert (b / "embedding.safetensors").is_file() == (recipe["embedding"]["storage"] == "side_table")
+        if recipe["embedding"]["storage"] == "side_table":
+            assert m["size_files"]["embedding.safetensors"] >= recipe["embedding"]["bytes"]
+        assert _json.loads((b / "manifest.json").read_text())["files"].keys() >= m["size_files"].keys()
+        assert "Files counted" in (b / "report.md").read_text()
+
+
+def test_jetson_bundle_is_an_fp16_tensorrt_graph(jetson_bundle):
+    """fp16 weights, activations, KV cache and DQ scales; legal for TensorRT; no format TensorRT
+    would fold (w8); the build script's profiles name the graph's first input."""
+    recipe = read_recipe(jetson_bundle / "recipe.json")
+    assert {b["format"] for b in recipe["blocks"]} <= {"fp16", "w8a8", "w4"} and recipe["lm_head"]["format"] in ("fp16", "w4")
+    proto = onnx.load(str(jetson_bundle / "model.onnx"), load_external_data=False)
+    assert violations(proto) == []  # the fp16-graph rules included
+    types = {i.name: i.type.tensor_type.elem_type for i in [*proto.graph.input, *proto.graph.output]}
+    assert types["past_key_values.0.key"] == types["present.1.value"] == onnx.TensorProto.FLOAT16
+    assert types["logits"] == onnx.TensorProto.FLOAT
+    first = "inputs_embeds" if recipe["embedding"]["storage"] == "side_table" else "input_ids"
+    assert first in types and first in (jetson_bundle / "build_engine.sh").read_text()
+    m = recipe["metrics"]
+    assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
+    assert recipe["evaluation"]["ort_session"]["session.qdq_matmulnbits_accuracy_level"] == "1"
+
+
+def test_vocabulary_units_untied_and_pinned(tmp_path):
+    """An untied model with the table and lm_head pinned: the host table holds INT8 rows, lm_head is
+    INT4 in the graph, and the runtime reproduces the recorded PPL through the side table."""
+    from qublast.text import calib_text
+    from runtime.bundle import open_bundle
+    from runtime.perplexity import perplexity
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "mistral"
+    tiny_model("mistral").save_pretrained(model_dir)
+    tiny_tokenizer(calib_text().text).save_pretrained(model_dir)
+    out = tmp_path / "u"
+    assert main(["--model", str(model_dir), *FAST, "--uniform", "w8", "--embeddings", "w8", "--lm-head", "w4", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    recipe = read_recipe(out / "recipe.json")
+    assert recipe["embedding"]["format"] == "w8" and recipe["embedding"]["storage"] == "side_table" and not recipe["embedding"]["tied"]
+    assert recipe["lm_head"]["format"] == "w4" and recipe["lm_head"]["linears"][0]["bits"] == 4
+    types = {i.name: i.data_type for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
+    assert types["lm_head.qweight"] == onnx.TensorProto.INT4
+    bundle = open_bundle(out)
+    ids = np.asarray(bundle.tokenizer.encode(calib_text().text[:4000]).ids[:96], np.int64).reshape(3, 32)
+    assert perplexity(bundle.model, ids, progress=False)["ppl"] > 0
+    m = recipe["metrics"]
+    assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
+
+
+def test_tied_table_kept_once_in_the_graph(tiny_model_dir, tmp_path):
+    """Tied embedding and lm_head both fp16: one copy in the graph, input_ids in, no side table."""
+    out = tmp_path / "t"
+    assert main(["--model", str(tiny_model_dir), *FAST, "--uniform", "w4", "--embeddings", "fp16", "--lm-head", "fp16",
+                 "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    recipe = read_recipe(out / "recipe.json")
+    assert recipe["embedding"]["storage"] == "graph" and not (out / "embedding.safetensors").exists()
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert proto.graph.input[0].name == "input_ids"
+    vocab, hidden = recipe["embedding"]["shape"]
+    tables = [t for t in proto.graph.initializer if sorted(t.dims) == sorted([vocab, hidden])]
+    assert len(tables) == 1  # the Gather and the lm_head MatMul share it
 
 
 def test_recipe_reuse_gives_same_graph(bundle, tiny_model_dir, tmp_path):
@@ -67,7 +162,7 @@ def test_formats_fixes_each_blocks_format(bundle, tiny_model_dir, tmp_path, caps
 
 def test_uniform_puts_every_block_in_one_format(bundle, tiny_model_dir, tmp_path):
     """--uniform is --formats with one format repeated; the map is still decided per block."""
-    base = ["--model", str(tiny_model_dir), *FAST, "--cache-dir", str(tmp_path / "cache")]
+    base = ["--model", str(tiny_model_dir), *JETSON, "--cache-dir", str(tmp_path / "cache")]
     assert main([*base, "--uniform", "w8a8", "--out", str(tmp_path / "u")]) == 0
     recipe = read_recipe(tmp_path / "u" / "recipe.json")
     assert {b["format"] for b in recipe["blocks"]} == {"w8a8"}
@@ -108,7 +203,12 @@ def test_bad_inputs_exit_2_with_one_line(bundle, tiny_model_dir, tmp_path, capsy
     assert main([*base, "--recipe", str(other / "recipe.json")]) == 2
     assert "made for weights" in _error_line(capsys)
     assert main([*base, "--target-size", "0.01"]) == 2
-    assert "size budget" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert "size budget 0.01 x fp16" in line and "below the smallest whole model on target cpu" in line and "x fp16" in line
+    assert main([*base, "--target", "jetson", "--candidates", "fp16,w8,w4"]) == 2
+    assert "TensorRT documents weight-only quantization for INT4 only" in _error_line(capsys)
+    assert main([*base, "--target", "jetson", "--recipe", str(bundle / "recipe.json")]) == 2
+    assert "made for target 'cpu'" in _error_line(capsys)
     assert not [p.name for p in tmp_path.iterdir() if p.name == "x" or p.name.startswith(".x.")]  # nothing written half
 
 

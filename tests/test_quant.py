@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from qublast.errors import InputError
-from qublast.formats import FORMATS, get_format, int4_block_size, linear_bytes
-from qublast.quant import dequantize, qrange, quantize_weight, quantize_with_scale
+from qublast.formats import block_size_for, get_format, get_target, linear_bytes, table_bytes
+from qublast.quant import dequantize, fake_quant_dynamic, qrange, quantize_weight, quantize_with_scale
+from runtime.targets import EMBED_FORMATS
 
 # (bits, block_size) for a [out=6, in=64] weight: per channel INT8 and blockwise INT4.
 CASES = [(8, 64), (4, 16), (4, 32)]
@@ -138,35 +139,84 @@ def test_shape_errors():
         quantize_with_scale(torch.ones(2, 64), torch.ones(2, 3), bits=4, block_size=16)
 
 
-@pytest.mark.parametrize("in_f,block", [(576, 64), (4096, 128), (1536, 128), (48, 16), (64, 64), (96, 32), (128, 128)])
-def test_int4_block_size(in_f, block):
-    assert int4_block_size(in_f) == block
+JETSON, CPU = get_target("jetson"), get_target("cpu")
 
 
-@pytest.mark.parametrize("in_f", [24, 100, 8, 1000 + 8 + 1])
-def test_int4_block_size_rejects(in_f):
-    with pytest.raises(InputError):
-        int4_block_size(in_f)
+@pytest.mark.parametrize("in_f,block", [(576, 64), (4096, 128), (1536, 128), (64, 64), (128, 128)])
+def test_jetson_int4_blocks_are_64_or_128(in_f, block):
+    assert block_size_for(get_format("w4", JETSON), in_f) == block
 
 
-def test_get_format():
-    assert get_format("w4") is FORMATS["w4"]
+@pytest.mark.parametrize("in_f", [24, 100, 96, 48])
+def test_jetson_int4_block_rejects_other_sizes(in_f):
+    with pytest.raises(InputError, match="no w4 block size"):
+        block_size_for(get_format("w4", JETSON), in_f)
+
+
+@pytest.mark.parametrize("in_f,block", [(576, 64), (1536, 128), (48, 16), (96, 32)])
+def test_cpu_blocks_take_the_largest_power_of_two(in_f, block):
+    assert block_size_for(get_format("w4", CPU), in_f) == block
+    assert block_size_for(get_format("w8", CPU), in_f) == block
+
+
+def test_get_format_knows_targets():
+    assert get_format("w4", JETSON).bits == 4 and get_format("w8a8", JETSON).act == "static"
+    assert get_format("w8", CPU).act == "dynamic"
     with pytest.raises(InputError, match="w3"):
-        get_format("w3")
+        get_format("w3", JETSON)
+    with pytest.raises(InputError, match="TensorRT documents weight-only quantization for INT4 only"):
+        get_format("w8", JETSON)  # INT8 weight-only would be folded to fp16 by TensorRT: not offered
+    with pytest.raises(InputError, match="not available on target 'cpu'"):
+        get_format("w8a8", CPU)
 
 
 def test_linear_bytes_by_hand():
-    fp16, w8, w4 = (get_format(n) for n in ("fp16", "w8", "w4"))
-    # 10 x 576 linear
-    assert linear_bytes(fp16, 10, 576) == 2 * 10 * 576  # 11520
-    assert linear_bytes(w8, 10, 576) == 10 * 576 + 2 * 10  # codes + one fp16 scale per row
-    assert linear_bytes(w4, 10, 576) == 10 * 576 // 2 + 2 * 10 * 9  # 2880 + 180 (blocks of 64)
-    # with bias: + 2 bytes per output
-    assert linear_bytes(fp16, 10, 576, has_bias=True) == 11520 + 20
-    assert linear_bytes(w8, 10, 576, has_bias=True) == 5760 + 20 + 20
-    assert linear_bytes(w4, 10, 576, has_bias=True) == 3060 + 20
-    # 3 x 256: INT4 blocks of 128
-    assert linear_bytes(w4, 3, 256) == 384 + 2 * 3 * 2
-    # 1 x 16 at 4 bits: 8 bytes of codes + one fp16 scale
-    assert linear_bytes(w4, 1, 16) == 8 + 2
-    assert linear_bytes(w4, 3, 48) == 72 + 2 * 3 * 3
+    fp16, w8a8, w4 = (get_format(n, JETSON) for n in ("fp16", "w8a8", "w4"))
+    # Jetson, 10 x 576 linear: fp16 weights and fp16 scales
+    assert linear_bytes(fp16, 10, 576, target=JETSON) == 2 * 10 * 576  # 11520
+    assert linear_bytes(w8a8, 10, 576, target=JETSON) == 10 * 576 + 2 * 10  # codes + one fp16 scale per row
+    assert linear_bytes(w4, 10, 576, target=JETSON) == 10 * 576 // 2 + 2 * 10 * 9  # 2880 + 180 (blocks of 64)
+    assert linear_bytes(fp16, 10, 576, target=JETSON, has_bias=True) == 11520 + 20
+    assert linear_bytes(w4, 3, 256, target=JETSON) == 384 + 2 * 3 * 2
+    # CPU: an fp32 graph stores unquantized weights and scales in fp32
+    fp, w8, w4c = (get_format(n, CPU) for n in ("fp16", "w8", "w4"))
+    assert linear_bytes(fp, 10, 576, target=CPU) == 4 * 10 * 576
+    assert linear_bytes(w8, 10, 576, target=CPU) == 10 * 576 + 4 * 10 * 9  # INT8 blocks of 64
+    assert linear_bytes(w4c, 3, 48, target=CPU) == 72 + 4 * 3 * 3  # blocks of 16
+    assert linear_bytes(w4c, 1, 16, target=CPU, has_bias=True) == 8 + 4 + 4
+
+
+def test_table_bytes_by_hand():
+    # host table: fp16 rows, INT8 with one fp16 scale per row, INT4 with fp16 scales per block of 128
+    assert table_bytes(EMBED_FORMATS["fp16"], 100, 576) == 2 * 100 * 576
+    assert table_bytes(EMBED_FORMATS["w8"], 100, 576) == 100 * 576 + 2 * 100
+    assert table_bytes(EMBED_FORMATS["w4"], 100, 512) == 100 * 256 + 2 * 100 * 4
+
+
+def test_dynamic_activation_quantization_matches_onnx_runtime():
+    """fake_quant_dynamic is ORT's MatMulNBits at accuracy level 4: one MatMul through ORT equals
+    PyTorch's fake-quantized activation times the dequantized weight."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.qdq import pack_int4
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 128, generator=g) * torch.linspace(0.1, 8, 128)  # [M, K], uneven channel scales
+    w = torch.randn(16, 128, generator=g)  # [out, in]
+    qw = quantize_weight(w, bits=4, block_size=32)
+    inits = [pack_int4("q", qw.q.numpy().T), numpy_helper.from_array(qw.scale.numpy().T.copy(), "s")]
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0, block_size=32),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 16])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
+    out = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    emulated = fake_quant_dynamic(x, 32) @ qw.dequantize().T
+    plain = x @ qw.dequantize().T
+    scale = float(plain.abs().mean())
+    assert np.abs(out - emulated.numpy()).max() < 1e-4 * scale  # accumulation order only
+    assert np.abs(out - plain.numpy()).max() > 10 * np.abs(out - emulated.numpy()).max()  # the emulation is not a no-op

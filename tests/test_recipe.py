@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from qublast.errors import RecipeError
+from qublast.entries import target_entry
+from qublast.formats import get_target
 from qublast.recipe import (
     RECIPE_FORMAT,
     RECIPE_VERSION,
     check_model,
+    check_target,
     quantized_linears,
     read_recipe,
     read_tensors,
@@ -34,8 +37,10 @@ def _recipe() -> dict:
         "format": RECIPE_FORMAT,
         "version": RECIPE_VERSION,
         "model": {"id": "tiny", "model_type": "llama", "weight_sha256": SHA, "num_blocks": 2},
+        "target": target_entry(get_target("cpu")),
         "calibration": {"text": "embedded", "seqlen": 16, "windows": 2, "seed": 0, "candidates": ["fp16", "w8", "w4"]},
         "constraint": {"mode": "max_ppl_increase", "value": 0.05},
+        "embedding": {"format": "w8", "tied": True, "storage": "side_table", "shape": [320, 64], "bytes": 20000},
         "lm_head": {"format": "fp16", "linears": []},
         "blocks": [
             {"index": 0, "format": "w8", "bytes": 100, "bytes_fp16": 200,
@@ -109,6 +114,15 @@ def _mutations():
     def lm_head_format(r):
         r["lm_head"]["format"] = "w2"
 
+    def embedding_format(r):
+        r["embedding"]["format"] = "w2"
+
+    def format_of_another_target(r):  # w8a8 is a Jetson format; this recipe's target is the CPU
+        r["blocks"][0]["format"] = "w8a8"
+
+    def old_version(r):
+        r["version"] = 2
+
     def out_of_order(r):
         r["blocks"].reverse()
 
@@ -122,8 +136,9 @@ def _mutations():
         del r["model"]["num_blocks"]
 
     muts = {f.__name__: f for f in (version, version_missing, tag, block_format, linear_format, lm_head_format,
+                                    embedding_format, format_of_another_target, old_version,
                                     out_of_order, duplicate_index, too_few_blocks, no_num_blocks)}
-    for key in ("model", "calibration", "constraint", "lm_head", "blocks", "allocation", "metrics"):
+    for key in ("model", "target", "calibration", "constraint", "embedding", "lm_head", "blocks", "allocation", "metrics"):
         muts[f"missing_{key}"] = lambda r, key=key: r.pop(key)
     return muts
 
@@ -158,6 +173,22 @@ def test_error_messages_name_the_defect():
         validate(r)
     with pytest.raises(RecipeError):
         validate([_recipe()])
+
+
+def test_recipe_of_another_target_is_refused():
+    """A CPU recipe (w8 blocks: INT8 weights with dynamic INT8 activations) is refused for Jetson,
+    whose formats differ, with one line naming both targets."""
+    recipe = _recipe()
+    check_target(recipe, get_target("cpu"))
+    with pytest.raises(RecipeError, match="made for target 'cpu'.*target 'jetson'.*--target jetson"):
+        check_target(recipe, get_target("jetson"))
+
+
+def test_recipe_of_an_old_version_says_calibrate_again():
+    r = _recipe()
+    r["version"] = 2
+    with pytest.raises(RecipeError, match="before deployment targets; calibrate again"):
+        validate(r)
 
 
 def test_check_model():

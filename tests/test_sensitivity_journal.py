@@ -7,9 +7,11 @@ import torch
 
 from qublast.arch import ArchSpec, LinearGroup
 from qublast.blocks import Score
+from qublast.formats import get_target
 from qublast.sensitivity import JOURNAL_VERSION, Sensitivity, _read_journal, sweep
 
 FP = "fp-abc"
+CPU = get_target("cpu")
 
 
 def _header(fingerprint: str = FP, version: int = JOURNAL_VERSION) -> str:
@@ -127,7 +129,7 @@ def _reference(runner, table, fmt_names):
     hidden = runner.first_hidden
     for i in range(len(runner.layers)):
         for f in fmt_names:
-            with block_transformed(runner.layers[i], runner.spec, table[i][f].transform()):
+            with block_transformed(runner.layers[i], runner.spec, table[i][f].transform(CPU)):
                 score = runner.score(runner.run_from(i + 1, runner.run_block(i, hidden)))
             out[(i, f)] = score.ce - runner.fp_score.ce
         hidden = runner.run_block(i, hidden)
@@ -137,7 +139,7 @@ def _reference(runner, table, fmt_names):
 def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
     runner = FakeRunner()
     path = tmp_path / "sens.jsonl"
-    table = sweep(runner, ("fp16", "w8", "w4"), journal=path, fingerprint=FP)
+    table = sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint=FP)[0]
     ref = _reference(runner, table, ("w8", "w4"))
     assert len(table) == 3
     for i, row in enumerate(table):
@@ -162,20 +164,20 @@ def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sens, "_measure", counting)
-    assert sweep(runner, ("fp16", "w8", "w4"), journal=path, fingerprint=FP) == table
+    assert sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint=FP)[0] == table
     assert calls == []
     assert len(path.read_text().splitlines()) == 7
 
     # a cut last line: only that run is measured again
     text = path.read_text()
     path.write_text(text[: text.rstrip("\n").rfind("\n") + 1] + lines[-1][:9])
-    assert sweep(runner, ("fp16", "w8", "w4"), journal=path, fingerprint=FP) == table
+    assert sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint=FP)[0] == table
     assert len(calls) == 1
     assert path.read_text() == text
 
     # another fingerprint: everything measured again, old journal kept as .stale
     calls.clear()
-    assert sweep(runner, ("fp16", "w8", "w4"), journal=path, fingerprint="new") == table
+    assert sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint="new")[0] == table
     assert len(calls) == 6
     assert path.with_suffix(".stale").read_text() == text
     assert json.loads(path.read_text().splitlines()[0])["fingerprint"] == "new"

@@ -6,7 +6,11 @@ import torch
 from qublast import sensitivity
 from qublast.arch import arch_for
 from qublast.blocks import BlockRunner
+from qublast.formats import get_target
 from tests.tiny import VOCAB, tiny_model
+
+CPU = get_target("cpu")
+VOCAB_UNITS = {"embed": ("fp16", "w8"), "lm_head": ("fp16", "w4")}
 
 
 def _runner():
@@ -17,27 +21,32 @@ def _runner():
 
 def test_sweep_resumes_after_kill(tmp_path, monkeypatch):
     runner, journal = _runner(), tmp_path / "sens.jsonl"
-    full = sensitivity.sweep(runner, ("fp16", "w8", "w4"), journal=journal, fingerprint="abc")
+    full = sensitivity.sweep(runner, CPU, ("fp16", "w8", "w4"), journal=journal, fingerprint="abc", vocab=VOCAB_UNITS)
     lines = journal.read_text().splitlines()
-    assert len(lines) == 1 + 2 * 2  # header + blocks x quantized formats
+    assert len(lines) == 1 + 2 * 2 + 2  # header + blocks x quantized formats + embedding w8 + lm_head w4
     journal.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # killed mid-line after two entries
     calls = []
-    original = sensitivity._measure
+    original, original_vocab = sensitivity._measure, sensitivity._measure_vocab
 
-    def counting(runner, index, hidden, name, **kwargs):
-        calls.append((index, name))
-        return original(runner, index, hidden, name, **kwargs)
+    def counting(runner, index, hidden, fmt, **kwargs):
+        calls.append((index, fmt.name))
+        return original(runner, index, hidden, fmt, **kwargs)
+
+    def counting_vocab(runner, target, unit, name, importance):
+        calls.append((unit, name))
+        return original_vocab(runner, target, unit, name, importance)
 
     monkeypatch.setattr(sensitivity, "_measure", counting)
-    resumed = sensitivity.sweep(runner, ("fp16", "w8", "w4"), journal=journal, fingerprint="abc")
-    assert sorted(calls) == [(1, "w4"), (1, "w8")]  # only the two missing measurements
+    monkeypatch.setattr(sensitivity, "_measure_vocab", counting_vocab)
+    resumed = sensitivity.sweep(runner, CPU, ("fp16", "w8", "w4"), journal=journal, fingerprint="abc", vocab=VOCAB_UNITS)
+    assert sorted(calls, key=str) == sorted([(1, "w4"), (1, "w8"), ("embed", "w8"), ("lm_head", "w4")], key=str)
     assert resumed == full
-    assert len(journal.read_text().splitlines()) == 5
+    assert len(journal.read_text().splitlines()) == 7
 
 
 def test_other_fingerprint_starts_over(tmp_path):
     runner, journal = _runner(), tmp_path / "sens.jsonl"
-    sensitivity.sweep(runner, ("fp16", "w8"), journal=journal, fingerprint="one")
-    sensitivity.sweep(runner, ("fp16", "w8"), journal=journal, fingerprint="two")
+    sensitivity.sweep(runner, CPU, ("fp16", "w8"), journal=journal, fingerprint="one")
+    sensitivity.sweep(runner, CPU, ("fp16", "w8"), journal=journal, fingerprint="two")
     assert (tmp_path / "sens.stale").is_file()
     assert '"two"' in journal.read_text().splitlines()[0]

@@ -10,7 +10,7 @@ def tiny_config(model_type: str):
     """A 2-block config of ``model_type`` small enough to export in seconds."""
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     if model_type == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)

@@ -1,0 +1,71 @@
+"""Recipe entries from calibration's results: per block, the vocabulary units, the target."""
+from __future__ import annotations
+
+from runtime.targets import Target
+
+from .arch import ArchSpec
+from .blocks import blocks_of, get_module
+from .formats import block_size_for, embed_format, table_bytes
+from .sizes import block_bytes, linear_entry
+from .vocab import is_tied, side_table
+
+
+def target_entry(target: Target) -> dict:
+    """What a recipe records of its target: export and reuse refuse a target with other formats."""
+    return {
+        "name": target.name, "graph_dtype": target.graph_dtype,
+        "formats": {name: {"bits": f.bits, "act": f.act, "per_channel": f.per_channel, "block_sizes": list(f.block_sizes)}
+                    for name, f in target.formats.items()},
+        "head_formats": list(target.head_formats), "ort_session": dict(target.ort_session),
+    }
+
+
+def block_entries(model, spec: ArchSpec, target: Target, formats: list[str], qweights: dict, table: list[dict], *, scaling: bool) -> list[dict]:
+    """One recipe entry per block: format, map, sensitivity, linears with their errors and bytes."""
+    out = []
+    for index, (layer, fmt) in enumerate(zip(blocks_of(model, spec), formats)):
+        chosen = table[index][fmt]
+        linears = []
+        for name in spec.linears:
+            path = f"{spec.blocks}.{index}.{name}"
+            entry = linear_entry(get_module(layer, name), name=name, path=path, fmt_name=fmt, target=target)
+            if path in qweights:
+                entry["error"] = qweights[path].stats.as_dict()
+            if chosen.act_scales and name in chosen.act_scales:
+                entry["act_scale"] = chosen.act_scales[name]
+                entry["act_range"] = chosen.act_scales[name] * 127
+            linears.append(entry)
+        out.append({
+            "index": index, "format": fmt, "alpha": chosen.alpha,
+            "map": chosen.scaled if scaling and fmt != "fp16" else None,
+            "block_err": chosen.block_err, "block_err_unscaled": chosen.block_err_unscaled,
+            "smooth": sorted(chosen.smooth or {}),
+            "bytes": sum(e["bytes"] for e in linears), "bytes_fp16": block_bytes(layer, spec, "fp16", target),
+            "sensitivity": {f: {"dce": s.dce, "kl": s.kl, "alpha": s.alpha, "map": s.scaled, "dce_map_off": s.dce_unscaled}
+                            for f, s in table[index].items()},
+            "linears": linears,
+        })
+    return out
+
+
+def vocab_entries(model, spec: ArchSpec, target: Target, *, embed: str, head: str, qweights: dict, table: dict) -> dict:
+    """``{"embedding": ..., "lm_head": ...}``: formats, where the table lives, bytes, errors, sensitivity."""
+    tied = is_tied(model, spec)
+    weight = get_module(model, spec.embed).weight
+    rows, width = weight.shape
+    fmt = embed_format(embed)
+    outside = side_table(tied=tied, embed=embed, head=head)
+    embedding = {
+        "format": embed, "tied": tied, "storage": "side_table" if outside else "graph", "path": spec.embed,
+        "shape": [rows, width], "bits": fmt.bits, "block_size": block_size_for(fmt, width) if fmt.bits else None,
+        "bytes": table_bytes(fmt, rows, width) if outside else 0,  # a shared in-graph table is counted with lm_head
+        "sensitivity": {f: {"dce": s.dce, "kl": s.kl} for f, s in table.get("embed", {}).items()},
+    }
+    if spec.embed in qweights:
+        embedding["error"] = qweights[spec.embed].stats.as_dict()
+    head_entry = linear_entry(get_module(model, spec.lm_head), name=spec.lm_head, path=spec.lm_head, fmt_name=head, target=target)
+    if spec.lm_head in qweights:
+        head_entry["error"] = qweights[spec.lm_head].stats.as_dict()
+    lm_head = {"format": head, "tied": tied, "linears": [head_entry],
+               "sensitivity": {f: {"dce": s.dce, "kl": s.kl} for f, s in table.get("lm_head", {}).items()}}
+    return {"embedding": embedding, "lm_head": lm_head}

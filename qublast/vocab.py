@@ -1,0 +1,177 @@
+"""The embedding table and ``lm_head`` as allocation units: quantize, measure, apply, replay.
+
+The embedding table is what the model's embedding module outputs per token id (for Gemma the
+rows are already multiplied by its scale), so a table looked up on the host and fed as
+``inputs_embeds`` computes exactly what the module did. It is stored outside the graph
+(``embedding.safetensors``) whenever it or ``lm_head`` is quantized: fp16 rows, INT8 with one
+scale per row, or INT4 blocks along the row. Only a tied table whose two uses both stay
+unquantized is kept in the graph, once, shared by the Gather and the lm_head MatMul.
+
+``lm_head`` is a graph MatMul like the blocks' linears, in the target's formats, its weight
+clip search weighted by the mean square of its input channels (the final norm's output).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from runtime.targets import Target, WeightFormat
+
+from .arch import ArchSpec
+from .blocks import BlockRunner, Score, get_module
+from .formats import block_size_for, embed_format, get_format
+from .quant import QuantizedWeight, quantize_weight
+
+EMBED_CHUNK = 4096  # token ids per call of the embedding module when reading its table
+
+
+def is_tied(model: torch.nn.Module, spec: ArchSpec) -> bool:
+    """True when lm_head and the embedding share one tensor."""
+    return get_module(model, spec.lm_head).weight.data_ptr() == get_module(model, spec.embed).weight.data_ptr()
+
+
+def side_table(*, tied: bool, embed: str, head: str) -> bool:
+    """True when the embedding table is stored outside the graph (see module docstring)."""
+    return not (tied and embed == "fp16" and head == "fp16")
+
+
+@torch.no_grad()
+def effective_table(model: torch.nn.Module, spec: ArchSpec) -> torch.Tensor:
+    """[V, H] fp32: the embedding module's output for every token id."""
+    embed = get_module(model, spec.embed)
+    vocab = embed.weight.shape[0]
+    rows = [embed(torch.arange(start, min(start + EMBED_CHUNK, vocab))[None])[0] for start in range(0, vocab, EMBED_CHUNK)]
+    return torch.cat(rows).float()
+
+
+def quantize_table(table: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
+    """The table [V, H] in a host table format: one scale per row (w8) or per block of the row (w4)."""
+    return quantize_weight(table, bits=fmt.bits, block_size=block_size_for(fmt, table.shape[1]))
+
+
+def head_importance(runner: BlockRunner) -> torch.Tensor:
+    """[H] mean square of lm_head's input channels (final norm output) on the runner's windows."""
+    norm = get_module(runner.model, runner.spec.final_norm)
+    with torch.no_grad():
+        return norm(runner.final_hidden).float().pow(2).flatten(0, -2).mean(dim=0)
+
+
+@dataclass(frozen=True)
+class VocabTransform:
+    """Formats of the embedding table (host formats) and of lm_head (the target's)."""
+
+    embed: WeightFormat
+    head: WeightFormat
+    head_importance: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, target: Target, *, embed: str, head: str, head_importance: torch.Tensor | None = None) -> VocabTransform:
+        if head not in target.head_formats:
+            raise get_format_error(target, head)
+        return cls(embed_format(embed), get_format(head, target), head_importance)
+
+    @classmethod
+    def from_recipe(cls, recipe: dict, target: Target) -> VocabTransform:
+        return cls.of(target, embed=recipe["embedding"]["format"], head=recipe["lm_head"]["format"])
+
+    def apply(self, model: torch.nn.Module, spec: ArchSpec) -> dict[str, QuantizedWeight]:
+        """Quantize table and head in place (calibration); returns their quantized weights by path."""
+        return {**self.apply_embed(model, spec), **self.apply_head(model, spec)}
+
+    def apply_embed(self, model: torch.nn.Module, spec: ArchSpec) -> dict[str, QuantizedWeight]:
+        """Replace the embedding by the table as deployed (quantized, or fp16 rows outside the graph)."""
+        table = effective_table(model, spec)
+        out = {spec.embed: quantize_table(table, self.embed)} if self.embed.bits else {}
+        if self.embed.bits:
+            _set_table(model, spec, out[spec.embed].dequantize())
+        elif side_table(tied=is_tied(model, spec), embed=self.embed.name, head=self.head.name):
+            _set_table(model, spec, table.half().float())
+        return out
+
+    def apply_head(self, model: torch.nn.Module, spec: ArchSpec) -> dict[str, QuantizedWeight]:
+        """Quantize lm_head (its own weight; a tied table keeps the original) and its input as the target does."""
+        out = {}
+        if self.head.bits:
+            head = get_module(model, spec.lm_head)
+            out[spec.lm_head] = quantize_weight(head.weight, bits=self.head.bits, importance=self.head_importance,
+                                                block_size=block_size_for(self.head, head.in_features))
+            _set_head(model, spec, out[spec.lm_head].dequantize())
+        self._set_head_act(model, spec)
+        return out
+
+    def replay(self, model: torch.nn.Module, spec: ArchSpec, tensors: dict[str, torch.Tensor]) -> None:
+        """Quantize table and head in place from a recipe's scales (export and verification)."""
+        from .apply import requantize
+
+        tied, head = is_tied(model, spec), get_module(model, spec.lm_head)
+        table = effective_table(model, spec)
+        if self.embed.bits:
+            entry = {"bits": self.embed.bits, "block_size": block_size_for(self.embed, table.shape[1])}
+            _set_table(model, spec, requantize(table, tensors.get(f"{spec.embed}.scale"), entry, spec.embed))
+        elif side_table(tied=tied, embed=self.embed.name, head=self.head.name):
+            _set_table(model, spec, table.half().float())
+        if self.head.bits:
+            entry = {"bits": self.head.bits, "block_size": block_size_for(self.head, head.in_features)}
+            _set_head(model, spec, requantize(head.weight, tensors.get(f"{spec.lm_head}.scale"), entry, spec.lm_head))
+        self._set_head_act(model, spec)
+
+    def _set_head_act(self, model, spec) -> None:
+        from .apply import set_act_quant
+
+        if self.head.act == "dynamic":
+            head = get_module(model, spec.lm_head)
+            set_act_quant(head, {"": ("dynamic", block_size_for(self.head, head.in_features))})
+
+
+def get_format_error(target: Target, name: str):
+    from .errors import InputError
+
+    return InputError(f"lm_head cannot take {name!r} on target {target.name!r}; it takes {', '.join(target.head_formats)}")
+
+
+def _set_table(model: torch.nn.Module, spec: ArchSpec, table: torch.Tensor) -> None:
+    """Replace the embedding module by a plain lookup of ``table`` [V, H] (what inputs_embeds feeds)."""
+    parent, _, name = spec.embed.rpartition(".")
+    lookup = torch.nn.Embedding.from_pretrained(table, freeze=True)
+    setattr(get_module(model, parent) if parent else model, name, lookup)
+
+
+def _set_head(model: torch.nn.Module, spec: ArchSpec, weight: torch.Tensor) -> None:
+    """Give lm_head its own weight (a tied embedding keeps the original tensor)."""
+    get_module(model, spec.lm_head).weight = torch.nn.Parameter(weight, requires_grad=False)
+
+
+@contextmanager
+def vocab_restored(model: torch.nn.Module, spec: ArchSpec):
+    """On leaving the context the embedding module, lm_head's weight and its hooks are as before."""
+    from .apply import clear_act_quant
+
+    parent, _, name = spec.embed.rpartition(".")
+    holder = get_module(model, parent) if parent else model
+    embed, head = getattr(holder, name), get_module(model, spec.lm_head)
+    weight = head.weight
+    try:
+        yield
+    finally:
+        setattr(holder, name, embed)
+        clear_act_quant(head)
+        head.weight = weight
+
+
+def score_vocab(runner: BlockRunner, vocab: VocabTransform, *, unit: str) -> Score:
+    """CE and KL of the model with only the embedding table (``unit="embed"``) or only lm_head
+    (``unit="lm_head"``) transformed by ``vocab``; the model is restored after."""
+    model, spec = runner.model, runner.spec
+    with vocab_restored(model, spec), torch.no_grad():
+        if unit == "embed":
+            table = effective_table(model, spec)
+            if vocab.embed.bits:
+                table = quantize_table(table, vocab.embed).dequantize()
+            elif side_table(tied=is_tied(model, spec), embed=vocab.embed.name, head=vocab.head.name):
+                table = table.half().float()
+            return runner.score(runner.run_from(0, table[runner.ids]))
+        vocab.apply_head(model, spec)
+        return runner.score(runner.final_hidden)
+
