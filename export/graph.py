@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from qublast.apply import fold_recipe
+from qublast.apply import fold_recipe, recipe_codes
 from qublast.errors import GraphError
 from qublast.evaluate import fp16_overflow
 from qublast.formats import block_size_for, embed_format
@@ -74,9 +74,10 @@ def _qdq(model, spec, recipe, tensors, raw_path: Path, node_modules: dict, targe
     if tied_in_graph and is_tied(model, spec):
         head_nodes = [name for name, module in node_modules.items() if module == spec.lm_head]
         graph = qdq.share_tied_table(graph, lm_head_node=head_nodes[0]) if head_nodes else graph
-    weights = {path: model.get_submodule(path).weight.detach().float() for path in linears}
-    graph = qdq.quantize_weights(graph, linears, {p: tensors[f"{p}.scale"] for p in linears}, node_modules,
-                                 weights=weights, float_dtype=float_dtype)
+    codes = {path: recipe_codes(model.get_submodule(path).weight.detach().float(), tensors, entry, path)
+             for path, entry in linears.items()}
+    graph = qdq.quantize_weights(graph, linears, {p: scale for p, (_, scale) in codes.items()}, node_modules,
+                                 codes={p: q for p, (q, _) in codes.items()}, float_dtype=float_dtype)
     acts = {path: lin["act_scale"] for path, lin in block_linears(recipe).items() if lin.get("act_scale")}
     if acts:
         graph = qdq.quantize_activations(graph, acts, node_modules, float_dtype=float_dtype)
@@ -99,5 +100,5 @@ def _write_table(model, spec, recipe: dict, tensors: dict, path: Path) -> None:
     if scale is None:
         raise GraphError(f"scales file has no scale for the embedding table {spec.embed}")
     block = block_size_for(fmt, table.shape[1])
-    codes = quantize_with_scale(table, scale, bits=fmt.bits, block_size=block).numpy()
+    codes = quantize_with_scale(table, scale, bits=fmt.bits, block_size=block).numpy()  # RTN: the table has no GPTQ
     write_table(path, weight_format=fmt.name, rows=codes, scale=scale.numpy(), bits=fmt.bits, block_size=block)

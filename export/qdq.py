@@ -44,14 +44,19 @@ def share_tied_table(graph: gs.Graph, *, lm_head_node: str) -> gs.Graph:
 
 
 def quantize_weights(graph: gs.Graph, linears: dict[str, dict], scales: dict[str, torch.Tensor], node_modules: dict[str, str],
-                     *, weights: dict[str, torch.Tensor], float_dtype=np.float32) -> gs.Graph:
-    """Replace each quantized linear's weight constant with a DequantizeLinear (see module doc);
-    ``weights`` holds each linear's fp32 weight [out, in] the codes are computed from."""
+                     *, weights: dict[str, torch.Tensor] | None = None, codes: dict[str, torch.Tensor] | None = None,
+                     float_dtype=np.float32) -> gs.Graph:
+    """Replace each quantized linear's weight constant with a DequantizeLinear (see module doc).
+    ``codes`` gives each linear's int8 codes [out, in] (GPTQ, or recomputed by the caller);
+    otherwise they are ``clamp(round(w / scale))`` of its fp32 weight [out, in] in ``weights``."""
     nodes = _matmuls(graph, linears, node_modules, what="quantized linear")
     for module, entry in linears.items():
         node = nodes[module]
-        _check_weight(node, module, tuple(weights[module].shape))
-        q = quantize_with_scale(weights[module], scales[module], bits=entry["bits"], block_size=entry["block_size"]).numpy()
+        if codes is not None and module in codes:
+            q = codes[module].numpy()
+        else:
+            q = quantize_with_scale(weights[module], scales[module], bits=entry["bits"], block_size=entry["block_size"]).numpy()
+        _check_weight(node, module, tuple(q.shape))
         scale = scales[module].numpy().astype(float_dtype)  # [out, G]
         node.inputs[1] = _dequantize(graph, module, q.T, scale, bits=entry["bits"], block_size=entry["block_size"],
                                      per_channel=entry.get("per_channel", False))

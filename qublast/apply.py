@@ -19,7 +19,7 @@ from runtime.targets import WeightFormat
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
 from .formats import block_size_for
-from .quant import CLIP_GRID, QuantizedWeight, dequantize, fake_quant_dynamic, quantize_weight, quantize_with_scale
+from .quant import CLIP_GRID, QuantizedWeight, dequantize, fake_quant_dynamic, measured, quantize_weight, quantize_with_scale
 from .scaling import fake_quant, fold_into_norm, fold_into_rows, scale_columns
 
 _HOOKS = "_qublast_act_hooks"
@@ -29,14 +29,18 @@ _HOOKS = "_qublast_act_hooks"
 class BlockTransform:
     """Everything done to one block: its format (as the target stores it), the map's alpha and
     smoothing scales per producer (relative name -> alpha, s [in]), static activation scales
-    per linear (``act="static"`` formats), and the map's input-channel importance per linear
-    (mean x^2 after the folds; weights the clip search)."""
+    per linear (``act="static"`` formats), the map's input-channel importance per linear
+    (mean x^2 after the folds; weights the clip search), and the quantizer: ``"rtn"`` rounds
+    to nearest with a clip search when applied; ``"gptq"`` carries its codes and scales per
+    linear (``codes``, of the folded weights) from ``compensate.gptq_transform``."""
 
     fmt: WeightFormat
     alpha: dict[str, float] = field(default_factory=dict)
     smooth: dict[str, torch.Tensor] = field(default_factory=dict)
     act_scales: dict[str, float] = field(default_factory=dict)
     importance: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantizer: str = "rtn"
+    codes: dict[str, QuantizedWeight] = field(default_factory=dict)
 
     @property
     def format(self) -> str:
@@ -113,7 +117,10 @@ def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *
     out = {}
     linears = {name: get_module(block, name) for name in spec.linears}
     for name, linear in linears.items():
-        qw = quantize_linear(linear, t.fmt, clip_grid=clip_grid, importance=t.importance.get(name))
+        if name in t.codes:
+            qw = measured(t.codes[name], linear.weight)
+        else:
+            qw = quantize_linear(linear, t.fmt, clip_grid=clip_grid, importance=t.importance.get(name))
         if qw is not None:
             linear.weight.data.copy_(qw.dequantize())
             out[name] = qw
@@ -178,16 +185,31 @@ def fold_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: d
         fold_block(layer, spec, smooth)
 
 
-def requantize(weight: torch.Tensor, scale: torch.Tensor | None, entry: dict, path: str) -> torch.Tensor:
-    """``dequantize(clamp(round(weight / scale)))`` for a recipe entry; a mismatch is a ``RecipeError``."""
+def recipe_codes(weight: torch.Tensor, tensors: dict, entry: dict, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 [out, in], scale [out, G]) of a recipe's linear: its stored codes (GPTQ), else
+    ``clamp(round(weight / scale))``; a missing or mismatched tensor is a ``RecipeError``."""
     from .errors import RecipeError
+    from .quant import qrange
 
+    scale, codes = tensors.get(f"{path}.scale"), tensors.get(f"{path}.qweight")
     if scale is None:
         raise RecipeError(f"scales file has no scale for {path}")
-    try:
-        q = quantize_with_scale(weight, scale, bits=entry["bits"], block_size=entry["block_size"])
-    except ValueError as exc:
-        raise RecipeError(f"{path}: {exc}") from exc
+    if codes is None:
+        try:
+            return quantize_with_scale(weight, scale, bits=entry["bits"], block_size=entry["block_size"]), scale
+        except ValueError as exc:
+            raise RecipeError(f"{path}: {exc}") from exc
+    qmin, qmax = qrange(entry["bits"])
+    if tuple(codes.shape) != tuple(weight.shape) or codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
+        raise RecipeError(f"{path}: stored codes {tuple(codes.shape)} do not fit the weight {tuple(weight.shape)} in {entry['bits']} bits")
+    if tuple(scale.shape) != (weight.shape[0], weight.shape[1] // entry["block_size"]):
+        raise RecipeError(f"{path}: scale shape {tuple(scale.shape)} does not fit block size {entry['block_size']}")
+    return codes.to(torch.int8), scale
+
+
+def requantize(weight: torch.Tensor, tensors: dict, entry: dict, path: str) -> torch.Tensor:
+    """The weight as the deployed graph reconstructs it from the recipe (``recipe_codes``)."""
+    q, scale = recipe_codes(weight, tensors, entry, path)
     return dequantize(q, scale, entry["block_size"])
 
 
@@ -206,5 +228,5 @@ def quantize_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensor
         set_act_quant(layer, act_quantizers(fmt, linears, scales))
     for path, entry in block_linears(recipe).items():
         linear = get_module(model, path)
-        linear.weight.data = requantize(linear.weight, tensors.get(f"{path}.scale"), entry, path)
+        linear.weight.data = requantize(linear.weight, tensors, entry, path)
     VocabTransform.from_recipe(recipe, target).replay(model, spec, tensors)

@@ -40,6 +40,7 @@ Z_UPPER = 2.0
 # across window samples; "dce" is the quantity itself but, on the sweep's few windows, so noisy
 # that the knapsack picks the blocks whose noise was favourable (docs/results.md).
 ALLOC_LOSSES = ("kl", "dce")
+QUANTIZERS = ("rtn", "gptq")
 AUTO = "auto"  # --embeddings / --lm-head: the knapsack chooses
 
 
@@ -64,6 +65,8 @@ class CalibConfig:
     scaling: bool = True  # the activation scaling map (--no-scaling turns it off)
     range_method: str = "mse"  # static activation ranges: absmax, percentile or mse
     alloc_loss: str = "kl"  # what allocation sums per block: kl or dce (ALLOC_LOSSES)
+    quantizers: tuple[str, ...] = ("rtn", "gptq")  # measured per (block, format); the lower block error is kept
+    act_order: bool = False  # GPTQ visits columns by decreasing input power (static groups)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
     def __post_init__(self):
@@ -92,6 +95,8 @@ class CalibConfig:
             raise InputError(f"--embeddings {self.embeddings!r}: the table takes {', '.join(EMBED_FORMATS)}")
         if self.range_method not in RANGE_METHODS:
             raise InputError(f"unknown range method {self.range_method!r}; known: {', '.join(RANGE_METHODS)}")
+        if not self.quantizers or set(self.quantizers) - set(QUANTIZERS):
+            raise InputError(f"--quantizers {','.join(self.quantizers)}: choose from {', '.join(QUANTIZERS)}")
         if self.alloc_loss not in ALLOC_LOSSES:
             raise InputError(f"unknown allocation loss {self.alloc_loss!r}; known: {', '.join(ALLOC_LOSSES)}")
         if self.holdout_windows < 2:
@@ -166,7 +171,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
         f"{'/'.join(embed_choices)}, lm_head {'/'.join(head_choices)} on {sens.size} tokens, scaling map "
         f"{'on' if cfg.scaling else 'off'} (journal {journal})")
     table, vocab_table = sweep(runner, target, candidates, journal=journal, fingerprint=fingerprint, scaling=cfg.scaling,
-                               range_method=cfg.range_method, vocab={"embed": embed_choices, "lm_head": head_choices})
+                               range_method=cfg.range_method, vocab={"embed": embed_choices, "lm_head": head_choices},
+                               quantizers=cfg.quantizers, act_order=cfg.act_order)
     importance = head_importance(runner)
     del runner
     options = _options(model, spec, target, table, vocab_table, candidates, embed_choices, head_choices, cfg.alloc_loss)
@@ -192,6 +198,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     tensors = {f"{path}.scale": qw.scale for path, qw in qweights.items()}
     for index, t in enumerate(transforms):
         tensors.update({f"{spec.blocks}.{index}.{producer}.smooth": s for producer, s in t.smooth.items()})
+        tensors.update({f"{spec.blocks}.{index}.{name}.qweight": qweights[f"{spec.blocks}.{index}.{name}"].q
+                        for name in t.codes})  # GPTQ codes are not round(w / scale): stored
     return recipe, tensors
 
 
@@ -286,6 +294,7 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "clip_grid": list(CLIP_GRID), "safety": cfg.safety, "scaling": cfg.scaling,
         "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
+        "quantizers": list(cfg.quantizers), "act_order": cfg.act_order,
     }
 
 
@@ -293,5 +302,6 @@ def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
     digest = hashlib.sha256()
     digest.update(model_info["weight_sha256"].encode())
     digest.update(np.ascontiguousarray(sens).tobytes())
-    digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method, cfg.target, ALL_FORMATS)).encode())
+    digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method, cfg.target, ALL_FORMATS, sorted(cfg.quantizers),
+                        cfg.act_order)).encode())
     return digest.hexdigest()

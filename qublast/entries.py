@@ -29,6 +29,7 @@ def block_entries(model, spec: ArchSpec, target: Target, formats: list[str], qwe
         for name in spec.linears:
             path = f"{spec.blocks}.{index}.{name}"
             entry = linear_entry(get_module(layer, name), name=name, path=path, fmt_name=fmt, target=target)
+            entry["quantizer"] = chosen.quantizer if entry["bits"] else None
             if path in qweights:
                 entry["error"] = qweights[path].stats.as_dict()
             if chosen.act_scales and name in chosen.act_scales:
@@ -36,12 +37,13 @@ def block_entries(model, spec: ArchSpec, target: Target, formats: list[str], qwe
                 entry["act_range"] = chosen.act_scales[name] * 127
             linears.append(entry)
         out.append({
-            "index": index, "format": fmt, "alpha": chosen.alpha,
+            "index": index, "format": fmt, "alpha": chosen.alpha, "quantizer": chosen.quantizer if fmt != "fp16" else None,
             "map": chosen.scaled if scaling and fmt != "fp16" else None,
             "block_err": chosen.block_err, "block_err_unscaled": chosen.block_err_unscaled,
             "smooth": sorted(chosen.smooth or {}),
             "bytes": sum(e["bytes"] for e in linears), "bytes_fp16": block_bytes(layer, spec, "fp16", target),
-            "sensitivity": {f: {"dce": s.dce, "kl": s.kl, "alpha": s.alpha, "map": s.scaled, "dce_map_off": s.dce_unscaled}
+            "sensitivity": {f: {"dce": s.dce, "kl": s.kl, "alpha": s.alpha, "map": s.scaled, "dce_map_off": s.dce_unscaled,
+                                "quantizer": s.quantizer}
                             for f, s in table[index].items()},
             "linears": linears,
         })

@@ -52,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alloc-loss", default="kl", choices=ALLOC_LOSSES,
                    help="what allocation sums per block: kl (default; stable on few windows) or dce "
                         "(needs many --calib-windows)")
+    p.add_argument("--quantizers", default="rtn,gptq",
+                   help="quantizers the sweep tries per block and format, the lower block output error kept: rtn, gptq "
+                        "(default both)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing input power")
     p.add_argument("--context", type=int, default=2048, help="max context for the TensorRT profiles")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qublast")
@@ -72,6 +76,7 @@ def config_from_args(args: argparse.Namespace):
         seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
+        quantizers=tuple(q.strip() for q in args.quantizers.split(",") if q.strip()), act_order=args.act_order,
     )
     return ExportConfig(
         out=args.out, target=args.target, model=args.model, recipe=args.recipe, calib=calib,

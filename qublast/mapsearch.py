@@ -102,6 +102,16 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt:
     return best, off
 
 
+@torch.no_grad()
+def block_error(runner: BlockRunner, index: int, hidden: torch.Tensor, t: BlockTransform) -> float:
+    """Relative MSE of block ``index``'s output under ``t`` (full clip grid) on the search windows of ``hidden``."""
+    hidden = hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]
+    ref = runner.run_block(index, hidden)
+    with block_transformed(runner.layers[index], runner.spec, t):
+        out = runner.run_block(index, hidden)
+    return (out - ref).pow(2).mean().item() / max(ref.pow(2).mean().item(), 1e-12)
+
+
 def importance(spec: ArchSpec, inputs: dict[str, torch.Tensor], smooth: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Mean x^2 of every linear's input channels once the folds divide them by s."""
     out = {}

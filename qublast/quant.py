@@ -109,6 +109,13 @@ def _error_stats(w: torch.Tensor, wq: torch.Tensor, ratio: torch.Tensor) -> Quan
     )
 
 
+def measured(qw: QuantizedWeight, w: torch.Tensor) -> QuantizedWeight:
+    """``qw`` with its error statistics measured against ``w`` [out, in] (codes made elsewhere, e.g. GPTQ)."""
+    from dataclasses import replace
+
+    return replace(qw, stats=_error_stats(w.detach().float(), qw.dequantize(), torch.ones(1)))
+
+
 def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, *, bits: int, block_size: int) -> torch.Tensor:
     """Integer codes of ``w`` [out, in] for given scales [out, in // block_size]: int8 [out, in]."""
     out_f, in_f = w.shape

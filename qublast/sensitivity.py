@@ -24,8 +24,10 @@ from runtime.targets import Target
 
 from .apply import BlockTransform, block_transformed
 from .blocks import BlockRunner, Score
+from .compensate import gptq_transform
 from .formats import embed_format, get_format
-from .mapsearch import search_transform
+from .mapsearch import block_error, search_transform
+from .quant import QuantizedWeight
 from .vocab import VocabTransform, head_importance, score_vocab
 
 JOURNAL_VERSION = 5
@@ -49,16 +51,21 @@ class Sensitivity:
     smooth: dict | None = None  # producer -> per-channel scales (lists, for the journal)
     act_scales: dict | None = None
     importance: dict | None = None  # linear -> mean x^2 per input channel (lists, for the journal)
+    quantizer: str = "rtn"  # "rtn" or "gptq" (the one with the lower block output error, see _measure)
+    codes_file: str | None = None  # gptq: safetensors file with each linear's codes and scales
 
     def transform(self, target: Target) -> BlockTransform:
         """The block transform this row measured, with the format as ``target`` stores it."""
         smooth = {k: torch.tensor(v, dtype=torch.float32) for k, v in (self.smooth or {}).items()}
         importance = {k: torch.tensor(v, dtype=torch.float32) for k, v in (self.importance or {}).items()}
-        return BlockTransform(get_format(self.format, target), dict(self.alpha), smooth, dict(self.act_scales or {}), importance)
+        fmt = get_format(self.format, target)
+        codes = _load_codes(Path(self.codes_file), fmt.bits) if self.codes_file else {}
+        return BlockTransform(fmt, dict(self.alpha), smooth, dict(self.act_scales or {}), importance, self.quantizer, codes)
 
 
 def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,
           scaling: bool = True, range_method: str = "mse", vocab: dict[str, tuple[str, ...]] | None = None,
+          quantizers: tuple[str, ...] = ("rtn",), act_order: bool = False,
           ) -> tuple[list[dict[str, Sensitivity]], dict[str, dict[str, Sensitivity]]]:
     """Measure every (block, candidate) and every (vocab unit, format) of ``vocab``
     (``{"embed": formats, "lm_head": formats}``); returns one ``{format: Sensitivity}`` per block
@@ -83,8 +90,9 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
         for index in range(len(layers)):
             for name in candidates:
                 if name != "fp16":
-                    record((index, name), lambda: _measure(runner, index, hidden, get_format(name, target), scaling=scaling,
-                                                           range_method=range_method))
+                    record((index, name), lambda: _measure(
+                        runner, index, hidden, get_format(name, target), scaling=scaling, range_method=range_method,
+                        quantizers=quantizers, act_order=act_order, codes_dir=journal.with_suffix(".codes")))
             if _needs_later(done, index + 1, len(layers), candidates):  # else nothing reads the later hidden states
                 hidden = runner.run_block(index, hidden)
         importance = head_importance(runner) if vocab.get("lm_head") else None
@@ -128,19 +136,70 @@ def _measure_vocab(runner: BlockRunner, target: Target, unit: str, name: str, im
                        kl_unscaled=score.kl)
 
 
-def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, range_method: str) -> Sensitivity:
+def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, range_method: str,
+             quantizers: tuple[str, ...] = ("rtn",), act_order: bool = False, codes_dir: Path | None = None) -> Sensitivity:
+    """Search the map, pick each side's quantizer, score the map and the map off, keep the lower dCE.
+
+    Each side (the map's transform, the map off) takes the quantizer of ``quantizers`` with the
+    lower block output error on the search windows, which GPTQ's Hessians leave out."""
     (mapped, mapped_err), (off, off_err) = search_transform(runner, index, hidden, fmt, scaling=scaling, range_method=range_method)
+    if fmt.bits and "gptq" in quantizers:
+        off, off_err = _quantizer(runner, index, hidden, off, quantizers, act_order=act_order)
+        mapped, mapped_err = (off, off_err) if mapped is off or not scaling else _quantizer(
+            runner, index, hidden, mapped, quantizers, act_order=act_order)
     off_score = _score(runner, index, hidden, off)
     mapped_score = off_score if mapped is off else _score(runner, index, hidden, mapped)
     scaled = mapped is not off and mapped_score.ce < off_score.ce
     t, err, score = (mapped, mapped_err, mapped_score) if scaled else (off, off_err, off_score)
     fp_ce = runner.fp_score.ce
+    codes_file = _save_codes(t.codes, codes_dir / f"block{index}-{fmt.name}.safetensors") if t.codes else None
     return Sensitivity(
         index, fmt.name, score.ce - fp_ce, score.kl, alpha=t.alpha, block_err=err, block_err_unscaled=off_err,
         dce_unscaled=off_score.ce - fp_ce, kl_unscaled=off_score.kl, scaled=scaled,
         smooth={k: v.tolist() for k, v in t.smooth.items()}, act_scales=dict(t.act_scales),
-        importance={k: v.tolist() for k, v in t.importance.items()},
+        importance={k: v.tolist() for k, v in t.importance.items()}, quantizer=t.quantizer, codes_file=codes_file,
     )
+
+
+def _quantizer(runner, index, hidden, t: BlockTransform, quantizers, *, act_order: bool) -> tuple[BlockTransform, float]:
+    """``t`` by round-to-nearest or by GPTQ, whichever gives the lower block output error."""
+    gptq = gptq_transform(runner, index, hidden, t, act_order=act_order)
+    gptq_err = block_error(runner, index, hidden, gptq)
+    if "rtn" not in quantizers:
+        return gptq, gptq_err
+    rtn_err = block_error(runner, index, hidden, t)
+    return (gptq, gptq_err) if gptq_err < rtn_err else (t, rtn_err)
+
+
+def _save_codes(codes: dict[str, QuantizedWeight], path: Path) -> str:
+    """Write each linear's codes (int8) and scales (fp32) to ``path`` atomically; returns the path."""
+    from safetensors.torch import save
+
+    from .files import atomic_write_bytes
+
+    tensors = {}
+    for name, qw in codes.items():
+        tensors[f"{name}.q"] = qw.q.contiguous()
+        tensors[f"{name}.scale"] = qw.scale.contiguous().float()
+    atomic_write_bytes(path, save(tensors))
+    return str(path)
+
+
+def _load_codes(path: Path, bits: int) -> dict[str, QuantizedWeight]:
+    """The codes ``_save_codes`` wrote, as quantized weights (block size from the shapes)."""
+    from safetensors.torch import load_file
+
+    from .quant import QuantStats
+
+    tensors = load_file(str(path))
+    out = {}
+    for key in tensors:
+        if key.endswith(".q"):
+            name = key[:-2]
+            q, scale = tensors[key], tensors[f"{name}.scale"]
+            unmeasured = QuantStats(rel_err=0.0, max_abs_err=0.0, mse=0.0, clip_mean=1.0)  # apply.transform_block measures
+            out[name] = QuantizedWeight(q=q, scale=scale, bits=bits, block_size=q.shape[1] // scale.shape[1], stats=unmeasured)
+    return out
 
 
 def _score(runner: BlockRunner, index: int, hidden, t: BlockTransform) -> Score:
@@ -173,7 +232,8 @@ def _read_journal(path: Path, fingerprint: str) -> dict[tuple[int, str], Sensiti
     try:
         for line in lines[1:]:
             entry = Sensitivity(**json.loads(line))
-            done[(entry.block, entry.format)] = entry
+            if entry.codes_file is None or Path(entry.codes_file).is_file():  # else measure it again
+                done[(entry.block, entry.format)] = entry
     except (json.JSONDecodeError, TypeError):  # damaged inside: set it aside, measure again
         os.replace(path, path.with_suffix(".stale"))
         path.touch()

@@ -109,12 +109,12 @@ class VocabTransform:
         table = effective_table(model, spec)
         if self.embed.bits:
             entry = {"bits": self.embed.bits, "block_size": block_size_for(self.embed, table.shape[1])}
-            _set_table(model, spec, requantize(table, tensors.get(f"{spec.embed}.scale"), entry, spec.embed))
+            _set_table(model, spec, requantize(table, tensors, entry, spec.embed))
         elif side_table(tied=tied, embed=self.embed.name, head=self.head.name):
             _set_table(model, spec, table.half().float())
         if self.head.bits:
             entry = {"bits": self.head.bits, "block_size": block_size_for(self.head, head.in_features)}
-            _set_head(model, spec, requantize(head.weight, tensors.get(f"{spec.lm_head}.scale"), entry, spec.lm_head))
+            _set_head(model, spec, requantize(head.weight, tensors, entry, spec.lm_head))
         self._set_head_act(model, spec)
 
     def _set_head_act(self, model, spec) -> None:
