@@ -1,11 +1,16 @@
-"""ONNX Runtime speed of bundles: prefill (512 tokens) and decode ms/token at 1 and 2 threads,
-next to the memory-bandwidth bound measured in the same run (no torch).
+"""ONNX Runtime speed of bundles, as the runtime opens them: prefill (512 tokens) and decode
+ms/token at 1 and 2 threads, next to the memory-bandwidth bound measured in the same run (no torch).
 
-    python benchmarks/ort_speed.py BUNDLE [BUNDLE ...] [--prefill 512] [--decode 32]
+    python benchmarks/ort_speed.py BASELINE BUNDLE [BUNDLE ...] [--prefill 512] [--decode 32]
+
+Give the fp32 graph first (a ``--target cpu --uniform fp16 --embeddings fp16 --lm-head fp16``
+bundle): every row's speed-up is against it at the same thread count. Each bundle runs with the
+ONNX Runtime session options it records (its target's: accuracy level 4 on CPU, level 1 and no
+fused integer kernels for the Jetson graph) and its host-side embedding table, if any.
 
 Bandwidth: a numpy copy of 512 MiB (bytes read + written / time, best of 3). Bound per decode
-token: bytes of weights the graph reads (its external data file) + the KV cache, divided by
-that bandwidth. Use a `--uniform fp16` bundle as the fp32 baseline (a graph with no Q/DQ).
+token: the graph's weight bytes (``model.onnx`` + ``model.onnx.data``; a host-side table is
+read one row per token) plus the KV cache at the graph's float size, over that bandwidth.
 """
 from __future__ import annotations
 
@@ -18,8 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.bundle import has_act_quant, verify  # noqa: E402
-from runtime.session import OrtModel  # noqa: E402
+from runtime.bundle import open_bundle  # noqa: E402
 
 
 def bandwidth_gbs(mib: int = 512) -> float:
@@ -33,8 +37,8 @@ def bandwidth_gbs(mib: int = 512) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
-def time_bundle(path: Path, *, threads: int, prefill: int, decode: int, int8_fusion: bool) -> tuple[float, float]:
-    model = OrtModel(str(path / "model.onnx"), threads=threads, int8_fusion=int8_fusion)
+def time_model(model, *, prefill: int, decode: int) -> tuple[float, float]:
+    """(prefill ms, decode ms/token): one prefill of ``prefill`` tokens, then ``decode`` greedy steps."""
     ids = np.random.default_rng(0).integers(100, 1000, size=(1, prefill))
     model.forward(ids[:, :8])  # warm-up
     start = time.perf_counter()
@@ -50,25 +54,29 @@ def time_bundle(path: Path, *, threads: int, prefill: int, decode: int, int8_fus
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundles", nargs="+", type=Path)
+    p.add_argument("bundles", nargs="+", type=Path, help="the fp32 graph's bundle first, then the others")
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--decode", type=int, default=32)
     args = p.parse_args()
     bw = bandwidth_gbs()
-    print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s")
-    print("| bundle | graph MB | ORT int8 fusion | threads | prefill ms | decode ms/token | bandwidth bound ms/token |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s; prefill {args.prefill} tokens, decode {args.decode} tokens after it")
+    print("| bundle | target | graph MB | host table MB | threads | prefill ms | decode ms/token | vs first | bound ms/token |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    baseline: dict[int, float] = {}
     for path in args.bundles:
-        recipe = verify(path)
-        weights = sum(f.stat().st_size for f in path.glob("model.onnx*"))
-        layers = recipe["model"]["num_blocks"]
-        fusion = has_act_quant(recipe)  # speed runs use ORT's fused int8 kernels
+        graph = sum(f.stat().st_size for f in path.glob("model.onnx*"))
+        table = path / "embedding.safetensors"
+        table_mb = table.stat().st_size / 1e6 if table.is_file() else 0.0
         for threads in (1, 2):
-            pre, dec = time_bundle(path, threads=threads, prefill=args.prefill, decode=args.decode, int8_fusion=True)
-            model = OrtModel(str(path / "model.onnx"), threads=1)
-            kv = 2 * layers * model.layout.kv_heads * model.layout.head_dim * 4 * (args.prefill + args.decode // 2)
-            bound = 1e3 * (weights + kv) / (bw * 1e9)
-            print(f"| {path.name} | {weights / 1e6:.0f} | {'yes' if fusion else 'n/a'} | {threads} | {pre:.0f} | {dec:.1f} | {bound:.1f} |", flush=True)
+            bundle = open_bundle(path, threads=threads)
+            model = bundle.model
+            pre, dec = time_model(model, prefill=args.prefill, decode=args.decode)
+            baseline.setdefault(threads, dec)
+            itemsize = np.dtype(model.float_dtype).itemsize
+            kv = 2 * model.layout.num_layers * model.layout.kv_heads * model.layout.head_dim * itemsize * (args.prefill + args.decode // 2)
+            bound = 1e3 * (graph + kv) / (bw * 1e9)
+            print(f"| {path.name} | {bundle.recipe['target']['name']} | {graph / 1e6:.0f} | {table_mb:.0f} | {threads} | {pre:.0f} | "
+                  f"{dec:.1f} | {baseline[threads] / dec:.2f}x | {bound:.1f} |", flush=True)
     return 0
 
 
