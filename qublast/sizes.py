@@ -60,15 +60,19 @@ def fp16_bytes(model: torch.nn.Module) -> int:
     return FP16_BYTES * sum(seen.values())
 
 
+GRAPH_BYTES_PER_BLOCK = 16 << 10  # model.onnx's own bytes (nodes, small inline constants): 11.7 KiB a block for SmolLM2
+
+
 def rest_bytes(model: torch.nn.Module, spec: ArchSpec, target: Target) -> int:
-    """Parameters that are neither block linears nor the embedding / lm_head (norms, ...) in the graph's float type."""
+    """Everything but the block linears and the embedding / lm_head: the other parameters (norms, ...)
+    in the graph's float type, and an allowance for the graph file's structure."""
     skip = {get_module(model, spec.embed).weight.data_ptr(), get_module(model, spec.lm_head).weight.data_ptr()}
     for layer in blocks_of(model, spec):
         for name in spec.linears:
             linear = get_module(layer, name)
             skip.update(p.data_ptr() for p in linear.parameters())
     seen = {p.data_ptr(): p.numel() for p in model.parameters() if p.data_ptr() not in skip}
-    return target.float_bytes * sum(seen.values())
+    return target.float_bytes * sum(seen.values()) + GRAPH_BYTES_PER_BLOCK * len(blocks_of(model, spec))
 
 
 def predicted_sizes(model: torch.nn.Module, spec: ArchSpec, target: Target, formats: list[str], *, embed: str, head: str) -> dict[str, int]:

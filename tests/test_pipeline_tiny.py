@@ -79,6 +79,16 @@ def test_sizes_are_read_from_the_files(bundle, jetson_bundle):
         assert "Files counted" in (b / "report.md").read_text()
 
 
+def test_target_size_counts_the_whole_deployed_model(tiny_model_dir, tmp_path):
+    """--target-size F: the deployed files are at most F x the fp16 checkpoint, embedding and lm_head included."""
+    out = tmp_path / "s"
+    assert main(["--model", str(tiny_model_dir), *FAST, "--target-size", "0.6", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    m = read_recipe(out / "recipe.json")["metrics"]
+    assert m["size_bytes"] == _files_on_disk(out) <= 0.6 * m["size_bytes_fp16"]
+    assert m["size_bytes"] <= m["size_bytes_predicted"]  # the prediction allows for the graph file's structure
+
+
 def test_jetson_bundle_is_an_fp16_tensorrt_graph(jetson_bundle):
     """fp16 weights, activations, KV cache and DQ scales; legal for TensorRT; no format TensorRT
     would fold (w8); the build script's profiles name the graph's first input."""
