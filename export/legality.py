@@ -6,7 +6,7 @@ Each rule and its source is listed in docs/targets.md:
 - every zero point absent or zero (symmetric);
 - weight DequantizeLinear reads a constant INT8 or INT4 initializer with constant scales:
   INT8 per tensor or per channel (no blocks), INT4 only 2-D, blocked with ``block_size`` 64
-  or 128 along an even dimension, and weight-only (feeding MatMul/Gemm);
+  or 128 along an even dimension, an even last dimension, and weight-only (feeding MatMul/Gemm);
 - activation quantization is INT8 with one scalar constant scale (per tensor), never INT4;
 - fp16 graph (a strongly typed engine keeps the graph's types): DequantizeLinear scales are
   fp16 (its output type is its scale's); float weights are fp16; MatMul/Gemm/Conv compute in
@@ -148,6 +148,8 @@ def _check_dq(node, inits, consumers) -> list[str]:
             found.append(f"{node.name}: INT4 block size {block} is not one TensorRT supports {INT4_BLOCK_SIZES}")
         elif codes.dims[axis] % 2 or codes.dims[axis] % block:
             found.append(f"{node.name}: INT4 blocked dimension {codes.dims[axis]} is odd or not a multiple of {block}")
+        elif codes.dims[-1] % 2:
+            found.append(f"{node.name}: INT4 weight's last dimension {codes.dims[-1]} is odd (TensorRT's parser refuses it)")
         users = consumers.get(node.output[0], [])
         if not users or any(u.op_type not in ("MatMul", "Gemm") for u in users):
             found.append(f"{node.name}: INT4 weight must feed MatMul/Gemm only (weight-only)")

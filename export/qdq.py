@@ -80,7 +80,7 @@ def quantize_activations(graph: gs.Graph, act_scales: dict[str, float], node_mod
 
 
 def fusable_rms_norms(graph: gs.Graph) -> gs.Graph:
-    """Rewrite ``Mul(x, Reciprocal(Sqrt(v)))`` as ``Div(x, Sqrt(v))`` (same value; ORT fuses the latter)."""
+    """Rewrite ``Mul(x, Reciprocal(Sqrt(v)))`` as ``Div(x, Sqrt(v))`` (the same value up to one rounding; ORT fuses the latter)."""
     for node in list(graph.nodes):
         if node.op != "Reciprocal" or not node.inputs[0].inputs or node.inputs[0].inputs[0].op != "Sqrt":
             continue

@@ -4,10 +4,11 @@ Session options come from the bundle (its target's ``ort_session``, recorded in 
 ``evaluation.ort_session``), so the runtime runs a bundle exactly as its recorded perplexity
 was measured: graph optimisation ORT_ENABLE_ALL plus, for the CPU target,
 ``session.qdq_matmulnbits_accuracy_level = 4`` (MatMulNBits quantizes each activation row
-to INT8 per weight block, the fast kernels); for the Jetson graph level 1 (fp32 math, what
-TensorRT's weight-only GEMM computes) and ``session.disable_quant_qdq = 1`` so INT8
-activation Q/DQ runs as written rather than in ONNX Runtime's integer kernels (whose x86
-path without AVX-VNNI saturates u8 x s8 products).
+to INT8 per weight block, the fast kernels); for the Jetson graph
+``session.disable_quant_qdq = 1``: the graph runs as written (DequantizeLinear, then the
+float MatMul TensorRT's weight-only GEMM computes; activation Q/DQ as Q/DQ), not in ONNX
+Runtime's integer kernels (whose x86 path without AVX-VNNI saturates u8 x s8 products) nor
+its MatMulNBits.
 
 A graph whose first input is ``inputs_embeds`` needs the bundle's embedding table: ``forward``
 still takes token ids and looks their rows up.

@@ -209,6 +209,14 @@ def test_int4_block_size_outside_tensorrts_is_reported():
     _assert_only(_int4_model(block_size=32), "block size 32 is not one TensorRT supports")
 
 
+def test_int4_odd_last_dimension_is_reported():
+    odd = RNG.integers(-8, 8, size=(K, 3)).astype(np.int8)
+    inits = [pack_int4("w.q", odd), numpy_helper.from_array(S4[:, :3].copy(), "w.scale")]
+    nodes = [helper.make_node("DequantizeLinear", ["w.q", "w.scale"], ["w.dq"], name="w.dq", axis=0, block_size=BLOCK),
+             helper.make_node("MatMul", ["x", "w.dq"], ["y"], name="mm")]
+    _assert_only(_model(nodes, inits, out_shape=(M, 3)), "last dimension 3 is odd")
+
+
 def test_int4_feeding_add_is_reported():
     _assert_only(_int4_model(consumer="Add"), "must feed MatMul/Gemm")  # not run: only the rule matters
 

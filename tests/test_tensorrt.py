@@ -614,3 +614,28 @@ def test_real_engine_matches_ort_on_a_tiny_llama(tmp_path):
     prompt = [5, 17, 99, 3, 250, 42]
     _assert_close(run_steps(TrtModel(str(bundle / "model.plan")), prompt, 4),
                   run_steps(OrtModel(str(bundle / "model.onnx")), prompt, 4), tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("uniform", ["w4", "w8a8"])
+def test_real_engine_runs_a_jetson_bundle(tmp_path, tiny_model_dir, uniform):
+    """A Jetson bundle from the CLI (fp16 graph, INT4 or W8A8 blocks, INT8 host-side table, INT4
+    lm_head for w4) builds strongly typed with its own script's profiles and agrees with the ONNX
+    Runtime check the bundle records (fp16 tolerance), through the runtime's bundle opener."""
+    _need_tensorrt()
+    from qublast.export import main
+    from runtime.bundle import open_bundle
+
+    out = tmp_path / "bundle"
+    head = "w4" if uniform == "w4" else "fp16"
+    args = ["--model", str(tiny_model_dir), "--target", "jetson", "--calib-seqlen", "32", "--calib-windows", "2",
+            "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "2", "--context", "64", "--uniform", uniform,
+            "--embeddings", "w8", "--lm-head", head, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    assert build_engine.main(["--bundle", str(out)]) == 0
+    prompt = [5, 17, 99, 3, 250, 42]
+    trt_steps = run_steps(open_bundle(out, backend="trt").model, prompt, 4)
+    ort_steps = run_steps(open_bundle(out, backend="ort").model, prompt, 4)
+    for (logits, _), (ref, _) in zip(trt_steps, ort_steps):
+        np.testing.assert_allclose(logits, ref, rtol=5e-2, atol=5e-2 * float(np.abs(ref).max()))
