@@ -180,10 +180,11 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     if fixed:
         formats = [*fixed, vocab_option(embed_choices[0], head_choices[0])]
     else:
-        formats, allocation = _allocate(model, spec, target, table, options, holdout, cfg, importance, log)
+        formats, allocation = _allocate(model, spec, target, table, vocab_table, options, holdout, cfg, importance, log)
     block_formats, embed, head = split_plan(formats)
     transforms = [row[f].transform(target) for row, f in zip(table, block_formats)]
-    vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance)
+    vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance,
+                              head_codes=vocab_table["lm_head"][head].head_codes(target))
     with transforms_applied(model, spec, transforms, vocab) as qweights, PeakRecorder(model) as peaks:
         allocation["heldout_ce_quant"] = float(window_ce(model, holdout).mean())
     recipe = {
@@ -200,6 +201,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
         tensors.update({f"{spec.blocks}.{index}.{producer}.smooth": s for producer, s in t.smooth.items()})
         tensors.update({f"{spec.blocks}.{index}.{name}.qweight": qweights[f"{spec.blocks}.{index}.{name}"].q
                         for name in t.codes})  # GPTQ codes are not round(w / scale): stored
+    if vocab.head_codes is not None:
+        tensors[f"{spec.lm_head}.qweight"] = qweights[spec.lm_head].q
     return recipe, tensors
 
 
@@ -237,7 +240,7 @@ def _options(model, spec, target, table, vocab_table, candidates, embed_choices,
     return options
 
 
-def _allocate(model, spec, target, table, options, holdout, cfg: CalibConfig, importance, log) -> tuple[list[str], dict]:
+def _allocate(model, spec, target, table, vocab_table, options, holdout, cfg: CalibConfig, importance, log) -> tuple[list[str], dict]:
     fp_windows = window_ce(model, holdout)
     info: dict = {"heldout_ce_fp": float(fp_windows.mean())}
     if cfg.mode in ("target_size", "blocks_size"):
@@ -253,7 +256,8 @@ def _allocate(model, spec, target, table, options, holdout, cfg: CalibConfig, im
         """The upper bound on the held-out dCE that repair compares with the target."""
         blocks, embed, head = split_plan(formats)
         transforms = [row[f].transform(target) for row, f in zip(table, blocks)]
-        vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance)
+        vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance,
+                                  head_codes=vocab_table["lm_head"][head].head_codes(target))
         with transforms_applied(model, spec, transforms, vocab):
             shift = ce_shift(window_ce(model, holdout), fp_windows)
         shifts[tuple(formats)] = shift

@@ -68,6 +68,7 @@ def vocab_entries(model, spec: ArchSpec, target: Target, *, embed: str, head: st
     head_entry = linear_entry(get_module(model, spec.lm_head), name=spec.lm_head, path=spec.lm_head, fmt_name=head, target=target)
     if spec.lm_head in qweights:
         head_entry["error"] = qweights[spec.lm_head].stats.as_dict()
+    head_entry["quantizer"] = table["lm_head"][head].quantizer if head_entry["bits"] else None
     lm_head = {"format": head, "tied": tied, "linears": [head_entry],
-               "sensitivity": {f: {"dce": s.dce, "kl": s.kl} for f, s in table.get("lm_head", {}).items()}}
+               "sensitivity": {f: {"dce": s.dce, "kl": s.kl, "quantizer": s.quantizer} for f, s in table.get("lm_head", {}).items()}}
     return {"embedding": embedding, "lm_head": lm_head}

@@ -28,7 +28,7 @@ from .compensate import gptq_transform
 from .formats import embed_format, get_format
 from .mapsearch import block_error, search_transform
 from .quant import QuantizedWeight
-from .vocab import VocabTransform, head_importance, score_vocab
+from .vocab import VocabTransform, gptq_head, head_importance, score_vocab
 
 JOURNAL_VERSION = 5
 VOCAB_UNITS = ("embed", "lm_head")
@@ -61,6 +61,12 @@ class Sensitivity:
         fmt = get_format(self.format, target)
         codes = _load_codes(Path(self.codes_file), fmt.bits) if self.codes_file else {}
         return BlockTransform(fmt, dict(self.alpha), smooth, dict(self.act_scales or {}), importance, self.quantizer, codes)
+
+    def head_codes(self, target: Target) -> QuantizedWeight | None:
+        """lm_head's GPTQ codes and scales (an lm_head row measured with GPTQ), else None."""
+        if not self.codes_file:
+            return None
+        return _load_codes(Path(self.codes_file), get_format(self.format, target).bits)["lm_head"]
 
 
 def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,
@@ -98,7 +104,8 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
         importance = head_importance(runner) if vocab.get("lm_head") else None
         for unit, formats in vocab.items():
             for name in formats:
-                record((unit, name), lambda: _measure_vocab(runner, target, unit, name, importance))
+                record((unit, name), lambda: _measure_vocab(runner, target, unit, name, importance, quantizers=quantizers,
+                                                            act_order=act_order, codes_dir=journal.with_suffix(".codes")))
     bar.close()
     return _table(done, len(layers), candidates), _vocab_table(done, vocab)
 
@@ -125,15 +132,38 @@ def _vocab_table(done: dict, vocab: dict[str, tuple[str, ...]]) -> dict[str, dic
     return {unit: {"fp16": _fp16_row(unit), **{f: done[(unit, f)] for f in formats}} for unit, formats in vocab.items()}
 
 
-def _measure_vocab(runner: BlockRunner, target: Target, unit: str, name: str, importance) -> Sensitivity:
-    """dCE and KL with only the embedding table or only lm_head in format ``name``."""
+def _measure_vocab(runner: BlockRunner, target: Target, unit: str, name: str, importance, *, quantizers=("rtn",),
+                   act_order: bool = False, codes_dir: Path | None = None) -> Sensitivity:
+    """dCE and KL with only the embedding table or only lm_head in format ``name``. lm_head takes
+    the quantizer of ``quantizers`` whose logits err less on the search windows (GPTQ fits on the others)."""
+    quantizer, codes_file = "rtn", None
     if unit == "embed":
         transform = VocabTransform(embed_format(name), get_format("fp16", target))
     else:
         transform = VocabTransform(embed_format("fp16"), get_format(name, target), importance)
+        if "gptq" in quantizers:
+            gptq = VocabTransform(transform.embed, transform.head, importance, gptq_head(runner, transform.head, act_order=act_order))
+            if "rtn" not in quantizers or _head_error(runner, gptq) < _head_error(runner, transform):
+                transform, quantizer = gptq, "gptq"
+                codes_file = _save_codes({"lm_head": gptq.head_codes}, codes_dir / f"lm_head-{name}.safetensors")
     score = score_vocab(runner, transform, unit=unit)
     return Sensitivity(unit, name, score.ce - runner.fp_score.ce, score.kl, dce_unscaled=score.ce - runner.fp_score.ce,
-                       kl_unscaled=score.kl)
+                       kl_unscaled=score.kl, quantizer=quantizer, codes_file=codes_file)
+
+
+@torch.no_grad()
+def _head_error(runner: BlockRunner, vocab: VocabTransform) -> float:
+    """Relative MSE of the logits on the search windows with lm_head as ``vocab`` says."""
+    from .mapsearch import SEARCH_TOKENS
+    from .vocab import head_inputs, vocab_restored
+
+    x = head_inputs(runner)[: max(1, SEARCH_TOKENS // runner.ids.shape[1])]
+    head = runner.model.get_submodule(runner.spec.lm_head)
+    ref = head(x)
+    with vocab_restored(runner.model, runner.spec):
+        vocab.apply_head(runner.model, runner.spec)
+        out = runner.model.get_submodule(runner.spec.lm_head)(x)
+    return float((out - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12))
 
 
 def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, range_method: str,

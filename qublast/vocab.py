@@ -22,7 +22,7 @@ from runtime.targets import Target, WeightFormat
 from .arch import ArchSpec
 from .blocks import BlockRunner, Score, get_module
 from .formats import block_size_for, embed_format, get_format
-from .quant import QuantizedWeight, quantize_weight
+from .quant import QuantizedWeight, measured, quantize_weight
 
 EMBED_CHUNK = 4096  # token ids per call of the embedding module when reading its table
 
@@ -51,11 +51,25 @@ def quantize_table(table: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
     return quantize_weight(table, bits=fmt.bits, block_size=block_size_for(fmt, table.shape[1]))
 
 
-def head_importance(runner: BlockRunner) -> torch.Tensor:
-    """[H] mean square of lm_head's input channels (final norm output) on the runner's windows."""
-    norm = get_module(runner.model, runner.spec.final_norm)
+def head_inputs(runner: BlockRunner) -> torch.Tensor:
+    """[N, S, H] lm_head's input (the final norm's output) on the runner's windows, fp model."""
     with torch.no_grad():
-        return norm(runner.final_hidden).float().pow(2).flatten(0, -2).mean(dim=0)
+        return get_module(runner.model, runner.spec.final_norm)(runner.final_hidden).float()
+
+
+def head_importance(runner: BlockRunner) -> torch.Tensor:
+    """[H] mean square of lm_head's input channels on the runner's windows."""
+    return head_inputs(runner).pow(2).flatten(0, -2).mean(dim=0)
+
+
+def gptq_head(runner: BlockRunner, fmt: WeightFormat, *, act_order: bool = False) -> QuantizedWeight:
+    """lm_head by GPTQ, its Hessian from the final norm's output on the windows the map search leaves out."""
+    from .compensate import fit_windows
+    from .gptq import gptq_quantize, hessian
+
+    head = get_module(runner.model, runner.spec.lm_head)
+    h = hessian(fit_windows(head_inputs(runner)))
+    return gptq_quantize(head.weight, h, bits=fmt.bits, block_size=block_size_for(fmt, head.in_features), act_order=act_order)
 
 
 @dataclass(frozen=True)
@@ -65,12 +79,14 @@ class VocabTransform:
     embed: WeightFormat
     head: WeightFormat
     head_importance: torch.Tensor | None = None
+    head_codes: QuantizedWeight | None = None  # GPTQ's codes and scales for lm_head; None: round to nearest
 
     @classmethod
-    def of(cls, target: Target, *, embed: str, head: str, head_importance: torch.Tensor | None = None) -> VocabTransform:
+    def of(cls, target: Target, *, embed: str, head: str, head_importance: torch.Tensor | None = None,
+           head_codes: QuantizedWeight | None = None) -> VocabTransform:
         if head not in target.head_formats:
             raise get_format_error(target, head)
-        return cls(embed_format(embed), get_format(head, target), head_importance)
+        return cls(embed_format(embed), get_format(head, target), head_importance, head_codes)
 
     @classmethod
     def from_recipe(cls, recipe: dict, target: Target) -> VocabTransform:
@@ -95,8 +111,11 @@ class VocabTransform:
         out = {}
         if self.head.bits:
             head = get_module(model, spec.lm_head)
-            out[spec.lm_head] = quantize_weight(head.weight, bits=self.head.bits, importance=self.head_importance,
-                                                block_size=block_size_for(self.head, head.in_features))
+            if self.head_codes is not None:
+                out[spec.lm_head] = measured(self.head_codes, head.weight)
+            else:
+                out[spec.lm_head] = quantize_weight(head.weight, bits=self.head.bits, importance=self.head_importance,
+                                                    block_size=block_size_for(self.head, head.in_features))
             _set_head(model, spec, out[spec.lm_head].dequantize())
         self._set_head_act(model, spec)
         return out
