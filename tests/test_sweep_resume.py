@@ -32,9 +32,9 @@ def test_sweep_resumes_after_kill(tmp_path, monkeypatch):
         calls.append((index, fmt.name))
         return original(runner, index, hidden, fmt, **kwargs)
 
-    def counting_vocab(runner, target, unit, name, importance):
+    def counting_vocab(runner, target, unit, name, importance, **kwargs):
         calls.append((unit, name))
-        return original_vocab(runner, target, unit, name, importance)
+        return original_vocab(runner, target, unit, name, importance, **kwargs)
 
     monkeypatch.setattr(sensitivity, "_measure", counting)
     monkeypatch.setattr(sensitivity, "_measure_vocab", counting_vocab)
