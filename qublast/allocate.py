@@ -89,19 +89,64 @@ def best_upgrade(formats: list[str], options: list[list[Choice]]) -> tuple[int, 
     return index, option
 
 
+def predicted(formats: list[str], options: list[list[Choice]]) -> tuple[int, float]:
+    """(bytes, predicted loss) of a plan."""
+    chosen = [next(c for c in unit if c.format == f) for f, unit in zip(formats, options)]
+    return sum(c.bytes for c in chosen), sum(c.loss for c in chosen)
+
+
 def repair(
-    plan: Plan, options: list[list[Choice]], *, max_loss: float, measure: Callable[[list[str]], float], log: Callable[[str], None] = print
+    plan: Plan, options: list[list[Choice]], *, max_loss: float, measure: Callable[[list[str]], float],
+    log: Callable[[str], None] = print, spend_tries: int = 0,
 ) -> tuple[list[str], list[dict]]:
     """Measure the plan; while the measured loss (``measure`` may return an upper confidence bound)
-    exceeds ``max_loss``, apply ``best_upgrade`` and measure again."""
+    exceeds ``max_loss``, apply ``best_upgrade`` and measure again. Then, with ``spend_tries``,
+    spend what the measurement leaves (``spend``). Every step records its predicted and measured loss."""
     formats = list(plan.formats)
-    history = [{"formats": list(formats), "measured": measure(formats)}]
+    history = [_step(formats, options, measure(formats), action="plan")]
     while history[-1]["measured"] > max_loss:
         step = best_upgrade(formats, options)
         if step is None:
             break
         index, option = step
-        log(f"repair: measured {history[-1]['measured']:.5f} > {max_loss:.5f}; block {index}: {formats[index]} -> {option.format}")
+        log(f"repair: measured {history[-1]['measured']:.5f} > {max_loss:.5f}; unit {index}: {formats[index]} -> {option.format}")
         formats[index] = option.format
-        history.append({"formats": list(formats), "measured": measure(formats), "upgraded": index, "to": option.format})
+        history.append(_step(formats, options, measure(formats), action="up", upgraded=index, to=option.format))
+    if spend_tries and history[-1]["measured"] <= max_loss:
+        formats = spend(formats, options, history, max_loss=max_loss, measure=measure, tries=spend_tries, log=log)
     return formats, history
+
+
+def spend(formats: list[str], options: list[list[Choice]], history: list[dict], *, max_loss: float,
+          measure: Callable[[list[str]], float], tries: int, log: Callable[[str], None] = print) -> list[str]:
+    """Two-sided repair: while the measured bound leaves room under ``max_loss``, move to a smaller plan.
+
+    The predictions are calibrated by the last accepted measurement (ratio = measured bound /
+    predicted loss): the next plan is the knapsack's smallest with predicted loss <= max_loss /
+    ratio. It is measured; accepted if its bound fits, else the predicted target is halved back
+    towards the accepted plan's. At most ``tries`` measurements; appends each to ``history``."""
+    accepted, ceiling = history[-1], float("inf")  # ceiling: predicted loss of the smallest plan that did not fit
+    frontier = pareto_frontier(options)  # bytes ascending, predicted loss descending
+    for _ in range(tries):
+        ratio = max(accepted["measured"], 1e-9) / max(accepted["predicted"], 1e-9)
+        target = max_loss / ratio
+        if ceiling < float("inf"):
+            target = min(target, (accepted["predicted"] + ceiling) / 2)
+        candidate = next((p for p in frontier if p.loss <= target), None)
+        if candidate is None or candidate.bytes >= accepted["bytes"]:
+            break
+        step = _step(list(candidate.formats), options, measure(list(candidate.formats)), action="down")
+        history.append(step)
+        log(f"spend: predicted {step['predicted']:.5f}, measured {step['measured']:.5f} "
+            f"({'fits' if step['measured'] <= max_loss else 'over'} {max_loss:.5f}), {step['bytes']} bytes")
+        if step["measured"] <= max_loss:
+            accepted = step
+        else:
+            ceiling = step["predicted"]
+    history.append({**accepted, "action": "kept"})
+    return list(accepted["formats"])
+
+
+def _step(formats: list[str], options: list[list[Choice]], measured: float, **extra) -> dict:
+    size, loss = predicted(formats, options)
+    return {"formats": list(formats), "measured": measured, "predicted": loss, "bytes": size, **extra}

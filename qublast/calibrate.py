@@ -67,6 +67,7 @@ class CalibConfig:
     alloc_loss: str = "kl"  # what allocation sums per block: kl or dce (ALLOC_LOSSES)
     quantizers: tuple[str, ...] = ("rtn", "gptq")  # measured per (block, format); the lower block error is kept
     act_order: bool = False  # GPTQ visits columns by decreasing input power (static groups)
+    spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
     def __post_init__(self):
@@ -99,6 +100,8 @@ class CalibConfig:
             raise InputError(f"--quantizers {','.join(self.quantizers)}: choose from {', '.join(QUANTIZERS)}")
         if self.alloc_loss not in ALLOC_LOSSES:
             raise InputError(f"unknown allocation loss {self.alloc_loss!r}; known: {', '.join(ALLOC_LOSSES)}")
+        if self.spend_tries < 0:
+            raise InputError(f"--spend-tries must be >= 0, got {self.spend_tries}")
         if self.holdout_windows < 2:
             raise InputError(f"--holdout-windows must be >= 2 (the repair bound needs a spread), got {self.holdout_windows}")
         if not 0 < self.safety <= 1:
@@ -263,7 +266,8 @@ def _allocate(model, spec, target, table, vocab_table, options, holdout, cfg: Ca
         shifts[tuple(formats)] = shift
         return shift.upper(Z_UPPER)
 
-    formats, history = repair(plan, options, max_loss=cfg.safety * max_loss, measure=measure, log=log)
+    formats, history = repair(plan, options, max_loss=cfg.safety * max_loss, measure=measure, log=log,
+                              spend_tries=cfg.spend_tries)
     for step in history:
         shift = shifts[tuple(step["formats"])]
         step.update(dce=shift.mean, stderr=shift.stderr)

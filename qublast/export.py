@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alloc-loss", default="kl", choices=ALLOC_LOSSES,
                    help="what allocation sums per block: kl (default; stable on few windows) or dce "
                         "(needs many --calib-windows)")
+    p.add_argument("--spend-tries", type=int, default=4,
+                   help="--max-ppl-increase: measurements spent moving to smaller plans while the held-out bound "
+                        "leaves room (two-sided repair; 0 repairs upward only)")
     p.add_argument("--quantizers", default="rtn,gptq",
                    help="quantizers the sweep tries per block and format, the lower block output error kept: rtn, gptq "
                         "(default both)")
@@ -77,6 +80,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
         quantizers=tuple(q.strip() for q in args.quantizers.split(",") if q.strip()), act_order=args.act_order,
+        spend_tries=args.spend_tries,
     )
     return ExportConfig(
         out=args.out, target=args.target, model=args.model, recipe=args.recipe, calib=calib,

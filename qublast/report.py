@@ -168,9 +168,12 @@ def _timings(m: dict) -> str:
 def _allocation_text(allocation: dict) -> str:
     out = [f"{k}: {v}" for k, v in allocation.items() if k != "repair"]
     for step in allocation.get("repair", []):
-        counts = {f: step["formats"].count(f) for f in sorted(set(step["formats"]))}
+        blocks, vocab = step["formats"][:-1], step["formats"][-1]
+        counts = {f: blocks.count(f) for f in sorted(set(blocks))}
         shift = f"{step['dce']:+.5f} +- {step['stderr']:.5f}, bound {step['measured']:+.5f}" if "dce" in step else f"{step['measured']:+.5f}"
-        out.append(f"repair step: held-out dCE {shift}, formats {counts}")
+        predicted = f"predicted {step['predicted']:.5f}, " if "predicted" in step else ""
+        size = f", {step['bytes']} bytes" if "bytes" in step else ""
+        out.append(f"{step.get('action', 'repair')}: {predicted}held-out dCE {shift}, blocks {counts}, embedding/lm_head {vocab}{size}")
     return "\n".join(out)
 
 

@@ -151,7 +151,8 @@ def test_repair_upgrades_until_measured_fits():
         return _measure(formats)
 
     formats, history = repair(plan, REPAIR_OPTIONS, max_loss=max_loss, measure=measure, log=logs.append)
-    assert history[0] == {"formats": ["w4", "w4", "w4"], "measured": _measure(["w4", "w4", "w4"])}
+    assert history[0] == {"formats": ["w4", "w4", "w4"], "measured": _measure(["w4", "w4", "w4"]), "predicted": pytest.approx(0.17),
+                          "bytes": 100, "action": "plan"}
     assert history[-1]["measured"] <= max_loss
     assert all(h["measured"] > max_loss for h in history[:-1])
     assert formats == history[-1]["formats"]
@@ -188,6 +189,40 @@ def test_repair_stops_when_nothing_is_left_to_upgrade():
     formats, history = repair(plan, REPAIR_OPTIONS, max_loss=-1.0, measure=_measure, log=lambda s: None)
     assert formats == ["fp16", "fp16", "fp16"]
     assert history[-1]["measured"] == 0.0
+
+
+def test_two_sided_repair_spends_the_room_the_measurement_leaves():
+    """Predictions 10x too pessimistic: the measured bound of the first plan leaves room, so the
+    repair moves to smaller plans (calibrating predicted to measured), never past max_loss, and
+    every step records predicted and measured loss."""
+    options = [[Choice("fp16", 100, 0.0), Choice("w8", 50, 0.02), Choice("w4", 25, 0.08)] for _ in range(4)]
+
+    def measure(formats):  # the truth: a tenth of the prediction
+        return 0.1 * sum(next(c.loss for c in unit if c.format == f) for f, unit in zip(formats, options))
+
+    plan = solve_for_loss(options, 0.05)  # predicted <= 0.05: two w8 blocks
+    formats, history = repair(plan, options, max_loss=0.05, measure=measure, log=lambda _m: None, spend_tries=4)
+    final = next(h for h in history if h["action"] == "kept")
+    assert final["formats"] == formats and final["measured"] <= 0.05
+    assert final["bytes"] < plan.bytes  # the budget was spent, not left unused
+    assert all({"predicted", "measured", "bytes", "action"} <= set(h) for h in history)
+    assert all(h["measured"] == pytest.approx(0.1 * h["predicted"]) for h in history)
+    assert len([h for h in history if h["action"] == "down"]) <= 4
+    unspent, _ = repair(plan, options, max_loss=0.05, measure=measure, log=lambda _m: None, spend_tries=0)
+    assert unspent == list(plan.formats)
+
+
+def test_two_sided_repair_backs_off_from_a_plan_that_does_not_fit():
+    """A plan that looks cheap but measures over the bound is not kept."""
+    options = [[Choice("fp16", 100, 0.0), Choice("w8", 50, 0.01), Choice("w4", 25, 0.02)] for _ in range(3)]
+
+    def measure(formats):  # w4 is much worse than predicted
+        return sum({"fp16": 0.0, "w8": 0.001, "w4": 0.2}[f] for f in formats)
+
+    plan = solve_for_loss(options, 0.03)
+    formats, history = repair(plan, options, max_loss=0.03, measure=measure, log=lambda _m: None, spend_tries=3)
+    assert measure(formats) <= 0.03
+    assert any(h["measured"] > 0.03 for h in history if h["action"] == "down")
 
 
 @pytest.mark.parametrize("loss", ["kl", "dce"])
