@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,9 +174,11 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     log(f"sensitivity on target {target.name}: {len(layers)} blocks x {len(candidates) - 1} formats, embedding "
         f"{'/'.join(embed_choices)}, lm_head {'/'.join(head_choices)} on {sens.size} tokens, scaling map "
         f"{'on' if cfg.scaling else 'off'} (journal {journal})")
+    started = time.perf_counter()
     table, vocab_table = sweep(runner, target, candidates, journal=journal, fingerprint=fingerprint, scaling=cfg.scaling,
                                range_method=cfg.range_method, vocab={"embed": embed_choices, "lm_head": head_choices},
                                quantizers=cfg.quantizers, act_order=cfg.act_order)
+    costs = {"sweep_s": time.perf_counter() - started, "sweep_runs": len(candidates) - 1, "blocks": len(layers)}
     importance = head_importance(runner)
     del runner
     options = _options(model, spec, target, table, vocab_table, candidates, embed_choices, head_choices, cfg.alloc_loss)
@@ -183,7 +186,9 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     if fixed:
         formats = [*fixed, vocab_option(embed_choices[0], head_choices[0])]
     else:
+        started = time.perf_counter()
         formats, allocation = _allocate(model, spec, target, table, vocab_table, options, holdout, cfg, importance, log)
+        costs["allocation_s"] = time.perf_counter() - started
     block_formats, embed, head = split_plan(formats)
     transforms = [row[f].transform(target) for row, f in zip(table, block_formats)]
     vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance,
@@ -192,7 +197,7 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
         allocation["heldout_ce_quant"] = float(window_ce(model, holdout).mean())
     recipe = {
         "format": RECIPE_FORMAT, "version": RECIPE_VERSION, "model": model_info, "target": target_entry(target),
-        "calibration": _calibration_entry(cfg, calib_label, candidates, peaks.summary()),
+        "calibration": {**_calibration_entry(cfg, calib_label, candidates, peaks.summary()), "costs": _costs(costs, table, vocab_table)},
         "constraint": {"mode": cfg.mode, "value": cfg.mode_value},
         "blocks": block_entries(model, spec, target, block_formats, qweights, table, scaling=cfg.scaling),
         **vocab_entries(model, spec, target, embed=embed, head=head, qweights=qweights, table=vocab_table),
@@ -293,6 +298,18 @@ def _solve_size(model, spec, target, options, cfg: CalibConfig) -> tuple[Plan, i
         raise BudgetError(f"size budget {fraction} x fp16 ({budget} bytes, {what}) is below the smallest {what} on target "
                           f"{target.name}: {smallest} bytes = {smallest / reference:.4f} x fp16")
     return solve_for_size(units, budget - offset), budget
+
+
+def _costs(costs: dict, table, vocab_table) -> dict:
+    """What calibration cost: wall times (this run's, and the journal's measurements, which a resumed
+    run did not repeat), GPTQ's share, and the process's peak resident memory."""
+    import resource
+
+    entries = [s for row in table for f, s in row.items() if f != "fp16"] + [
+        s for row in vocab_table.values() for f, s in row.items() if f != "fp16"]
+    return {**costs, "measurements": len(entries), "measured_s": sum(s.seconds for s in entries),
+            "gptq_s": sum(s.gptq_seconds for s in entries),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: dict) -> dict:

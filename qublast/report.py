@@ -53,6 +53,8 @@ def render(recipe: dict) -> str:
         "",
         f"Logit agreement PyTorch vs ORT: {m.get('logit_agreement')}. Timings (s): {_timings(m)}",
         "",
+        f"Calibration costs: {_costs(recipe['calibration'].get('costs', {}))}",
+        "",
         *_peaks(recipe),
         *_vocab_lines(recipe),
         "## Blocks",
@@ -159,6 +161,15 @@ def _e(value: float | None) -> str:
 def _f(sens: dict, fmt: str, key: str) -> str:
     value = sens.get(fmt, {}).get(key)
     return "-" if value is None or fmt == "fp16" else f"{value:+.5f}"
+
+
+def _costs(costs: dict) -> str:
+    """The sweep's measurements, their wall time and GPTQ's share, the repair's time, peak memory."""
+    if not costs:
+        return "not recorded"
+    return (f"{costs['measurements']} sensitivity measurements, {costs['measured_s']:.0f} s measured (GPTQ "
+            f"{costs['gptq_s']:.0f} s of it; this run's sweep {costs['sweep_s']:.0f} s, the rest came from the journal), "
+            f"allocation and repair {costs.get('allocation_s', 0):.0f} s, peak memory {costs['peak_rss_mb']:.0f} MB")
 
 
 def _timings(m: dict) -> str:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -53,6 +54,8 @@ class Sensitivity:
     importance: dict | None = None  # linear -> mean x^2 per input channel (lists, for the journal)
     quantizer: str = "rtn"  # "rtn" or "gptq" (the one with the lower block output error, see _measure)
     codes_file: str | None = None  # gptq: safetensors file with each linear's codes and scales
+    seconds: float = field(default=0.0, compare=False)  # wall time of this measurement (search, GPTQ, scoring)
+    gptq_seconds: float = field(default=0.0, compare=False)  # of which GPTQ (Hessians and solves)
 
     def transform(self, target: Target) -> BlockTransform:
         """The block transform this row measured, with the format as ``target`` stores it."""
@@ -88,7 +91,9 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
 
         def record(key, measure):
             if key not in done:
-                done[key] = measure()
+                start = time.perf_counter()
+                entry = measure()
+                done[key] = replace(entry, seconds=time.perf_counter() - start)
                 _write(log, asdict(done[key]))
                 bar.update(1)
 
@@ -173,10 +178,12 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
     Each side (the map's transform, the map off) takes the quantizer of ``quantizers`` with the
     lower block output error on the search windows, which GPTQ's Hessians leave out."""
     (mapped, mapped_err), (off, off_err) = search_transform(runner, index, hidden, fmt, scaling=scaling, range_method=range_method)
+    gptq_start = time.perf_counter()
     if fmt.bits and "gptq" in quantizers:
         off, off_err = _quantizer(runner, index, hidden, off, quantizers, act_order=act_order)
         mapped, mapped_err = (off, off_err) if mapped is off or not scaling else _quantizer(
             runner, index, hidden, mapped, quantizers, act_order=act_order)
+    gptq_seconds = time.perf_counter() - gptq_start
     off_score = _score(runner, index, hidden, off)
     mapped_score = off_score if mapped is off else _score(runner, index, hidden, mapped)
     scaled = mapped is not off and mapped_score.ce < off_score.ce
@@ -188,6 +195,7 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
         dce_unscaled=off_score.ce - fp_ce, kl_unscaled=off_score.kl, scaled=scaled,
         smooth={k: v.tolist() for k, v in t.smooth.items()}, act_scales=dict(t.act_scales),
         importance={k: v.tolist() for k, v in t.importance.items()}, quantizer=t.quantizer, codes_file=codes_file,
+        gptq_seconds=gptq_seconds,
     )
 
 
