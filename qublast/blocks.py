@@ -81,6 +81,19 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
+    def run_block_chunked(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``run_block`` for any number of windows [M, S, H], in chunks of at most N (the captured kwargs' batch)."""
+        size = self.ids.shape[0]
+        return torch.cat([self.run_block(index, hidden[start : start + size]) for start in range(0, hidden.shape[0], size)])
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Block 0's input for other windows ``ids`` [M, S] of the same length: the embedding module's output."""
+        if ids.shape[1] != self.ids.shape[1]:
+            raise ValueError(f"windows of {ids.shape[1]} tokens, the runner's are {self.ids.shape[1]}")
+        return get_module(self.model, self.spec.embed)(ids).detach()
+
+    @torch.no_grad()
     def run_from(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden state after blocks ``index..L-1``: [N, S, H]."""
         for i in range(index, len(self.layers)):

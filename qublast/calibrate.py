@@ -67,7 +67,8 @@ class CalibConfig:
     range_method: str = "mse"  # static activation ranges: absmax, percentile or mse
     alloc_loss: str = "kl"  # what allocation sums per block: kl or dce (ALLOC_LOSSES)
     quantizers: tuple[str, ...] = ("rtn", "gptq")  # measured per (block, format); the lower block error is kept
-    act_order: bool = False  # GPTQ visits columns by decreasing input power (static groups)
+    act_order: bool = True  # GPTQ visits columns by decreasing input power (static groups)
+    gptq_windows: int = 32  # GPTQ's own calibration windows (its Hessians)
     spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
@@ -101,6 +102,8 @@ class CalibConfig:
             raise InputError(f"--quantizers {','.join(self.quantizers)}: choose from {', '.join(QUANTIZERS)}")
         if self.alloc_loss not in ALLOC_LOSSES:
             raise InputError(f"unknown allocation loss {self.alloc_loss!r}; known: {', '.join(ALLOC_LOSSES)}")
+        if self.gptq_windows < 1:
+            raise InputError(f"--gptq-windows must be >= 1, got {self.gptq_windows}")
         if self.spend_tries < 0:
             raise InputError(f"--spend-tries must be >= 0, got {self.spend_tries}")
         if self.holdout_windows < 2:
@@ -162,7 +165,9 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     from .text import calib_windows
 
     target = get_target(cfg.target)
-    sens, holdout = calib_windows(calib_ids, cfg.seqlen, (cfg.sens_windows, cfg.holdout_windows), seed=cfg.seed)
+    gptq = "gptq" in cfg.quantizers
+    sens, holdout, *fit = calib_windows(calib_ids, cfg.seqlen, (cfg.sens_windows, cfg.holdout_windows)
+                                        + ((cfg.gptq_windows,) if gptq else ()), seed=cfg.seed)
     layers = blocks_of(model, spec)
     fixed = cfg.fixed_formats(len(layers))
     candidates = ("fp16", *sorted(set(fixed) - {"fp16"})) if fixed else cfg.candidates
@@ -177,7 +182,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     started = time.perf_counter()
     table, vocab_table = sweep(runner, target, candidates, journal=journal, fingerprint=fingerprint, scaling=cfg.scaling,
                                range_method=cfg.range_method, vocab={"embed": embed_choices, "lm_head": head_choices},
-                               quantizers=cfg.quantizers, act_order=cfg.act_order)
+                               quantizers=cfg.quantizers, act_order=cfg.act_order,
+                               fit=runner.embed(torch.from_numpy(fit[0])) if gptq else None)
     costs = {"sweep_s": time.perf_counter() - started, "sweep_runs": len(candidates) - 1, "blocks": len(layers)}
     importance = head_importance(runner)
     del runner
@@ -319,7 +325,7 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "clip_grid": list(CLIP_GRID), "safety": cfg.safety, "scaling": cfg.scaling,
         "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
-        "quantizers": list(cfg.quantizers), "act_order": cfg.act_order,
+        "quantizers": list(cfg.quantizers), "act_order": cfg.act_order, "gptq_windows": cfg.gptq_windows,
     }
 
 
@@ -328,5 +334,5 @@ def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
     digest.update(model_info["weight_sha256"].encode())
     digest.update(np.ascontiguousarray(sens).tobytes())
     digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method, cfg.target, ALL_FORMATS, sorted(cfg.quantizers),
-                        cfg.act_order)).encode())
+                        cfg.act_order, cfg.gptq_windows if "gptq" in cfg.quantizers else None)).encode())
     return digest.hexdigest()

@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizers", default="rtn,gptq",
                    help="quantizers the sweep tries per block and format, the lower block output error kept: rtn, gptq "
                         "(default both)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing input power")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ visits columns in order (default: by decreasing input power)")
+    p.add_argument("--gptq-windows", type=int, default=32, help="GPTQ's own calibration windows of --calib-seqlen (default 32)")
     p.add_argument("--context", type=int, default=2048, help="max context for the TensorRT profiles")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qublast")
@@ -79,7 +80,7 @@ def config_from_args(args: argparse.Namespace):
         seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
-        quantizers=tuple(q.strip() for q in args.quantizers.split(",") if q.strip()), act_order=args.act_order,
+        quantizers=tuple(q.strip() for q in args.quantizers.split(",") if q.strip()), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,
         spend_tries=args.spend_tries,
     )
     return ExportConfig(

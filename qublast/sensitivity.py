@@ -74,11 +74,14 @@ class Sensitivity:
 
 def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,
           scaling: bool = True, range_method: str = "mse", vocab: dict[str, tuple[str, ...]] | None = None,
-          quantizers: tuple[str, ...] = ("rtn",), act_order: bool = False,
+          quantizers: tuple[str, ...] = ("rtn",), act_order: bool = True, fit: torch.Tensor | None = None,
           ) -> tuple[list[dict[str, Sensitivity]], dict[str, dict[str, Sensitivity]]]:
     """Measure every (block, candidate) and every (vocab unit, format) of ``vocab``
     (``{"embed": formats, "lm_head": formats}``); returns one ``{format: Sensitivity}`` per block
-    and per vocab unit, fp16 rows included."""
+    and per vocab unit, fp16 rows included. ``fit`` [M, S, H]: block 0's input on GPTQ's windows
+    (needed when ``quantizers`` has "gptq"), advanced through the fp blocks with the sweep."""
+    if "gptq" in quantizers and fit is None:
+        raise ValueError("GPTQ needs its calibration windows (fit)")
     done = _read_journal(journal, fingerprint)
     layers = runner.layers
     vocab = {unit: tuple(f for f in formats if f != "fp16") for unit, formats in (vocab or {}).items()}
@@ -97,20 +100,26 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
                 _write(log, asdict(done[key]))
                 bar.update(1)
 
-        hidden = runner.first_hidden
+        hidden, fit_index = runner.first_hidden, 0  # fit has gone through blocks < fit_index
         for index in range(len(layers)):
             for name in candidates:
                 if name != "fp16":
                     record((index, name), lambda: _measure(
                         runner, index, hidden, get_format(name, target), scaling=scaling, range_method=range_method,
-                        quantizers=quantizers, act_order=act_order, codes_dir=journal.with_suffix(".codes")))
+                        quantizers=quantizers, act_order=act_order, fit=fit, codes_dir=journal.with_suffix(".codes")))
             if _needs_later(done, index + 1, len(layers), candidates):  # else nothing reads the later hidden states
                 hidden = runner.run_block(index, hidden)
+                if fit is not None and "gptq" in quantizers:
+                    fit, fit_index = runner.run_block_chunked(index, fit), index + 1
         importance = head_importance(runner) if vocab.get("lm_head") else None
+        if "gptq" in quantizers and any(("lm_head", f) not in done for f in vocab.get("lm_head", ())):
+            for index in range(fit_index, len(layers)):  # GPTQ's windows through the rest of the fp model
+                fit = runner.run_block_chunked(index, fit)
         for unit, formats in vocab.items():
             for name in formats:
                 record((unit, name), lambda: _measure_vocab(runner, target, unit, name, importance, quantizers=quantizers,
-                                                            act_order=act_order, codes_dir=journal.with_suffix(".codes")))
+                                                            act_order=act_order, fit_final=fit,
+                                                            codes_dir=journal.with_suffix(".codes")))
     bar.close()
     return _table(done, len(layers), candidates), _vocab_table(done, vocab)
 
@@ -138,7 +147,7 @@ def _vocab_table(done: dict, vocab: dict[str, tuple[str, ...]]) -> dict[str, dic
 
 
 def _measure_vocab(runner: BlockRunner, target: Target, unit: str, name: str, importance, *, quantizers=("rtn",),
-                   act_order: bool = False, codes_dir: Path | None = None) -> Sensitivity:
+                   act_order: bool = True, fit_final=None, codes_dir: Path | None = None) -> Sensitivity:
     """dCE and KL with only the embedding table or only lm_head in format ``name``. lm_head takes
     the quantizer of ``quantizers`` whose logits err less on the search windows (GPTQ fits on the others)."""
     quantizer, codes_file = "rtn", None
@@ -147,7 +156,8 @@ def _measure_vocab(runner: BlockRunner, target: Target, unit: str, name: str, im
     else:
         transform = VocabTransform(embed_format("fp16"), get_format(name, target), importance)
         if "gptq" in quantizers:
-            gptq = VocabTransform(transform.embed, transform.head, importance, gptq_head(runner, transform.head, act_order=act_order))
+            codes = gptq_head(runner, transform.head, fit_final, act_order=act_order)
+            gptq = VocabTransform(transform.embed, transform.head, importance, codes)
             if "rtn" not in quantizers or _head_error(runner, gptq) < _head_error(runner, transform):
                 transform, quantizer = gptq, "gptq"
                 codes_file = _save_codes({"lm_head": gptq.head_codes}, codes_dir / f"lm_head-{name}.safetensors")
@@ -172,17 +182,17 @@ def _head_error(runner: BlockRunner, vocab: VocabTransform) -> float:
 
 
 def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, range_method: str,
-             quantizers: tuple[str, ...] = ("rtn",), act_order: bool = False, codes_dir: Path | None = None) -> Sensitivity:
+             quantizers: tuple[str, ...] = ("rtn",), act_order: bool = True, fit=None, codes_dir: Path | None = None) -> Sensitivity:
     """Search the map, pick each side's quantizer, score the map and the map off, keep the lower dCE.
 
     Each side (the map's transform, the map off) takes the quantizer of ``quantizers`` with the
-    lower block output error on the search windows, which GPTQ's Hessians leave out."""
+    lower block output error on the search windows (GPTQ fits on its own windows, ``fit``)."""
     (mapped, mapped_err), (off, off_err) = search_transform(runner, index, hidden, fmt, scaling=scaling, range_method=range_method)
     gptq_start = time.perf_counter()
     if fmt.bits and "gptq" in quantizers:
-        off, off_err = _quantizer(runner, index, hidden, off, quantizers, act_order=act_order)
+        off, off_err = _quantizer(runner, index, hidden, fit, off, quantizers, act_order=act_order)
         mapped, mapped_err = (off, off_err) if mapped is off or not scaling else _quantizer(
-            runner, index, hidden, mapped, quantizers, act_order=act_order)
+            runner, index, hidden, fit, mapped, quantizers, act_order=act_order)
     gptq_seconds = time.perf_counter() - gptq_start
     off_score = _score(runner, index, hidden, off)
     mapped_score = off_score if mapped is off else _score(runner, index, hidden, mapped)
@@ -199,9 +209,10 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
     )
 
 
-def _quantizer(runner, index, hidden, t: BlockTransform, quantizers, *, act_order: bool) -> tuple[BlockTransform, float]:
-    """``t`` by round-to-nearest or by GPTQ, whichever gives the lower block output error."""
-    gptq = gptq_transform(runner, index, hidden, t, act_order=act_order)
+def _quantizer(runner, index, hidden, fit, t: BlockTransform, quantizers, *, act_order: bool) -> tuple[BlockTransform, float]:
+    """``t`` by round-to-nearest or by GPTQ (fitted on ``fit``), whichever gives the lower block
+    output error on the search windows of ``hidden``."""
+    gptq = gptq_transform(runner, index, fit, t, act_order=act_order)
     gptq_err = block_error(runner, index, hidden, gptq)
     if "rtn" not in quantizers:
         return gptq, gptq_err

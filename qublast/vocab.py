@@ -62,13 +62,14 @@ def head_importance(runner: BlockRunner) -> torch.Tensor:
     return head_inputs(runner).pow(2).flatten(0, -2).mean(dim=0)
 
 
-def gptq_head(runner: BlockRunner, fmt: WeightFormat, *, act_order: bool = False) -> QuantizedWeight:
-    """lm_head by GPTQ, its Hessian from the final norm's output on the windows the map search leaves out."""
-    from .compensate import fit_windows
+def gptq_head(runner: BlockRunner, fmt: WeightFormat, fit_final: torch.Tensor, *, act_order: bool = True) -> QuantizedWeight:
+    """lm_head by GPTQ, its Hessian from the final norm's output on GPTQ's windows (``fit_final``:
+    their last block's output, fp model)."""
     from .gptq import gptq_quantize, hessian
 
     head = get_module(runner.model, runner.spec.lm_head)
-    h = hessian(fit_windows(head_inputs(runner)))
+    with torch.no_grad():
+        h = hessian(get_module(runner.model, runner.spec.final_norm)(fit_final).float())
     return gptq_quantize(head.weight, h, bits=fmt.bits, block_size=block_size_for(fmt, head.in_features), act_order=act_order)
 
 
