@@ -74,6 +74,10 @@ class BlockRunner:
     @torch.no_grad()
     def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Output hidden state of block ``index`` for ``hidden`` [n, S, H], n <= N (the first windows)."""
+        return self.block_forward(index, hidden)
+
+    def block_forward(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``run_block`` where autograd may record (reconstruction)."""
         kwargs = self.layer_kwargs[index]
         if hidden.shape[0] != self.ids.shape[0]:
             kwargs = {k: _first_rows(v, hidden.shape[0], self.ids.shape[0]) for k, v in kwargs.items()}

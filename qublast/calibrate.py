@@ -27,6 +27,7 @@ from .evaluate import PeakRecorder, ce_shift, fp16_overflow, window_ce
 from .formats import ALL_FORMATS, fits, get_format, get_target
 from .quant import CLIP_GRID
 from .entries import block_entries, target_entry, vocab_entries
+from .reconstruct import reconstruct
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
 from .scaling import ALPHA_GRID, RANGE_METHODS
 from .sensitivity import sweep
@@ -69,6 +70,8 @@ class CalibConfig:
     quantizers: tuple[str, ...] = ("rtn", "gptq")  # measured per (block, format); the lower block error is kept
     act_order: bool = True  # GPTQ visits columns by decreasing input power (static groups)
     gptq_windows: int = 32  # GPTQ's own calibration windows (its Hessians)
+    reconstruct: int = 0  # cross-block reconstruction: blocks per window (0: off)
+    reconstruct_steps: int = 60
     spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
@@ -104,6 +107,8 @@ class CalibConfig:
             raise InputError(f"unknown allocation loss {self.alloc_loss!r}; known: {', '.join(ALLOC_LOSSES)}")
         if self.gptq_windows < 1:
             raise InputError(f"--gptq-windows must be >= 1, got {self.gptq_windows}")
+        if self.reconstruct < 0 or self.reconstruct_steps < 1:
+            raise InputError(f"--reconstruct must be >= 0 and --reconstruct-steps >= 1, got {self.reconstruct}, {self.reconstruct_steps}")
         if self.spend_tries < 0:
             raise InputError(f"--spend-tries must be >= 0, got {self.spend_tries}")
         if self.holdout_windows < 2:
@@ -199,13 +204,20 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     transforms = [row[f].transform(target) for row, f in zip(table, block_formats)]
     vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance,
                               head_codes=vocab_table["lm_head"][head].head_codes(target))
+    if cfg.reconstruct:
+        started = time.perf_counter()
+        transforms, allocation["reconstruction"] = reconstruct(
+            model, spec, transforms, vocab, torch.from_numpy(fit[0] if fit else sens), window=cfg.reconstruct,
+            steps=cfg.reconstruct_steps, log=log)
+        costs["reconstruction_s"] = time.perf_counter() - started
     with transforms_applied(model, spec, transforms, vocab) as qweights, PeakRecorder(model) as peaks:
         allocation["heldout_ce_quant"] = float(window_ce(model, holdout).mean())
     recipe = {
         "format": RECIPE_FORMAT, "version": RECIPE_VERSION, "model": model_info, "target": target_entry(target),
         "calibration": {**_calibration_entry(cfg, calib_label, candidates, peaks.summary()), "costs": _costs(costs, table, vocab_table)},
         "constraint": {"mode": cfg.mode, "value": cfg.mode_value},
-        "blocks": block_entries(model, spec, target, block_formats, qweights, table, scaling=cfg.scaling),
+        "blocks": block_entries(model, spec, target, block_formats, qweights, table, scaling=cfg.scaling,
+                                quantizers=[t.quantizer for t in transforms]),
         **vocab_entries(model, spec, target, embed=embed, head=head, qweights=qweights, table=vocab_table),
         "allocation": allocation,
         "metrics": predicted_sizes(model, spec, target, block_formats, embed=embed, head=head),
@@ -326,6 +338,7 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
         "quantizers": list(cfg.quantizers), "act_order": cfg.act_order, "gptq_windows": cfg.gptq_windows,
+        "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps,
     }
 
 

@@ -20,16 +20,18 @@ def target_entry(target: Target) -> dict:
     }
 
 
-def block_entries(model, spec: ArchSpec, target: Target, formats: list[str], qweights: dict, table: list[dict], *, scaling: bool) -> list[dict]:
-    """One recipe entry per block: format, map, sensitivity, linears with their errors and bytes."""
+def block_entries(model, spec: ArchSpec, target: Target, formats: list[str], qweights: dict, table: list[dict], *, scaling: bool,
+                  quantizers: list[str]) -> list[dict]:
+    """One recipe entry per block: format, map, quantizer (as applied: "gptq", "rtn", "+cbq" when
+    reconstructed), sensitivity, linears with their errors and bytes."""
     out = []
     for index, (layer, fmt) in enumerate(zip(blocks_of(model, spec), formats)):
-        chosen = table[index][fmt]
+        chosen, quantizer = table[index][fmt], quantizers[index]
         linears = []
         for name in spec.linears:
             path = f"{spec.blocks}.{index}.{name}"
             entry = linear_entry(get_module(layer, name), name=name, path=path, fmt_name=fmt, target=target)
-            entry["quantizer"] = chosen.quantizer if entry["bits"] else None
+            entry["quantizer"] = quantizer if entry["bits"] else None
             if path in qweights:
                 entry["error"] = qweights[path].stats.as_dict()
             if chosen.act_scales and name in chosen.act_scales:
@@ -37,7 +39,7 @@ def block_entries(model, spec: ArchSpec, target: Target, formats: list[str], qwe
                 entry["act_range"] = chosen.act_scales[name] * 127
             linears.append(entry)
         out.append({
-            "index": index, "format": fmt, "alpha": chosen.alpha, "quantizer": chosen.quantizer if fmt != "fp16" else None,
+            "index": index, "format": fmt, "alpha": chosen.alpha, "quantizer": quantizer if fmt != "fp16" else None,
             "map": chosen.scaled if scaling and fmt != "fp16" else None,
             "block_err": chosen.block_err, "block_err_unscaled": chosen.block_err_unscaled,
             "smooth": sorted(chosen.smooth or {}),

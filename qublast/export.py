@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
                         "(default both)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ visits columns in order (default: by decreasing input power)")
     p.add_argument("--gptq-windows", type=int, default=32, help="GPTQ's own calibration windows of --calib-seqlen (default 32)")
+    p.add_argument("--reconstruct", type=int, default=0,
+                   help="cross-block reconstruction: tune the scales of this many consecutive blocks at a time to match "
+                        "the fp model's output (0: off, the default; see docs/results.md)")
+    p.add_argument("--reconstruct-steps", type=int, default=60, help="optimizer steps per reconstruction window")
     p.add_argument("--context", type=int, default=2048, help="max context for the TensorRT profiles")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qublast")
@@ -81,6 +85,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
         quantizers=tuple(q.strip() for q in args.quantizers.split(",") if q.strip()), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,
+        reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps,
         spend_tries=args.spend_tries,
     )
     return ExportConfig(

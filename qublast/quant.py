@@ -141,4 +141,7 @@ def fake_quant_dynamic(x: torch.Tensor, block_size: int) -> torch.Tensor:
     amax = blocks.abs().amax(dim=-1, keepdim=True)  # [..., G, 1]
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     codes = torch.round(blocks * inv)  # torch.round rounds half to even
-    return (codes * (amax / 127.0)).reshape(x.shape).to(x.dtype)
+    out = (codes * (amax / 127.0)).reshape(x.shape).to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:  # reconstruction: the gradient passes straight through
+        return x + (out - x).detach()
+    return out

@@ -106,6 +106,15 @@ def act_scale(range_: float, *, bits: int = 8) -> float:
 
 
 def fake_quant(x: torch.Tensor, scale: float, *, bits: int = 8) -> torch.Tensor:
-    """Symmetric per-tensor quantize-dequantize, as ONNX QuantizeLinear + DequantizeLinear compute it."""
+    """Symmetric per-tensor quantize-dequantize, as ONNX QuantizeLinear + DequantizeLinear compute it.
+    Gradients pass straight through (only where autograd is recording: reconstruction)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+    out = torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+    return straight_through(x, out)
+
+
+def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``quantized`` forward; while autograd records a graph through ``x``, the identity's gradient backward."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x + (quantized - x).detach()
+    return quantized

@@ -1,0 +1,125 @@
+"""Cross-block reconstruction (CBQ-style): tune the scales of a window of consecutive quantized
+blocks so the window's output matches the fp model's, errors of earlier blocks included.
+
+After allocation every block has its format and codes (GPTQ or round-to-nearest). Window by
+window (``window`` blocks), with the earlier windows already tuned and quantized:
+
+    x_q  = the quantized model's input to the window;  y = the fp model's output of the window
+    minimise  |window_q(x_q) - y|^2 / |y|^2  over  g  (one log-gain per scale group)
+    with each quantized weight  W = q * (scale * exp(g))  and the codes q fixed
+
+Activation fake-quantization passes gradients straight through. The tuned scales are rounded to
+fp16 values (what the graph stores); the codes stay, so the recipe stores them and replays
+exactly. The deployed format is unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch.nn.utils import parametrize
+
+from .apply import BlockTransform, transforms_applied
+from .arch import ArchSpec
+from .blocks import BlockRunner, get_module
+from .quant import QuantizedWeight, dequantize, measured
+
+
+class _Dequantized(torch.nn.Module):
+    """Parametrization of a linear's weight: ``q * (scale * exp(gain))``, ``gain`` learnable [out, G]."""
+
+    def __init__(self, qw: QuantizedWeight):
+        super().__init__()
+        self.register_buffer("q", qw.q.float())
+        self.register_buffer("scale", qw.scale.float())
+        self.gain = torch.nn.Parameter(torch.zeros_like(qw.scale))
+        self.block_size = qw.block_size
+
+    def forward(self, _weight: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.q, self.scale * torch.exp(self.gain), self.block_size)
+
+    def tuned(self, qw: QuantizedWeight) -> QuantizedWeight:
+        """``qw`` with the tuned scales, rounded to fp16 values."""
+        scale = (self.scale * torch.exp(self.gain.detach())).half().float()
+        return replace(qw, scale=scale)
+
+
+def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, ids: torch.Tensor, *, window: int = 2,
+                steps: int = 60, lr: float = 2e-3, batch: int = 2, log=print) -> tuple[list[BlockTransform], list[dict]]:
+    """Tune every quantized block's scales, ``window`` blocks at a time, on token windows ``ids`` [N, S].
+
+    Returns the transforms with their tuned codes and scales (``codes``; quantizer "<q>+cbq") and
+    one record per window (loss before and after). The model is left as it came in."""
+    runner = BlockRunner(model, spec, ids)
+    layers, hidden, targets = runner.layers, runner.first_hidden, {}
+    for index in range(len(layers)):  # the fp model's output of every window
+        hidden = runner.run_block(index, hidden)
+        if (index + 1) % window == 0 or index + 1 == len(layers):
+            targets[index] = hidden
+    del hidden
+    tuned, records = list(transforms), []
+    with transforms_applied(model, spec, transforms, vocab) as qweights:
+        x_q = get_module(model, spec.embed)(ids).detach()  # block 0's input through the deployed table
+        for start in range(0, len(layers), window):
+            blocks = range(start, min(start + window, len(layers)))
+            paths = {i: {n: f"{spec.blocks}.{i}.{n}" for n in spec.linears if f"{spec.blocks}.{i}.{n}" in qweights} for i in blocks}
+            target = targets.pop(blocks[-1])
+            record, results = _tune(runner, blocks, paths, qweights, x_q, target, steps=steps, lr=lr, batch=batch)
+            records.append({"blocks": list(blocks), **record})
+            log(f"reconstruction: blocks {blocks[0]}-{blocks[-1]}: relative error {record['before']:.4g} -> {record['after']:.4g}")
+            for i in blocks:
+                if paths[i]:
+                    codes = {n: measured(results[paths[i][n]], get_module(layers[i], n).weight) for n in paths[i]}
+                    tuned[i] = replace(tuned[i], codes=codes, quantizer=f"{tuned[i].quantizer}+cbq")
+            with torch.no_grad():
+                for i in blocks:
+                    x_q = runner.run_block(i, x_q)
+    return tuned, records
+
+
+def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: int, lr: float, batch: int):
+    """Adam on the window's log-gains; returns ({"before", "after", "steps"}, {path: tuned QuantizedWeight})."""
+    layers = runner.layers
+    params = {}
+    for i in blocks:
+        for name, path in paths[i].items():
+            linear = get_module(layers[i], name)
+            parametrize.register_parametrization(linear, "weight", _Dequantized(qweights[path]))
+            params[path] = linear.parametrizations.weight[0]
+    try:
+        def loss(rows) -> torch.Tensor:
+            out = x_q[rows]
+            for i in blocks:
+                out = runner.block_forward(i, out)
+            return (out - target[rows]).pow(2).mean() / target[rows].pow(2).mean().clamp(min=1e-12)
+
+        every = torch.arange(x_q.shape[0])
+        with torch.no_grad():
+            before = float(loss(every))
+        if params:
+            optimizer = torch.optim.Adam([p.gain for p in params.values()], lr=lr)
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(steps):
+                rows = torch.randperm(x_q.shape[0], generator=generator)[:batch]
+                optimizer.zero_grad()
+                value = loss(rows)
+                value.backward()
+                optimizer.step()
+        results = {path: p.tuned(qweights[path]) for path, p in params.items()}
+    finally:
+        for i in blocks:
+            for name in paths[i]:
+                parametrize.remove_parametrizations(get_module(layers[i], name), "weight", leave_parametrized=False)
+    for i in blocks:  # the tuned (fp16-rounded) weights, for the windows after this one
+        for name, path in paths[i].items():
+            get_module(layers[i], name).weight.data = results[path].dequantize()
+    with torch.no_grad():
+        after = float(loss(torch.arange(x_q.shape[0])))
+    if not math.isfinite(after) or after > before:  # never keep a worse window
+        for i in blocks:
+            for name, path in paths[i].items():
+                get_module(layers[i], name).weight.data = qweights[path].dequantize()
+        results = {path: qweights[path] for path in results}
+        after = before
+    return {"before": before, "after": after, "steps": steps if params else 0}, results
