@@ -50,7 +50,8 @@ def export_bundle_graph(model, spec, recipe: dict, tensors: dict, work: Path, ta
     raw.mkdir()
     log(f"exporting ONNX (opset {onnx_export.OPSET}, {target.graph_dtype}, KV cache, "
         f"{'inputs_embeds' if outside else 'input_ids'})")
-    graph_model = copy.deepcopy(model).to(_TORCH_FLOAT[target.graph_dtype]) if target.graph_dtype != "float32" else model
+    want = _TORCH_FLOAT[target.graph_dtype]
+    graph_model = copy.deepcopy(model).to(want) if next(model.parameters()).dtype != want else model
     proto = onnx_export.export_onnx(graph_model, raw / "model.onnx", embeds=outside)
     del graph_model
     node_modules = onnx_export.linear_modules(proto)

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from qublast import text as qtext
 from qublast.calibrate import CalibConfig, calibrate
+from qublast.device import placed, torch_dtype
 from qublast.errors import GraphError, InputError
 from qublast.files import atomic_write_text
 from qublast.formats import get_target
@@ -93,7 +94,7 @@ def _build(cfg: ExportConfig, work: Path) -> None:
     t0 = time.perf_counter()
     source = resolve_source(cfg.model, trust_remote_code=cfg.trust_remote_code)
     log(f"loading {source.model_id}")
-    model, tokenizer, spec = load_model(source)
+    model, tokenizer, spec = load_model(source, dtype=torch_dtype(cfg.calib.dtype))
     info = {"id": source.model_id, "model_type": model.config.model_type, "weight_sha256": weight_hash(model),
             "num_blocks": model.config.num_hidden_layers, "gguf": source.gguf_file}
     timings["load_s"] = time.perf_counter() - t0
@@ -101,11 +102,11 @@ def _build(cfg: ExportConfig, work: Path) -> None:
     eval_src = qtext.eval_text(path=cfg.eval_text, dataset=cfg.eval_dataset)
     windows = qtext.eval_windows(qtext.tokenize(tokenizer, eval_src.text), cfg.seqlen, max_windows=cfg.max_eval_windows)
     log(f"evaluation: {eval_src.label}, {len(windows)} windows of {cfg.seqlen}")
-    ppl_fp = _cached_fp_ppl(model, windows, info, cfg.calib.cache_dir)
-
-    t0 = time.perf_counter()
-    recipe, scales = _recipe_and_scales(cfg, model, spec, tokenizer, info)
-    timings["calibration_s"] = time.perf_counter() - t0
+    with placed(model, spec, cfg.calib.device):
+        ppl_fp = _cached_fp_ppl(model, windows, info, cfg.calib.cache_dir)
+        t0 = time.perf_counter()
+        recipe, scales = _recipe_and_scales(cfg, model, spec, tokenizer, info)
+        timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     target = get_target(cfg.target)
@@ -150,7 +151,8 @@ def _verify(cfg, model, spec, recipe, scales, windows, work: Path, target, *, pp
 
     quantize_recipe(model, spec, recipe, scales)  # the map is already folded in (export_bundle_graph)
     t0 = time.perf_counter()
-    ppl_torch = perplexity(model, windows, desc="ppl torch (quantized)").ppl
+    with placed(model, spec, cfg.calib.device):
+        ppl_torch = perplexity(model, windows, desc="ppl torch (quantized)").ppl
     timings["eval_torch_s"] = time.perf_counter() - t0
     table = EmbeddingTable.load(work / TABLE_FILE) if (work / TABLE_FILE).is_file() else None
     ort_model = OrtModel(str(work / "model.onnx"), threads=cfg.threads, session_config=target.ort_session, embedding=table)
@@ -174,7 +176,7 @@ def _logit_agreement(model, ort_model, ids: np.ndarray, *, decode_steps: int = 4
     import torch
 
     with torch.no_grad():
-        ref = model(input_ids=torch.from_numpy(ids[None]), use_cache=False).logits.numpy()
+        ref = model(input_ids=torch.from_numpy(ids[None]), use_cache=False).logits.float().numpy()
     logits, past = ort_model.forward(ids[None])
     prefill = float(np.abs(logits - ref).max())
     seq, decode = ids, 0.0
@@ -183,7 +185,7 @@ def _logit_agreement(model, ort_model, ids: np.ndarray, *, decode_steps: int = 4
         logits, past = ort_model.forward(token, past)
         seq = np.concatenate([seq, token[0]])
         with torch.no_grad():
-            ref = model(input_ids=torch.from_numpy(seq[None]), use_cache=False).logits[:, -1:].numpy()
+            ref = model(input_ids=torch.from_numpy(seq[None]), use_cache=False).logits[:, -1:].float().numpy()
         decode = max(decode, float(np.abs(logits - ref).max()))
     return {"prefill_max_abs": prefill, "decode_max_abs": decode, "decode_steps": decode_steps,
             "logit_range": float(np.abs(ref).max())}

@@ -52,6 +52,7 @@ def quantize_linear(linear: torch.nn.Linear, fmt: WeightFormat, *, clip_grid: tu
     """Quantized form of a linear's weight in ``fmt``; ``None`` for an unquantized format."""
     if fmt.bits is None:
         return None
+    importance = None if importance is None else importance.to(linear.weight.device)
     return quantize_weight(linear.weight, bits=fmt.bits, block_size=block_size_for(fmt, linear.in_features),
                            clip_grid=clip_grid, importance=importance)
 
@@ -62,8 +63,8 @@ def fold_block(block: torch.nn.Module, spec: ArchSpec, smooth: dict[str, torch.T
     for group in spec.groups:
         if group.producer not in smooth:
             continue
-        s = smooth[group.producer]
         producer = get_module(block, group.producer)
+        s = smooth[group.producer].to(producer.weight.device)
         if isinstance(producer, torch.nn.Linear):
             weight, bias = fold_into_rows(producer.weight, producer.bias, s)
             producer.weight.data.copy_(weight)
@@ -228,5 +229,5 @@ def quantize_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensor
         set_act_quant(layer, act_quantizers(fmt, linears, scales))
     for path, entry in block_linears(recipe).items():
         linear = get_module(model, path)
-        linear.weight.data = requantize(linear.weight, tensors, entry, path)
+        linear.weight.data = requantize(linear.weight, tensors, entry, path).to(linear.weight.dtype)
     VocabTransform.from_recipe(recipe, target).replay(model, spec, tensors)

@@ -37,7 +37,9 @@ class BlockRunner:
     """Block-by-block execution on token windows ``ids`` [N, S] (see module docstring)."""
 
     def __init__(self, model: torch.nn.Module, spec: ArchSpec, ids: torch.Tensor, *, chunk: int = 2):
-        self.model, self.spec, self.ids, self.chunk = model, spec, ids, chunk
+        from .device import model_device
+
+        self.model, self.spec, self.ids, self.chunk = model, spec, ids.to(model_device(model)), chunk
         self.layers = blocks_of(model, spec)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.first_hidden, self.layer_kwargs = self._capture()
@@ -95,7 +97,7 @@ class BlockRunner:
         """Block 0's input for other windows ``ids`` [M, S] of the same length: the embedding module's output."""
         if ids.shape[1] != self.ids.shape[1]:
             raise ValueError(f"windows of {ids.shape[1]} tokens, the runner's are {self.ids.shape[1]}")
-        return get_module(self.model, self.spec.embed)(ids).detach()
+        return get_module(self.model, self.spec.embed)(ids.to(self.ids.device)).detach()
 
     @torch.no_grad()
     def run_from(self, index: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .allocate import Choice, Plan, repair, solve_for_loss, solve_for_size
 from .apply import transforms_applied
 from .arch import ArchSpec
 from .blocks import BlockRunner, blocks_of
+from .device import check_device, torch_dtype
 from .errors import BudgetError, InputError
 from .evaluate import PeakRecorder, ce_shift, fp16_overflow, window_ce
 from .formats import ALL_FORMATS, fits, get_format, get_target
@@ -72,6 +73,8 @@ class CalibConfig:
     gptq_windows: int = 32  # GPTQ's own calibration windows (its Hessians)
     reconstruct: int = 0  # cross-block reconstruction: blocks per window (0: off)
     reconstruct_steps: int = 60
+    device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
+    dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
     spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
@@ -109,6 +112,8 @@ class CalibConfig:
             raise InputError(f"--gptq-windows must be >= 1, got {self.gptq_windows}")
         if self.reconstruct < 0 or self.reconstruct_steps < 1:
             raise InputError(f"--reconstruct must be >= 0 and --reconstruct-steps >= 1, got {self.reconstruct}, {self.reconstruct_steps}")
+        check_device(self.device)
+        torch_dtype(self.dtype)
         if self.spend_tries < 0:
             raise InputError(f"--spend-tries must be >= 0, got {self.spend_tries}")
         if self.holdout_windows < 2:
@@ -338,7 +343,7 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
         "quantizers": list(cfg.quantizers), "act_order": cfg.act_order, "gptq_windows": cfg.gptq_windows,
-        "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps,
+        "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps, "device": cfg.device, "dtype": cfg.dtype,
     }
 
 

@@ -55,5 +55,5 @@ def gptq_transform(runner: BlockRunner, index: int, fit: torch.Tensor, t: BlockT
         for name in spec.linears:
             linear = get_module(block, name)
             codes[name] = gptq_quantize(linear.weight, hessians[name], bits=t.fmt.bits, act_order=act_order,
-                                        block_size=block_size_for(t.fmt, linear.in_features))
+                                        block_size=block_size_for(t.fmt, linear.in_features))  # on the Hessian's device
     return replace(t, codes=codes, quantizer="gptq")

@@ -31,14 +31,16 @@ def perplexity(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int =
 @torch.no_grad()
 def window_ce(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2, desc: str = "held-out CE") -> np.ndarray:
     """Mean next-token cross-entropy in nats of each window: float64 [N]."""
-    out = []
+    from .device import model_device
+
+    out, device = [], model_device(model)
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", file=sys.stderr):
-        ids = torch.from_numpy(windows[start : start + batch_size])
+        ids = torch.from_numpy(windows[start : start + batch_size]).to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, S, V]
         # class dim last and contiguous: log-softmax over a strided class dim sums 49k exps in a
         # less accurate order and biased SmolLM2's PPL by -0.013%
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1)
-        out.extend(nll.double().mean(dim=1).tolist())
+        out.extend(nll.double().mean(dim=1).cpu().tolist())
     return np.asarray(out, dtype=np.float64)
 
 

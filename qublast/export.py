@@ -64,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
                    help="cross-block reconstruction: tune the scales of this many consecutive blocks at a time to match "
                         "the fp model's output (0: off, the default; see docs/results.md)")
     p.add_argument("--reconstruct-steps", type=int, default=60, help="optimizer steps per reconstruction window")
+    p.add_argument("--device", default="cpu", help="where calibration computes: cpu (default), cuda or cuda:N; "
+                                                  "blocks move there one at a time")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="the model's dtype during calibration (default float32; float16 suits the Jetson fp16 graph)")
     p.add_argument("--context", type=int, default=2048, help="max context for the TensorRT profiles")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qublast")
@@ -85,7 +89,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
         quantizers=tuple(q.strip() for q in args.quantizers.split(",") if q.strip()), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,
-        reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps,
+        reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps, device=args.device, dtype=args.dtype,
         spend_tries=args.spend_tries,
     )
     return ExportConfig(

@@ -27,13 +27,16 @@ LAZY_BATCH = 128  # columns updated together before the trailing matrix is touch
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
     """``2 X^T X / n`` of inputs ``x`` [..., in], accumulated in fp32 (float64 for the sum): [in, in]."""
-    flat = x.reshape(-1, x.shape[-1]).double()
+    flat = x.reshape(-1, x.shape[-1])
+    flat = flat.float() if flat.device.type == "mps" else flat.double()
     return (2.0 / flat.shape[0] * flat.T @ flat).float()
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, block_size: int, damp: float = DAMP,
                   act_order: bool = False, clip_grid: tuple[float, ...] = CLIP_GRID) -> QuantizedWeight:
-    """GPTQ codes and scales of ``w`` [out, in] for inputs whose Hessian is ``h`` [in, in]."""
+    """GPTQ codes and scales of ``w`` [out, in] for inputs whose Hessian is ``h`` [in, in], computed on
+    ``h``'s device; the result lives on ``w``'s."""
+    home, w = w.device, w.to(h.device)
     out_f, in_f = w.shape
     if in_f % block_size:
         raise ValueError(f"block size {block_size} does not divide input size {in_f}")
@@ -44,14 +47,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, block_size: in
     h[dead, dead] = 1.0
     weights[:, dead] = 0.0
     importance = torch.diag(h).clone()
-    scales = torch.zeros(out_f, in_f // block_size)  # [out, G]
+    scales = torch.zeros(out_f, in_f // block_size, device=weights.device)  # [out, G]
     if act_order:  # static groups: every scale from the original weights, then any column order
         scales = quantize_weight(weights, bits=bits, block_size=block_size, clip_grid=clip_grid, importance=importance).scale
         order = torch.argsort(torch.diag(h), descending=True)
     else:
-        order = torch.arange(in_f)
+        order = torch.arange(in_f, device=weights.device)
     h = h[order][:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = _solve(weights[:, order], hinv, scales, order, bits=bits, block_size=block_size,
                    importance=importance[order], clip_grid=clip_grid, static=act_order)
@@ -59,7 +62,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, block_size: in
     q[:, order] = codes
     q = q.to(torch.int8)
     stats = _error_stats(original, dequantize(q, scales, block_size), torch.ones(1))
-    return QuantizedWeight(q=q, scale=scales, bits=bits, block_size=block_size, stats=stats)
+    return QuantizedWeight(q=q.to(home), scale=scales.to(home), bits=bits, block_size=block_size, stats=stats)
 
 
 def _solve(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, order: torch.Tensor, *, bits: int, block_size: int,
@@ -71,7 +74,7 @@ def _solve(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, order: tor
     codes = torch.zeros_like(w)
     for start in range(0, in_f, LAZY_BATCH):
         end = min(start + LAZY_BATCH, in_f)
-        block, errors = w[:, start:end].clone(), torch.zeros(out_f, end - start)
+        block, errors = w[:, start:end].clone(), torch.zeros(out_f, end - start, device=w.device)
         for i in range(end - start):
             col = int(order[start + i])
             group = col // block_size

@@ -77,17 +77,19 @@ def load_config(source: ModelSource):
         raise InputError(f"cannot load model config from {source.model_id}: {_first_line(exc)}") from exc
 
 
-def load_model(source: ModelSource):
-    """Load ``(model, tokenizer, spec)``: fp32 on the CPU, eval mode, SDPA attention."""
+def load_model(source: ModelSource, *, dtype=None):
+    """Load ``(model, tokenizer, spec)``: on the CPU in ``dtype`` (default fp32), eval mode, SDPA attention."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
 
     config = load_config(source)
     spec = arch_for(_text_model_type(config))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs())
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=torch.float32, attn_implementation="sdpa", **source.hf_kwargs()
+            source.path, dtype=dtype, attn_implementation="sdpa", **source.hf_kwargs()
         )
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {source.model_id}: {_first_line(exc)}") from exc

@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from .apply import BlockTransform, transforms_applied
 from .arch import ArchSpec
 from .blocks import BlockRunner, get_module
+from .device import kept_on
 from .quant import QuantizedWeight, dequantize, measured
 
 
@@ -40,9 +41,9 @@ class _Dequantized(torch.nn.Module):
         return dequantize(self.q, self.scale * torch.exp(self.gain), self.block_size)
 
     def tuned(self, qw: QuantizedWeight) -> QuantizedWeight:
-        """``qw`` with the tuned scales, rounded to fp16 values."""
+        """``qw`` with the tuned scales, rounded to fp16 values (on ``qw``'s device)."""
         scale = (self.scale * torch.exp(self.gain.detach())).half().float()
-        return replace(qw, scale=scale)
+        return replace(qw, scale=scale.to(qw.scale.device))
 
 
 def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, ids: torch.Tensor, *, window: int = 2,
@@ -65,7 +66,8 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
             blocks = range(start, min(start + window, len(layers)))
             paths = {i: {n: f"{spec.blocks}.{i}.{n}" for n in spec.linears if f"{spec.blocks}.{i}.{n}" in qweights} for i in blocks}
             target = targets.pop(blocks[-1])
-            record, results = _tune(runner, blocks, paths, qweights, x_q, target, steps=steps, lr=lr, batch=batch)
+            with kept_on([layers[i] for i in blocks], runner.ids.device):  # trained: no offload between calls
+                record, results = _tune(runner, blocks, paths, qweights, x_q, target, steps=steps, lr=lr, batch=batch)
             records.append({"blocks": list(blocks), **record})
             log(f"reconstruction: blocks {blocks[0]}-{blocks[-1]}: relative error {record['before']:.4g} -> {record['after']:.4g}")
             for i in blocks:
@@ -111,15 +113,17 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
         for i in blocks:
             for name in paths[i]:
                 parametrize.remove_parametrizations(get_module(layers[i], name), "weight", leave_parametrized=False)
-    for i in blocks:  # the tuned (fp16-rounded) weights, for the windows after this one
-        for name, path in paths[i].items():
-            get_module(layers[i], name).weight.data = results[path].dequantize()
+    def set_weights(chosen: dict) -> None:
+        for i in blocks:
+            for name, path in paths[i].items():
+                weight = get_module(layers[i], name).weight
+                weight.data = chosen[path].dequantize().to(weight.device, weight.dtype)
+
+    set_weights(results)  # the tuned (fp16-rounded) weights, for the windows after this one
     with torch.no_grad():
         after = float(loss(torch.arange(x_q.shape[0])))
     if not math.isfinite(after) or after > before:  # never keep a worse window
-        for i in blocks:
-            for name, path in paths[i].items():
-                get_module(layers[i], name).weight.data = qweights[path].dequantize()
         results = {path: qweights[path] for path in results}
+        set_weights(results)
         after = before
     return {"before": before, "after": after, "steps": steps if params else 0}, results

@@ -42,7 +42,9 @@ def effective_table(model: torch.nn.Module, spec: ArchSpec) -> torch.Tensor:
     """[V, H] fp32: the embedding module's output for every token id."""
     embed = get_module(model, spec.embed)
     vocab = embed.weight.shape[0]
-    rows = [embed(torch.arange(start, min(start + EMBED_CHUNK, vocab))[None])[0] for start in range(0, vocab, EMBED_CHUNK)]
+    device = embed.weight.device
+    rows = [embed(torch.arange(start, min(start + EMBED_CHUNK, vocab), device=device)[None])[0]
+            for start in range(0, vocab, EMBED_CHUNK)]
     return torch.cat(rows).float()
 
 
@@ -152,15 +154,17 @@ def get_format_error(target: Target, name: str):
 
 
 def _set_table(model: torch.nn.Module, spec: ArchSpec, table: torch.Tensor) -> None:
-    """Replace the embedding module by a plain lookup of ``table`` [V, H] (what inputs_embeds feeds)."""
+    """Replace the embedding module by a plain lookup of ``table`` [V, H] (what inputs_embeds feeds),
+    in the model's dtype."""
     parent, _, name = spec.embed.rpartition(".")
-    lookup = torch.nn.Embedding.from_pretrained(table, freeze=True)
+    lookup = torch.nn.Embedding.from_pretrained(table.to(get_module(model, spec.embed).weight.dtype), freeze=True)
     setattr(get_module(model, parent) if parent else model, name, lookup)
 
 
 def _set_head(model: torch.nn.Module, spec: ArchSpec, weight: torch.Tensor) -> None:
     """Give lm_head its own weight (a tied embedding keeps the original tensor)."""
-    get_module(model, spec.lm_head).weight = torch.nn.Parameter(weight, requires_grad=False)
+    head = get_module(model, spec.lm_head)
+    head.weight = torch.nn.Parameter(weight.to(head.weight.dtype), requires_grad=False)
 
 
 @contextmanager
