@@ -26,7 +26,7 @@ from pathlib import Path
 
 from qublast.errors import GraphError, InputError, QublastError
 from qublast.files import atomic_write_bytes
-from runtime.session import KvLayout
+from runtime.io_spec import Layout
 
 from . import engine
 
@@ -88,14 +88,14 @@ def read_graph(path: Path):
         raise InputError(f"{path} is not a readable ONNX model: {exc}") from exc
 
 
-def graph_layout(proto) -> KvLayout:
-    """Layers, kv_heads and head_dim from the graph's past inputs (io_spec names)."""
-    from runtime.trt_session import kv_layout_from_shapes
+def graph_layout(proto) -> Layout:
+    """Family, layers and state shapes from the graph's inputs (io_spec names)."""
+    from runtime.io_spec import layout_from_shapes
 
     shapes = {i.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim)
               for i in proto.graph.input}
     try:
-        return kv_layout_from_shapes(shapes)
+        return layout_from_shapes(shapes)
     except ValueError as exc:
         raise GraphError(str(exc)) from exc
 
@@ -193,8 +193,7 @@ def build(cfg: BuildConfig) -> Path:
     if missing:
         raise InputError(f"{bundle} is incomplete: {ONNX_NAME} needs {', '.join(missing)}")
     context = bundle_context(bundle, cfg.context)
-    shapes = engine.profiles(num_layers=layout.num_layers, kv_heads=layout.kv_heads, head_dim=layout.head_dim, context=context,
-                             hidden=embeds_width(proto))
+    shapes = engine.profiles(layout, context=context, hidden=embeds_width(proto))
     workspace = int(cfg.workspace_gb * (1 << 30)) if cfg.workspace_gb else None
     del proto  # the build parses the file itself; keep host memory for it
     plan = build_plan(onnx_path, profile_dims(shapes), workspace_bytes=workspace)

@@ -10,28 +10,29 @@ from __future__ import annotations
 from runtime import io_spec
 
 
-def profiles(*, num_layers: int, kv_heads: int, head_dim: int, context: int, hidden: int | None = None) -> dict[str, tuple[str, str, str]]:
+def profiles(layout: io_spec.Layout, *, context: int, hidden: int | None = None) -> dict[str, tuple[str, str, str]]:
     """``{input: (min, opt, max)}`` shapes as trtexec writes them ("1x128"), batch 1.
 
     Each of min, opt and max is itself a consistent shape set (mask = past + seq): min is a
     first token, opt one decode step at half the context (where generation spends its time),
-    max a ``context``-token prefill after a ``context - 1`` cache. ``hidden``: the graph takes
-    ``inputs_embeds`` [1, seq, hidden] (host-side embedding table) instead of ``input_ids``.
+    max a ``context``-token prefill after a ``context - 1`` cache. A step-only graph (state-space
+    and hybrid families) takes one token at every point; its recurrent states have fixed shapes.
+    ``hidden``: the graph takes ``inputs_embeds`` [1, seq, hidden] instead of ``input_ids``.
     """
     if context < 2:
         raise ValueError(f"context must be >= 2, got {context}")
-    seq = (1, 1, context)
+    seq = (1, 1, 1) if layout.step_only else (1, 1, context)
     past = (0, context // 2, context - 1)
-    first = {io_spec.INPUTS_EMBEDS: tuple(f"1x{s}x{hidden}" for s in seq)} if hidden else {io_spec.INPUT_IDS: tuple(f"1x{s}" for s in seq)}
-    out = {
-        **first,
-        io_spec.POSITION_IDS: tuple(f"1x{s}" for s in seq),
-        io_spec.ATTENTION_MASK: tuple(f"1x{p + s}" for p, s in zip(past, seq)),
-    }
-    past_shapes = tuple(f"1x{kv_heads}x{p}x{head_dim}" for p in past)
-    for i in range(num_layers):
-        for kind in io_spec.KV_KINDS:
-            out[io_spec.past_name(i, kind)] = past_shapes
+    out = {io_spec.INPUTS_EMBEDS: tuple(f"1x{s}x{hidden}" for s in seq)} if hidden else {io_spec.INPUT_IDS: tuple(f"1x{s}" for s in seq)}
+    if io_spec.has_attention(layout.family):
+        out[io_spec.ATTENTION_MASK] = tuple(f"1x{p + s}" for p, s in zip(past, seq))
+        out[io_spec.POSITION_IDS] = tuple(f"1x{s}" for s in seq)
+    for name in layout.past_names():
+        if name in layout.recurrent:
+            fixed = "x".join(str(d) for d in (1, *layout.recurrent[name]))
+            out[name] = (fixed, fixed, fixed)
+        else:
+            out[name] = tuple(f"1x{layout.kv_heads}x{p}x{layout.head_dim}" for p in past)
     return out
 
 

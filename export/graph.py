@@ -48,11 +48,11 @@ def export_bundle_graph(model, spec, recipe: dict, tensors: dict, work: Path, ta
         _write_table(model, spec, recipe, tensors, work / TABLE_FILE)
     raw = work / "raw"
     raw.mkdir()
-    log(f"exporting ONNX (opset {onnx_export.OPSET}, {target.graph_dtype}, KV cache, "
+    log(f"exporting ONNX (opset {onnx_export.OPSET}, {target.graph_dtype}, {'KV cache' if spec.kind == 'attention' else 'recurrent state, one token a step'}, "
         f"{'inputs_embeds' if outside else 'input_ids'})")
     want = _TORCH_FLOAT[target.graph_dtype]
     graph_model = copy.deepcopy(model).to(want) if next(model.parameters()).dtype != want else model
-    proto = onnx_export.export_onnx(graph_model, raw / "model.onnx", embeds=outside)
+    proto = onnx_export.export_onnx(graph_model, raw / "model.onnx", embeds=outside, kind=spec.kind)
     del graph_model
     node_modules = onnx_export.linear_modules(proto)
     final = _qdq(model, spec, recipe, tensors, raw / "model.onnx", node_modules, target, tied_in_graph=not outside)

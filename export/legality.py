@@ -9,9 +9,11 @@ Each rule and its source is listed in docs/targets.md:
   or 128 along an even dimension, an even last dimension, and weight-only (feeding MatMul/Gemm);
 - activation quantization is INT8 with one scalar constant scale (per tensor), never INT4;
 - fp16 graph (a strongly typed engine keeps the graph's types): DequantizeLinear scales are
-  fp16 (its output type is its scale's); float weights are fp16; MatMul/Gemm/Conv compute in
-  fp16; fp32 appears only in ``FP32_OPS`` (RMSNorm's reduction, rotary tables, softmax and
-  its mask, the logits cast), and the logits output is fp32.
+  fp16 (its output type is its scale's); the weights of MatMul/Gemm/Conv/Gather are fp16 or
+  quantized, and those ops compute in fp16; fp32 appears only in ``FP32_OPS`` (RMSNorm's
+  reduction, rotary tables, softmax and its mask, the SSM state update, the logits cast), and
+  the logits output is fp32. fp32 constants that feed only those islands (rotary frequencies,
+  an SSM's A, D and dt bias) are allowed.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ FP32_OPS = {
     "Concat": "rotary tables", "Where": "masking fp32 attention scores", "Softmax": "attention probabilities in fp32",
     "Reshape": "moving fp32 scores", "Unsqueeze": "moving fp32 tables", "Transpose": "moving fp32 tables",
     "Expand": "broadcasting fp32 tables",
+    "Exp": "SSM discretisation exp(A dt): transformers keeps the SSM state fp32 in half-precision models",
+    "Sigmoid": "Mamba2's gated RMSNorm: silu(gate) in fp32 before the fp32 normalisation",
 }
 _COMPUTE = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 
@@ -77,8 +81,13 @@ def fp16_violations(model: onnx.ModelProto) -> list[str]:
     graph = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
     types.update({t.name: t.data_type for t in graph.initializer})
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node.op_type)
+    weight_ops = set(_COMPUTE) | {"Gather"}
     found = [f"initializer {t.name} {list(t.dims)} is fp32: weights of an fp16 graph are fp16 or quantized"
-             for t in graph.initializer if t.data_type == _FP32 and len(t.dims) >= 2]
+             for t in graph.initializer if t.data_type == _FP32 and weight_ops & set(users.get(t.name, ()))]
     for node in graph.node:
         outs = [types.get(o) for o in node.output]
         if node.op_type in _COMPUTE and _FP32 in [types.get(i) for i in node.input] + outs:

@@ -1,8 +1,13 @@
-"""PyTorch causal LM -> ONNX (opset 21) with a KV cache, one graph for prefill and decode.
+"""PyTorch causal LM -> ONNX (opset 21) with its state as graph inputs and outputs.
 
-The model is wrapped so the graph takes flat past key/value tensors (a ``DynamicCache`` is
-built inside ``forward``) and returns fp32 logits and flat presents; names follow
-``runtime.io_spec``. The graph's float type is the model's dtype at export (fp16 for Jetson:
+Attention families: one graph for prefill and decode, flat past key/value tensors in (a
+``DynamicCache`` is built inside ``forward``), fp32 logits and flat presents out. State-space
+and hybrid families (Mamba, Mamba2, Falcon-H1): a single-token step with every layer's conv
+and SSM state (and, for hybrids, key/value cache) in and out; transformers' single-token
+recurrent path (``has_previous_state``) is what traces to a dynamic graph for all three (the
+reference Mamba scan is a Python loop over the sequence, and Mamba2's chunked scan traces to a
+dynamic length only from some trace lengths), and stepping from the zero state reproduces the
+full forward, so a prefill runs the step once per token. Names follow ``runtime.io_spec``. The graph's float type is the model's dtype at export (fp16 for Jetson:
 weights, activations, KV cache; transformers' RMSNorm and rotary tables still compute in
 fp32 inside, softmax too, see ``export.attention``). Its first input is ``input_ids``, or
 ``inputs_embeds`` when the embedding table is looked up on the host. The dynamo exporter
@@ -12,6 +17,7 @@ metadata).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -56,9 +62,70 @@ def kv_shape(config) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, *, embeds: bool = False) -> onnx.ModelProto:
+class _StepWrapper(torch.nn.Module):
+    """flat (input_ids | inputs_embeds [B, 1], [attention_mask, position_ids,] *state) -> (fp32 logits, *new state)."""
+
+    def __init__(self, model: torch.nn.Module, num_layers: int, *, embeds: bool, hybrid: bool, conv_kernel: int):
+        super().__init__()
+        self.model, self.num_layers, self.embeds, self.hybrid, self.conv_kernel = model, num_layers, embeds, hybrid, conv_kernel
+
+    def forward(self, first, *rest):
+        extra = {}
+        if self.hybrid:
+            mask, positions, *rest = rest
+            extra = {"attention_mask": mask, "position_ids": positions}
+        tokens = {"inputs_embeds": first} if self.embeds else {"input_ids": first}
+        out = self.model(**tokens, cache=self._cache(rest), use_cache=True, **extra)
+        return (out.logits.float(), *recurrent_state(out.cache, hybrid=self.hybrid))
+
+    def _cache(self, flat):
+        """A ``DynamicCache`` whose layers hold the given states, marked as after a previous step (decode path)."""
+        from transformers import DynamicCache
+
+        per = 4 if self.hybrid else 2
+        cache = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(cache.layers):
+            conv, ssm = flat[per * i].clone(), flat[per * i + 1].clone()  # the decode path updates them in place
+            layer.conv_states[0], layer.recurrent_states[0] = conv, ssm
+            layer.is_conv_states_initialized[0] = layer.is_recurrent_states_initialized[0] = True
+            layer.has_previous_state[0] = True
+            layer.conv_kernel_size[0] = self.conv_kernel
+            layer.dtype, layer.device = conv.dtype, conv.device
+            if self.hybrid:
+                layer.keys, layer.values = flat[per * i + 2], flat[per * i + 3]
+                layer.is_initialized = True
+        return cache
+
+
+def recurrent_state(cache, *, hybrid: bool) -> list[torch.Tensor]:
+    """Every layer's (conv, ssm[, key, value]) state of a transformers ``DynamicCache``, io_spec order."""
+    out = []
+    for layer in cache.layers:
+        out += [layer.conv_states[0], layer.recurrent_states[0]]
+        if hybrid:
+            out += [layer.keys, layer.values]
+    return out
+
+
+@torch.no_grad()
+def state_examples(model: torch.nn.Module, *, hybrid: bool, batch: int, past: int) -> list[torch.Tensor]:
+    """Zero states with the shapes and dtypes the model's own cache has after one token (KV: ``past`` long)."""
+    out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
+    examples = []
+    for t in recurrent_state(out.cache, hybrid=hybrid):
+        shape = (batch, *t.shape[1:])
+        if t.dim() == 4 and hybrid and len(examples) % 4 >= 2:  # key / value: [B, kv_heads, past, head_dim]
+            shape = (batch, t.shape[1], past, t.shape[3])
+        examples.append(torch.zeros(shape, dtype=t.dtype))
+    return examples
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, *, embeds: bool = False, kind: str = "attention") -> onnx.ModelProto:
     """Export ``model`` (in the dtype the graph should have) to ``path`` with external data;
-    returns the loaded proto (no weights). ``embeds``: the graph takes ``inputs_embeds``."""
+    returns the loaded proto (no weights). ``embeds``: the graph takes ``inputs_embeds``;
+    ``kind``: the architecture's state (``ArchSpec.kind``)."""
+    if kind != "attention":
+        return _export_step(model, Path(path), embeds=embeds, hybrid=kind == "hybrid")
     config = model.config
     dtype = next(model.parameters()).dtype
     num_layers = config.num_hidden_layers
@@ -79,6 +146,33 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, embeds: bool = Fals
             output_names=io_spec.output_names(num_layers), verbose=False,
         )
     path = Path(path)
+    program.save(str(path), external_data=True)
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _export_step(model: torch.nn.Module, path: Path, *, embeds: bool, hybrid: bool) -> onnx.ModelProto:
+    """The single-token step graph of a state-space or hybrid model."""
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    num_layers = config.num_hidden_layers
+    batch, past = 2, 4  # trace sizes: neither 0 nor 1, so no dimension is specialised
+    family = "hybrid" if hybrid else "ssm"
+    first = torch.zeros(batch, 1, config.hidden_size, dtype=dtype) if embeds else torch.zeros(batch, 1, dtype=torch.int64)
+    states = state_examples(model, hybrid=hybrid, batch=batch, past=past)
+    b, p, t = torch.export.Dim("batch"), torch.export.Dim("past"), torch.export.Dim("total")
+    extra, extra_shapes = (), ()
+    if hybrid:
+        extra = (torch.ones(batch, past + 1, dtype=torch.int64), torch.full((batch, 1), past, dtype=torch.int64))
+        extra_shapes = ({0: b, 1: t}, {0: b})
+    state_shapes = tuple({0: b, 2: p} if hybrid and i % 4 >= 2 else {0: b} for i in range(len(states)))
+    kernel = getattr(config, "mamba_d_conv", None) or config.conv_kernel
+    wrapper = _StepWrapper(model, num_layers, embeds=embeds, hybrid=hybrid, conv_kernel=kernel).eval()
+    with (registered(model) if hybrid else contextlib.nullcontext()), torch.no_grad():
+        program = torch.onnx.export(
+            wrapper, (first, *extra, *states), dynamic_shapes=({0: b}, (*extra_shapes, *state_shapes)), dynamo=True,
+            opset_version=OPSET, input_names=io_spec.input_names(num_layers, embeds=embeds, family=family),
+            output_names=io_spec.output_names(num_layers, family=family), verbose=False,
+        )
     program.save(str(path), external_data=True)
     return onnx.load(str(path), load_external_data=False)
 

@@ -208,15 +208,13 @@ def _cached_fp_ppl(model, windows: np.ndarray, info: dict, cache_dir: Path) -> f
 def _write_bundle(cfg, work: Path, recipe: dict, scales: dict, tokenizer, model) -> None:
     from qublast.report import write_report
 
-    from .onnx_export import kv_shape
+    from .build_engine import embeds_width, graph_layout, read_graph
 
     write_recipe(recipe, work / "recipe.json")
     write_tensors(scales, work / "scales.safetensors")
     tokenizer.save_pretrained(str(work / "tokenizer"))
-    kv_heads, head_dim = kv_shape(model.config)
-    hidden = model.config.hidden_size if recipe["embedding"]["storage"] == "side_table" else None
-    shapes = engine.profiles(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
-                             context=cfg.context, hidden=hidden)
+    proto = read_graph(work / "model.onnx")
+    shapes = engine.profiles(graph_layout(proto), context=cfg.context, hidden=embeds_width(proto))
     if get_target(cfg.target).engine == "tensorrt":
         script = work / "build_engine.sh"
         script.write_text(engine.build_script(shapes))

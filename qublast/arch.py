@@ -25,7 +25,12 @@ class LinearGroup:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where an architecture keeps its blocks, linears, embeddings and head."""
+    """Where an architecture keeps its blocks, linears, embeddings and head, and what state it carries.
+
+    ``kind``: "attention" (KV cache), "ssm" (per layer conv and SSM state) or "hybrid" (both in
+    every layer); it picks the graph's inputs (``runtime.io_spec``). ``kept`` names the block's
+    parameters that stay in the graph's float type and why (reported; nothing is dropped silently).
+    """
 
     name: str
     blocks: str = "model.layers"
@@ -34,6 +39,10 @@ class ArchSpec:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     norm_weight_offset: float = 0.0  # Gemma norms scale by (1 + weight)
+    kind: str = "attention"
+    embed_multiplier: str | None = None  # config attribute the model multiplies the embedding output by
+    logits_multiplier: str | None = None  # config attribute the model multiplies lm_head's output by
+    kept: tuple[tuple[str, str], ...] = ()  # (parameter, why it is not quantized)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -52,6 +61,35 @@ _LLAMA_LIKE = (
     _MLP_DOWN,
 )
 
+_SSM_KEPT = (
+    ("mixer.conv1d", "depthwise causal conv: 4 taps per channel, under 1% of the block's weights"),
+    ("mixer.A_log, mixer.D, mixer.dt_bias", "the recurrence's own parameters: per-channel vectors that set the state's decay"),
+)
+_MAMBA = ArchSpec(
+    "mamba", blocks="backbone.layers", embed="backbone.embeddings", final_norm="backbone.norm_f", kind="ssm",
+    groups=(LinearGroup(("mixer.in_proj",), "norm"), LinearGroup(("mixer.x_proj",)), LinearGroup(("mixer.out_proj",))),
+    kept=(*_SSM_KEPT, ("mixer.dt_proj", "not called as a Linear (weight @ dt before softplus); sets the step size of "
+                                        "exp(A dt), and is 2% of the block's weights")),
+)
+_MAMBA2 = ArchSpec(
+    "mamba2", blocks="backbone.layers", embed="backbone.embeddings", final_norm="backbone.norm_f", kind="ssm",
+    groups=(LinearGroup(("mixer.in_proj",), "norm"), LinearGroup(("mixer.out_proj",), "mixer.norm")),
+    kept=_SSM_KEPT,
+)
+_FALCON_H1 = ArchSpec(
+    "falcon_h1", kind="hybrid", final_norm="model.final_layernorm",
+    groups=(
+        # attention and the Mamba-2 mixer read the same input norm (each times its own muP scalar, which a fold commutes with)
+        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mamba.in_proj"), "input_layernorm"),
+        LinearGroup(("self_attn.o_proj",)),
+        LinearGroup(("mamba.out_proj",), "mamba.norm"),  # foldable only with mamba_rms_norm (else an Identity)
+        LinearGroup(("feed_forward.gate_proj", "feed_forward.up_proj"), "pre_ff_layernorm"),
+        LinearGroup(("feed_forward.down_proj",), "feed_forward.up_proj"),
+    ),
+    embed_multiplier="embedding_multiplier", logits_multiplier="lm_head_multiplier",
+    kept=(("mamba.conv1d", "depthwise causal conv"), ("mamba.A_log, mamba.D, mamba.dt_bias", "the recurrence's parameters")),
+)
+
 REGISTRY: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", groups=_LLAMA_LIKE),
     "mistral": ArchSpec("mistral", groups=_LLAMA_LIKE),
@@ -67,6 +105,9 @@ REGISTRY: dict[str, ArchSpec] = {
         ),
         norm_weight_offset=1.0,
     ),
+    "mamba": _MAMBA,
+    "mamba2": _MAMBA2,
+    "falcon_h1": _FALCON_H1,
 }
 
 

@@ -25,6 +25,16 @@ def blocks_of(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.ModuleList:
     return get_module(model, spec.blocks)
 
 
+def multiplier(model: torch.nn.Module, attribute: str | None) -> float:
+    """A config scalar the model applies outside its modules (Falcon-H1's muP multipliers), else 1."""
+    return float(getattr(model.config, attribute)) if attribute else 1.0
+
+
+def foldable(module: torch.nn.Module) -> bool:
+    """True when a scaling map producer can take a fold (it has a weight; an Identity has none)."""
+    return getattr(module, "weight", None) is not None
+
+
 @dataclass(frozen=True)
 class Score:
     """Mean cross-entropy of next-token prediction and mean KL(fp || this) per token."""
@@ -97,7 +107,8 @@ class BlockRunner:
         """Block 0's input for other windows ``ids`` [M, S] of the same length: the embedding module's output."""
         if ids.shape[1] != self.ids.shape[1]:
             raise ValueError(f"windows of {ids.shape[1]} tokens, the runner's are {self.ids.shape[1]}")
-        return get_module(self.model, self.spec.embed)(ids.to(self.ids.device)).detach()
+        scale = multiplier(self.model, self.spec.embed_multiplier)
+        return get_module(self.model, self.spec.embed)(ids.to(self.ids.device)).detach() * scale
 
     @torch.no_grad()
     def run_from(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,7 +123,7 @@ class BlockRunner:
         norm = get_module(self.model, self.spec.final_norm)
         head = get_module(self.model, self.spec.lm_head)
         for start in range(0, hidden.shape[0], self.chunk):
-            logits = head(norm(hidden[start : start + self.chunk])).float()
+            logits = head(norm(hidden[start : start + self.chunk])).float() * multiplier(self.model, self.spec.logits_multiplier)
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             yield logits

@@ -14,7 +14,7 @@ import torch
 
 from .apply import BlockTransform, block_transformed, fold_block, restored
 from .arch import ArchSpec
-from .blocks import BlockRunner, get_module
+from .blocks import BlockRunner, foldable, get_module
 from runtime.targets import WeightFormat
 
 from .scaling import ALPHA_GRID, act_range, act_scale, smooth_scales
@@ -48,7 +48,7 @@ def group_smoothing(spec: ArchSpec, block: torch.nn.Module, inputs: dict[str, to
         return {}
     out = {}
     for group in spec.groups:
-        if group.producer is None:
+        if group.producer is None or not foldable(get_module(block, group.producer)):
             continue
         x = inputs[group.linears[0]]
         if act_aware:  # weight-only formats: AWQ-style mean |x|
@@ -89,7 +89,7 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt:
         with block_transformed(block, spec, t, clip_grid=SEARCH_CLIP_GRID):
             return t, (runner.run_block(index, hidden) - ref).pow(2).mean().item() / ref_norm
 
-    zeros = {g.producer: 0.0 for g in spec.groups if g.producer}
+    zeros = {g.producer: 0.0 for g in spec.groups if g.producer and foldable(get_module(block, g.producer))}
     off = scored(zeros, weighted=False)
     if not scaling:
         return off, off

@@ -88,9 +88,8 @@ def load_model(source: ModelSource, *, dtype=None):
     spec = arch_for(_text_model_type(config))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs())
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, attn_implementation="sdpa", **source.hf_kwargs()
-        )
+        attention = {"attn_implementation": "sdpa"} if spec.kind != "ssm" else {}  # state-space models have none
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **attention, **source.hf_kwargs())
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {source.model_id}: {_first_line(exc)}") from exc
     model.eval()

@@ -39,13 +39,16 @@ def side_table(*, tied: bool, embed: str, head: str) -> bool:
 
 @torch.no_grad()
 def effective_table(model: torch.nn.Module, spec: ArchSpec) -> torch.Tensor:
-    """[V, H] fp32: the embedding module's output for every token id."""
+    """[V, H] fp32: what the model feeds block 0 for every token id (the embedding module's
+    output, times a multiplier the model applies after it, e.g. Falcon-H1's)."""
+    from .blocks import multiplier
+
     embed = get_module(model, spec.embed)
     vocab = embed.weight.shape[0]
     device = embed.weight.device
     rows = [embed(torch.arange(start, min(start + EMBED_CHUNK, vocab), device=device)[None])[0]
             for start in range(0, vocab, EMBED_CHUNK)]
-    return torch.cat(rows).float()
+    return torch.cat(rows).float() * multiplier(model, spec.embed_multiplier)
 
 
 def quantize_table(table: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:

@@ -15,8 +15,6 @@ still takes token ids and looks their rows up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from . import io_spec
@@ -24,17 +22,11 @@ from . import io_spec
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-@dataclass(frozen=True)
-class KvLayout:
-    """Shape facts read from the graph's past inputs."""
-
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-
-
 class OrtModel:
-    """An exported causal LM in ONNX Runtime: ``forward`` runs prefill or one decode step."""
+    """An exported causal LM in ONNX Runtime: ``forward`` runs a prefill or one decode step.
+
+    ``layout`` (``io_spec.Layout``) tells the family and state shapes from the graph's inputs. A
+    step-only graph (state-space and hybrid families) is run once per token of a prefill."""
 
     def __init__(self, path: str, *, threads: int | None = None, providers: list[str] | None = None,
                  session_config: dict[str, str] | None = None, embedding=None):
@@ -49,32 +41,31 @@ class OrtModel:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.layout = _kv_layout(self.session)
-        self.float_dtype = _NUMPY[inputs[io_spec.past_name(0, "key")].type]
+        self.layout = io_spec.layout_from_shapes({n: tuple(i.shape) for n, i in inputs.items()})
+        self.dtypes = {n: _NUMPY[i.type] for n, i in inputs.items() if i.type in _NUMPY}
+        first_state = self.layout.past_names()[0]
+        self.float_dtype = self.dtypes[first_state] if first_state not in self.layout.recurrent else self.dtypes[
+            io_spec.past_name(0, "conv")]
         self.embeds = io_spec.INPUTS_EMBEDS in inputs
         if self.embeds and embedding is None:
             raise ValueError(f"{path} takes inputs_embeds: pass the bundle's embedding table")
         self.embedding = embedding
-        self.output_names = io_spec.output_names(self.layout.num_layers)
+        self.output_names = [io_spec.LOGITS, *self.layout.present_names()]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        """Past tensors of length 0 for a prefill: 2 * layers arrays [batch, kv_heads, 0, head_dim]."""
-        shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
-        return [np.zeros(shape, self.float_dtype) for _ in range(2 * self.layout.num_layers)]
+        """The state before the first token (empty KV cache, zero recurrent states)."""
+        return io_spec.empty_state(self.layout, batch, self.dtypes)
 
     def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits [B, S, V] (float32) and presents for ``input_ids`` [B, S] after ``past`` (None: prefill)."""
+        """Logits [B, S, V] (float32) and the state after ``input_ids`` [B, S] following ``past`` (None: start)."""
         past = past if past is not None else self.empty_past(input_ids.shape[0])
+        if self.layout.step_only and input_ids.shape[1] > 1:
+            steps = []
+            for t in range(input_ids.shape[1]):
+                logits, past = self.forward(input_ids[:, t : t + 1], past)
+                steps.append(logits)
+            return np.concatenate(steps, axis=1), past
         embeds = self.embedding.lookup(input_ids).astype(self.float_dtype) if self.embeds else None
-        outputs = self.session.run(self.output_names, io_spec.model_feeds(input_ids, past, embeds=embeds))
+        feeds = io_spec.model_feeds(input_ids, past, layout=self.layout, embeds=embeds)
+        outputs = self.session.run(self.output_names, feeds)
         return outputs[0], outputs[1:]
-
-
-def _kv_layout(session) -> KvLayout:
-    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    if not pasts or len(pasts) % 2:
-        raise ValueError("graph has no past key/value inputs in pairs: not a QuBLAST graph")
-    _, kv_heads, _, head_dim = pasts[0].shape
-    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
-        raise ValueError(f"past inputs need static kv_heads and head_dim, got {pasts[0].shape}")
-    return KvLayout(len(pasts) // 2, kv_heads, head_dim)

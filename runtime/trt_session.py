@@ -1,8 +1,9 @@
 """Running a QuBLAST TensorRT engine (``model.plan``), KV cache included (no torch).
 
 ``TrtModel`` has ``OrtModel``'s interface (``layout``, ``empty_past``, ``forward``) and feeds
-the same inputs (``runtime/io_spec.py``): ``input_ids``, an all-ones ``attention_mask``
-[B, past + S], ``position_ids`` ``past .. past + S - 1``, and the past keys/values.
+the same inputs (``runtime/io_spec.py``): ``input_ids`` (or ``inputs_embeds``), for attention
+an all-ones ``attention_mask`` [B, past + S] and ``position_ids`` ``past .. past + S - 1``, and
+the state (past keys/values, conv and SSM states).
 
 I/O binding, per ``forward`` call (simple and correct over fast):
 
@@ -32,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from . import io_spec
-from .session import KvLayout
 
 MIN_ALLOC = 256  # bytes: cudaMalloc's alignment; empty tensors (past = 0) still get a real address
 
@@ -65,30 +65,9 @@ def import_cudart():
     return cudart
 
 
-def kv_layout_from_shapes(shapes: dict[str, tuple]) -> KvLayout:
-    """Layout from input shapes ``{name: dims}`` (dynamic dims as -1 or None): past inputs in pairs."""
-    pasts = [name for name in shapes if name.startswith("past_key_values.")]
-    if not pasts or len(pasts) % 2:
-        raise ValueError("no past key/value inputs in pairs: not a QuBLAST graph")
-    num_layers = len(pasts) // 2
-    expected = io_spec.input_names(num_layers)[3:]
-    if sorted(pasts) != sorted(expected):
-        raise ValueError(f"past inputs {sorted(pasts)} do not follow io_spec ({expected[0]} ...)")
-    dims = tuple(shapes[expected[0]])
-    if len(dims) != 4:
-        raise ValueError(f"{expected[0]} must be [batch, kv_heads, past, head_dim], got {dims}")
-    _, kv_heads, _, head_dim = dims
-    if not _static(kv_heads) or not _static(head_dim):
-        raise ValueError(f"past inputs need static kv_heads and head_dim, got {dims}")
-    for name in expected:
-        other = tuple(shapes[name])
-        if len(other) != 4 or (other[1], other[3]) != (kv_heads, head_dim):
-            raise ValueError(f"{name} has shape {other}, unlike {expected[0]} {dims}")
-    return KvLayout(num_layers, int(kv_heads), int(head_dim))
-
-
-def _static(dim) -> bool:
-    return isinstance(dim, (int, np.integer)) and dim > 0
+def layout_from_engine_shapes(shapes: dict[str, tuple]) -> io_spec.Layout:
+    """``io_spec.layout_from_shapes`` for an engine's input shapes (dynamic dims as -1)."""
+    return io_spec.layout_from_shapes(shapes)
 
 
 class TrtModel:
@@ -106,15 +85,16 @@ class TrtModel:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.dtypes = {n: _numpy_dtype(trt, n, self.engine.get_tensor_dtype(n)) for n in names}
-        self.layout = kv_layout_from_shapes({n: tuple(self.engine.get_tensor_shape(n)) for n in self.input_names})
-        self.output_names = io_spec.output_names(self.layout.num_layers)
+        self.layout = layout_from_engine_shapes({n: tuple(self.engine.get_tensor_shape(n)) for n in self.input_names})
+        self.output_names = [io_spec.LOGITS, *self.layout.present_names()]
         self.embeds = io_spec.INPUTS_EMBEDS in names
         if self.embeds and embedding is None:
             raise ValueError(f"{path} takes inputs_embeds: pass the bundle's embedding table")
         self.embedding = embedding
         first = io_spec.INPUTS_EMBEDS if self.embeds else io_spec.INPUT_IDS
         missing = [n for n in [first, *self.output_names] if n not in names]
-        unknown = sorted(set(self.input_names) - set(io_spec.input_names(self.layout.num_layers, embeds=self.embeds)))
+        allowed = io_spec.input_names(self.layout.num_layers, embeds=self.embeds, family=self.layout.family)
+        unknown = sorted(set(self.input_names) - set(allowed))
         if missing or unknown:
             raise ValueError(f"{path}: engine lacks {missing} or has inputs outside io_spec {unknown}: "
                              "not a QuBLAST KV-cache graph")
@@ -122,16 +102,22 @@ class TrtModel:
         self._stream = _cuda(self._cudart, self._cudart.cudaStreamCreate())
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        """Past tensors of length 0 for a prefill: 2 * layers arrays [batch, kv_heads, 0, head_dim]."""
-        shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
-        dtype = self.dtypes[io_spec.past_name(0, "key")]
-        return [np.zeros(shape, dtype) for _ in range(2 * self.layout.num_layers)]
+        """The state before the first token (empty KV cache, zero recurrent states), in the engine's dtypes."""
+        return io_spec.empty_state(self.layout, batch, self.dtypes)
 
     def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits [B, S, V] (float32) and presents for ``input_ids`` [B, S] after ``past`` (None: prefill)."""
-        batch, _ = input_ids.shape
+        """Logits [B, S, V] (float32) and the state after ``input_ids`` [B, S] following ``past`` (None: start);
+        a step-only engine runs once per token."""
+        batch, seq = input_ids.shape
+        past = past if past is not None else self.empty_past(batch)
+        if self.layout.step_only and seq > 1:
+            steps = []
+            for t in range(seq):
+                logits, past = self.forward(input_ids[:, t : t + 1], past)
+                steps.append(logits)
+            return np.concatenate(steps, axis=1), past
         embeds = self.embedding.lookup(input_ids) if self.embeds else None
-        feeds = io_spec.model_feeds(input_ids, past if past is not None else self.empty_past(batch), embeds=embeds)
+        feeds = io_spec.model_feeds(input_ids, past, layout=self.layout, embeds=embeds)
         inputs = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.input_names}
         for name, array in inputs.items():
             if not self.context.set_input_shape(name, array.shape):

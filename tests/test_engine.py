@@ -12,10 +12,12 @@ from runtime import io_spec
 LAYERS, KV_HEADS, HEAD_DIM, CONTEXT = 3, 2, 16, 256
 
 
-def _profiles(**kw):
-    args = dict(num_layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, context=CONTEXT)
-    args.update(kw)
-    return engine.profiles(**args)
+def _layout(layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM) -> io_spec.Layout:
+    return io_spec.Layout("attention", layers, kv_heads, head_dim, {}, step_only=False)
+
+
+def _profiles(context=CONTEXT, **kw):
+    return engine.profiles(_layout(**kw), context=context)
 
 
 def test_profiles_cover_every_input():
@@ -121,3 +123,16 @@ def test_build_script_runs_a_fake_trtexec(tmp_path):
     assert args[:3] == ["--onnx=model.onnx", "--stronglyTyped", "--saveEngine=model.plan.tmp"]
     assert args[-1] == "--verbose"
     assert "engine written" in result.stdout
+
+
+def test_profiles_of_a_state_space_step_graph():
+    """A hybrid step graph: one token at every point, fixed recurrent state shapes, KV past from 0 to context - 1."""
+    layout = io_spec.Layout("hybrid", 2, 2, 16, {io_spec.past_name(i, k): shape for i in range(2)
+                                                  for k, shape in (("conv", (192, 4)), ("ssm", (8, 16, 16)))}, step_only=True)
+    shapes = engine.profiles(layout, context=64)
+    assert sorted(shapes) == sorted(io_spec.input_names(2, family="hybrid"))
+    assert shapes[io_spec.INPUT_IDS] == ("1x1", "1x1", "1x1")
+    assert shapes[io_spec.past_name(1, "ssm")] == ("1x8x16x16",) * 3
+    assert shapes[io_spec.past_name(0, "conv")] == ("1x192x4",) * 3
+    assert shapes[io_spec.past_name(0, "key")] == ("1x2x0x16", "1x2x32x16", "1x2x63x16")
+    assert shapes[io_spec.ATTENTION_MASK] == ("1x1", "1x33", "1x64")

@@ -20,8 +20,9 @@ import pytest
 from export import build_engine, engine
 from qublast.errors import InputError
 from runtime import io_spec
-from runtime.session import KvLayout, OrtModel
-from runtime.trt_session import BackendUnavailable, TrtModel, kv_layout_from_shapes
+from runtime.io_spec import Layout, layout_from_shapes
+from runtime.session import OrtModel
+from runtime.trt_session import BackendUnavailable, TrtModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile.jetson"
@@ -93,7 +94,7 @@ def make_bundle(folder: Path, **graph_kw) -> Path:
     """model.onnx (+ .data) and engine_profiles.json as export writes them."""
     folder.mkdir(parents=True, exist_ok=True)
     tiny_graph(folder / "model.onnx", **graph_kw)
-    shapes = engine.profiles(num_layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, context=CONTEXT)
+    shapes = engine.profiles(Layout("attention", LAYERS, KV_HEADS, HEAD_DIM, {}, step_only=False), context=CONTEXT)
     (folder / "engine_profiles.json").write_text(json.dumps({"target": "jetson", "context": CONTEXT, "shapes": shapes}))
     return folder
 
@@ -111,7 +112,7 @@ def run_steps(model, prompt: list[int], steps: int) -> list[tuple[np.ndarray, li
 # ---------------------------------------------------------------- profiles and layout (pure)
 
 def test_profile_dims_parses_engine_profiles():
-    dims = build_engine.profile_dims(engine.profiles(num_layers=3, kv_heads=2, head_dim=64, context=256))
+    dims = build_engine.profile_dims(engine.profiles(Layout("attention", 3, 2, 64, {}, step_only=False), context=256))
     assert sorted(dims) == sorted(io_spec.input_names(3))
     assert dims[io_spec.past_name(2, "value")] == ((1, 2, 0, 64), (1, 2, 128, 64), (1, 2, 255, 64))
     assert dims[io_spec.INPUT_IDS] == ((1, 1), (1, 1), (1, 256))
@@ -127,7 +128,7 @@ def test_profile_dims_rejects_malformed(points):
 
 def test_layout_from_the_onnx_inputs(tmp_path):
     proto = build_engine.read_graph(tiny_graph(tmp_path / "m.onnx"))
-    assert build_engine.graph_layout(proto) == KvLayout(LAYERS, KV_HEADS, HEAD_DIM)
+    assert build_engine.graph_layout(proto) == Layout("attention", LAYERS, KV_HEADS, HEAD_DIM, {}, step_only=False)
     assert build_engine.missing_external_data(proto, tmp_path) == []
     (tmp_path / "m.onnx.data").unlink()
     assert build_engine.missing_external_data(proto, tmp_path) == ["m.onnx.data"]
@@ -136,13 +137,13 @@ def test_layout_from_the_onnx_inputs(tmp_path):
 def test_layout_from_engine_shapes():
     shapes = {io_spec.INPUT_IDS: (-1, -1)}
     shapes.update({io_spec.past_name(i, k): (-1, 8, -1, 32) for i in range(3) for k in io_spec.KV_KINDS})
-    assert kv_layout_from_shapes(shapes) == KvLayout(3, 8, 32)
+    assert layout_from_shapes(shapes) == Layout("attention", 3, 8, 32, {}, step_only=False)
     with pytest.raises(ValueError, match="static"):
-        kv_layout_from_shapes({**shapes, io_spec.past_name(0, "key"): (-1, -1, -1, 32)})
-    with pytest.raises(ValueError, match="pairs"):
-        kv_layout_from_shapes({k: v for k, v in shapes.items() if k != io_spec.past_name(2, "value")})
+        layout_from_shapes({**shapes, io_spec.past_name(0, "key"): (-1, -1, -1, 32)})
+    with pytest.raises(ValueError, match="do not follow io_spec"):
+        layout_from_shapes({k: v for k, v in shapes.items() if k != io_spec.past_name(2, "value")})
     with pytest.raises(ValueError, match="unlike"):
-        kv_layout_from_shapes({**shapes, io_spec.past_name(1, "value"): (-1, 8, -1, 16)})
+        layout_from_shapes({**shapes, io_spec.past_name(1, "value"): (-1, 8, -1, 16)})
 
 
 # ---------------------------------------------------------------- build CLI errors (no TensorRT needed)
@@ -455,7 +456,7 @@ def test_trt_model_matches_ort(tmp_path, fake_backend):
     bundle = make_bundle(tmp_path / "bundle")
     assert build_engine.main(["--bundle", str(bundle)]) == 0
     trt_model, ort_model = TrtModel(str(bundle / "model.plan")), OrtModel(str(bundle / "model.onnx"))
-    assert trt_model.layout == ort_model.layout == KvLayout(LAYERS, KV_HEADS, HEAD_DIM)
+    assert trt_model.layout == ort_model.layout == Layout("attention", LAYERS, KV_HEADS, HEAD_DIM, {}, step_only=False)
     for (logits, presents), (ref_logits, ref_presents) in zip(run_steps(trt_model, [3, 1, 4, 1, 5], 3),
                                                                run_steps(ort_model, [3, 1, 4, 1, 5], 3)):
         assert logits.dtype == np.float32
@@ -593,7 +594,7 @@ def test_real_engine_matches_ort_on_a_tiny_graph(tmp_path, half_logits):
     bundle = make_bundle(tmp_path / "bundle", half_logits=half_logits)
     assert build_engine.main(["--bundle", str(bundle)]) == 0
     model = TrtModel(str(bundle / "model.plan"))
-    assert model.layout == KvLayout(LAYERS, KV_HEADS, HEAD_DIM)
+    assert model.layout == Layout("attention", LAYERS, KV_HEADS, HEAD_DIM, {}, step_only=False)
     _assert_close(run_steps(model, [3, 1, 4, 1, 5], 4), run_steps(OrtModel(str(bundle / "model.onnx")), [3, 1, 4, 1, 5], 4),
                   tol=1e-2 if half_logits else 2e-3)
 
