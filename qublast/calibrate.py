@@ -71,8 +71,8 @@ class CalibConfig:
     quantizers: tuple[str, ...] = ("rtn", "gptq")  # measured per (block, format); the lower block error is kept
     act_order: bool = True  # GPTQ visits columns by decreasing input power (static groups)
     gptq_windows: int = 32  # GPTQ's own calibration windows (its Hessians)
-    reconstruct: int = 0  # cross-block reconstruction: blocks per window (0: off)
-    reconstruct_steps: int = 60
+    reconstruct: int = 2  # cross-block reconstruction: blocks per window (0: off)
+    reconstruct_steps: int = 40
     device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
     dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
     spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)
@@ -212,7 +212,7 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     if cfg.reconstruct:
         started = time.perf_counter()
         transforms, allocation["reconstruction"] = reconstruct(
-            model, spec, transforms, vocab, torch.from_numpy(fit[0] if fit else sens), window=cfg.reconstruct,
+            model, spec, transforms, vocab, torch.from_numpy(sens), window=cfg.reconstruct,
             steps=cfg.reconstruct_steps, log=log)
         costs["reconstruction_s"] = time.perf_counter() - started
     with transforms_applied(model, spec, transforms, vocab) as qweights, PeakRecorder(model) as peaks:

@@ -60,10 +60,10 @@ def parser() -> argparse.ArgumentParser:
                         "(default both)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ visits columns in order (default: by decreasing input power)")
     p.add_argument("--gptq-windows", type=int, default=32, help="GPTQ's own calibration windows of --calib-seqlen (default 32)")
-    p.add_argument("--reconstruct", type=int, default=0,
+    p.add_argument("--reconstruct", type=int, default=2,
                    help="cross-block reconstruction: tune the scales of this many consecutive blocks at a time to match "
-                        "the fp model's output (0: off, the default; see docs/results.md)")
-    p.add_argument("--reconstruct-steps", type=int, default=60, help="optimizer steps per reconstruction window")
+                        "the fp model's output (default 2; 0 turns it off; docs/results.md)")
+    p.add_argument("--reconstruct-steps", type=int, default=40, help="optimizer steps per reconstruction window (default 40)")
     p.add_argument("--device", default="cpu", help="where calibration computes: cpu (default), cuda or cuda:N; "
                                                   "blocks move there one at a time")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),

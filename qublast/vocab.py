@@ -159,8 +159,11 @@ def get_format_error(target: Target, name: str):
 def _set_table(model: torch.nn.Module, spec: ArchSpec, table: torch.Tensor) -> None:
     """Replace the embedding module by a plain lookup of ``table`` [V, H] (what inputs_embeds feeds),
     in the model's dtype."""
+    from .blocks import multiplier
+
     parent, _, name = spec.embed.rpartition(".")
-    lookup = torch.nn.Embedding.from_pretrained(table.to(get_module(model, spec.embed).weight.dtype), freeze=True)
+    rows = table / multiplier(model, spec.embed_multiplier)  # the model multiplies the module's output again
+    lookup = torch.nn.Embedding.from_pretrained(rows.to(get_module(model, spec.embed).weight.dtype), freeze=True)
     setattr(get_module(model, parent) if parent else model, name, lookup)
 
 

@@ -11,7 +11,7 @@ from export import onnx_export, qdq
 from export.legality import violations
 from qublast.apply import BlockTransform, apply_transforms, block_transformed, fold_block
 from qublast.arch import REGISTRY, arch_for
-from qublast.blocks import BlockRunner, blocks_of, get_module
+from qublast.blocks import BlockRunner, blocks_of, foldable, get_module
 from qublast.errors import UnsupportedModelError
 from qublast.formats import get_format, get_target
 from qublast.mapsearch import search_transform
@@ -38,7 +38,7 @@ def test_registry_entry_matches_model(model_type):
         for name in spec.linears:
             assert isinstance(get_module(layer, name), torch.nn.Linear)
         for group in spec.groups:
-            if group.producer:
+            if group.producer and foldable(get_module(layer, group.producer)):
                 assert get_module(layer, group.producer).weight.shape[0] == get_module(layer, group.linears[0]).in_features
 
 
@@ -165,7 +165,7 @@ def _export_quantized(model, spec, tmp_path, target, formats, head):
     transforms = _searched_transforms(model, spec, target, formats)
     for layer, t in zip(blocks_of(model, spec), transforms):
         fold_block(layer, spec, t.smooth)
-    proto = onnx_export.export_onnx(model, tmp_path / "raw.onnx", embeds=True)
+    proto = onnx_export.export_onnx(model, tmp_path / "raw.onnx", embeds=True, kind=spec.kind)
     node_modules = onnx_export.linear_modules(proto)
     folded = [BlockTransform(t.fmt, t.alpha, {}, t.act_scales, t.importance) for t in transforms]
     weights = {path: get_module(model, path).weight.detach().clone() for path in set(node_modules.values())}
@@ -190,9 +190,11 @@ def test_fold_is_exact_before_quantization(model_type):
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
     ref = model(input_ids=ids).logits
     g = torch.Generator().manual_seed(5)
+    from qublast.blocks import foldable
+
     for layer in blocks_of(model, spec):
         smooth = {grp.producer: torch.rand(get_module(layer, grp.producer).weight.shape[0], generator=g) * 4 + 0.25
-                  for grp in spec.groups if grp.producer}
+                  for grp in spec.groups if grp.producer and foldable(get_module(layer, grp.producer))}
         assert smooth  # every architecture has foldable groups
         fold_block(layer, spec, smooth)
     torch.testing.assert_close(model(input_ids=ids).logits, ref, atol=2e-4, rtol=1e-4)
@@ -207,6 +209,10 @@ def test_quantized_export_matches_pytorch(model_type, target, formats, head, tol
     table fed as inputs_embeds: ONNX Runtime with the target's session options equals PyTorch."""
     model = tiny_model(model_type)
     spec = arch_for(model.config.model_type)
+    if target is CPU and spec.kind != "attention":
+        # an activation value within rounding of a code boundary can land on the other code in ONNX
+        # Runtime than in PyTorch; the recurrent state carries such a flip to every later token
+        tol = 1e-2
     final, node_modules, qweights, acts = _export_quantized(model, spec, tmp_path, target, formats, head)
     # every linear of the model was found in the graph, none silently skipped
     assert set(qweights) <= set(node_modules.values()) and spec.lm_head in qweights
@@ -217,7 +223,9 @@ def test_quantized_export_matches_pytorch(model_type, target, formats, head, tol
     assert len(dq) == len(qweights) + len(acts)
     q_nodes = [n for n in final.graph.node if n.op_type == "QuantizeLinear"]
     assert len(q_nodes) == len(acts) == (len(spec.linears) if "w8a8" in formats else 0)  # one pair per consuming MatMul
-    table = get_module(model, spec.embed).weight.detach().numpy()  # the fp16-rounded rows the host table holds
+    from qublast.vocab import effective_table
+
+    table = effective_table(model, spec).numpy()  # the fp16-rounded rows the host table holds (multiplier included)
     embedding = EmbeddingTable(table.astype(np.float16), None, 16, table.shape[1], table.shape[1])
     ort_model = OrtModel(str(tmp_path / "q.onnx"), session_config=target.ort_session, embedding=embedding)
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(1, 12))
@@ -233,10 +241,15 @@ def test_quantized_export_matches_pytorch(model_type, target, formats, head, tol
         with torch.no_grad():
             ref = model(input_ids=torch.from_numpy(seq)).logits[:, -1:].numpy()
         np.testing.assert_allclose(logits, ref, atol=tol, rtol=1e-4)
-    assert past[0].shape[2] == seq.shape[1]
+    if spec.kind == "attention":
+        assert past[0].shape[2] == seq.shape[1]  # the KV cache grew by every token
+    else:  # the recurrent state keeps its shape (and a hybrid's KV cache grew by every token)
+        layout = ort_model.layout
+        for name, state in zip(layout.past_names(), past):
+            assert state.shape[1:] == layout.recurrent[name] if name in layout.recurrent else state.shape[2] == seq.shape[1]
 
 
-@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("model_type", [a for a in ARCHS if REGISTRY[a].kind != "ssm"])
 def test_grouped_attention_equals_sdpa(model_type):
     """The export's attention (query heads grouped under their KV head, no K/V copies) computes
     what transformers' SDPA does, with and without a cache."""
@@ -246,10 +259,10 @@ def test_grouped_attention_equals_sdpa(model_type):
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=True)
-        step = model(input_ids=ids[:, :1] + 1, past_key_values=ref.past_key_values).logits
+        step = model(input_ids=ids[:, :1] + 1, cache=ref.cache).logits
         with registered(model):
             ours = model(input_ids=ids, use_cache=True)
-            ours_step = model(input_ids=ids[:, :1] + 1, past_key_values=ours.past_key_values).logits
+            ours_step = model(input_ids=ids[:, :1] + 1, cache=ours.cache).logits
     torch.testing.assert_close(ours.logits, ref.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours_step, step, atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == "sdpa"  # restored after the export
