@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnx_graphsurgeon as gs
 
 from qublast import text as qtext
 from qublast.calibrate import CalibConfig, calibrate
