@@ -2,7 +2,8 @@
 
 Each rule and its source is listed in docs/targets.md:
 
-- default-domain opset 21; only standard-domain ops;
+- default-domain opset 21; only standard-domain ops, each one TensorRT's ONNX parser supports
+  (``TRT_OPS``, from onnx-tensorrt's operator table);
 - every zero point absent or zero (symmetric);
 - weight DequantizeLinear reads a constant INT8 or INT4 initializer with constant scales:
   INT8 per tensor or per channel (no blocks), INT4 only 2-D, blocked with ``block_size`` 64
@@ -24,6 +25,15 @@ from onnx import numpy_helper
 from qublast.errors import GraphError
 
 REQUIRED_OPSET = 21
+# Every op a Jetson graph may use: supported in onnx-tensorrt's operator table (docs/operators.md,
+# onnx/onnx-tensorrt@96e7811, branch 10.1-GA, the closest to TensorRT 10.3; every entry "Y" there, checked).
+TRT_OPS = frozenset({
+    "Add", "And", "Cast", "Concat", "ConstantOfShape", "Conv", "Cos", "CumSum", "DequantizeLinear", "Div", "Equal", "Erf",
+    "Exp", "Expand", "Gather", "GatherND", "Gelu", "Gemm", "Greater", "GreaterOrEqual", "Identity", "IsNaN", "Less", "LessOrEqual",
+    "MatMul", "Max", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pow", "QuantizeLinear", "Range", "Reciprocal", "ReduceMean",
+    "ReduceSum", "Reshape", "Shape", "Sigmoid", "Sin", "Slice", "Softmax", "Softplus", "Split", "Sqrt", "Squeeze", "Sub",
+    "Tanh", "Transpose", "Trilu", "Unsqueeze", "Where",
+})
 INT4_BLOCK_SIZES = (64, 128)
 _INT8, _INT4 = onnx.TensorProto.INT8, onnx.TensorProto.INT4
 _FP32, _FP16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -68,6 +78,8 @@ def _qdq_violations(model: onnx.ModelProto) -> list[str]:
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
             found.append(f"{node.name}: {node.domain}::{node.op_type} is not a standard op")
+        elif node.op_type not in TRT_OPS:
+            found.append(f"{node.name}: {node.op_type} is not in the TensorRT ONNX parser's operator table (export.legality.TRT_OPS)")
         if node.op_type == "QuantizeLinear":
             found += _check_q(node, inits)
         elif node.op_type == "DequantizeLinear":

@@ -321,3 +321,9 @@ def test_fp32_dequantize_scale_in_an_fp16_graph_is_rejected():
 
 def test_fp16_logits_are_rejected():
     assert any("logits output is not fp32" in f for f in violations(_fp16_model(logits=TensorProto.FLOAT16)))
+
+
+def test_op_outside_tensorrts_operator_table_is_reported():
+    model = _int8_model()
+    model.graph.node.append(helper.make_node("StringNormalizer", ["y"], ["y2"], name="strnorm"))
+    _assert_only(model, "StringNormalizer is not in the TensorRT ONNX parser's operator table")
