@@ -640,3 +640,29 @@ def test_real_engine_runs_a_jetson_bundle(tmp_path, tiny_model_dir, uniform):
     ort_steps = run_steps(open_bundle(out, backend="ort").model, prompt, 4)
     for (logits, _), (ref, _) in zip(trt_steps, ort_steps):
         np.testing.assert_allclose(logits, ref, rtol=5e-2, atol=5e-2 * float(np.abs(ref).max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "falcon_h1"])
+def test_real_engine_runs_a_state_model_bundle(tmp_path, family):
+    """A Jetson bundle of a state-space or hybrid model: the step graph with its fixed-shape state
+    profiles builds, and TensorRT agrees with the bundle's ONNX Runtime check through prefill and decode."""
+    _need_tensorrt()
+    from qublast.export import main
+    from qublast.text import calib_text
+    from runtime.bundle import open_bundle
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / family
+    tiny_model(family).save_pretrained(model_dir)
+    tiny_tokenizer(calib_text().text).save_pretrained(model_dir)
+    out = tmp_path / "bundle"
+    assert main(["--model", str(model_dir), "--target", "jetson", "--calib-seqlen", "32", "--calib-windows", "2",
+                 "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "2", "--context", "64",
+                 "--gptq-windows", "4", "--uniform", "w4", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert build_engine.main(["--bundle", str(out)]) == 0
+    prompt = [5, 17, 99, 3]
+    for (logits, _), (ref, _) in zip(run_steps(open_bundle(out, backend="trt").model, prompt, 6),
+                                     run_steps(open_bundle(out, backend="ort").model, prompt, 6)):
+        np.testing.assert_allclose(logits, ref, rtol=5e-2, atol=5e-2 * float(np.abs(ref).max()))
