@@ -198,23 +198,19 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     importance = head_importance(runner)
     del runner
     options = _options(model, spec, target, table, vocab_table, candidates, embed_choices, head_choices, cfg.alloc_loss)
+    builder = _Builder(model, spec, target, table, vocab_table, importance, sens, cfg, log)
     allocation: dict = {}
     if fixed:
         formats = [*fixed, vocab_option(embed_choices[0], head_choices[0])]
     else:
         started = time.perf_counter()
-        formats, allocation = _allocate(model, spec, target, table, vocab_table, options, holdout, cfg, importance, log)
-        costs["allocation_s"] = time.perf_counter() - started
+        formats, allocation = _allocate(model, spec, options, holdout, cfg, builder, log)
+        costs["allocation_s"] = time.perf_counter() - started - builder.seconds
     block_formats, embed, head = split_plan(formats)
-    transforms = [row[f].transform(target) for row, f in zip(table, block_formats)]
-    vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance,
-                              head_codes=vocab_table["lm_head"][head].head_codes(target))
-    if cfg.reconstruct:
-        started = time.perf_counter()
-        transforms, allocation["reconstruction"] = reconstruct(
-            model, spec, transforms, vocab, torch.from_numpy(sens), window=cfg.reconstruct,
-            steps=cfg.reconstruct_steps, log=log)
-        costs["reconstruction_s"] = time.perf_counter() - started
+    transforms, vocab, records = builder.build(formats)
+    if records:
+        allocation["reconstruction"] = records
+        costs.update(reconstruction_s=builder.seconds, reconstructions=builder.count)
     with transforms_applied(model, spec, transforms, vocab) as qweights, PeakRecorder(model) as peaks:
         allocation["heldout_ce_quant"] = float(window_ce(model, holdout).mean())
     recipe = {
@@ -271,11 +267,46 @@ def _options(model, spec, target, table, vocab_table, candidates, embed_choices,
     return options
 
 
-def _allocate(model, spec, target, table, vocab_table, options, holdout, cfg: CalibConfig, importance, log) -> tuple[list[str], dict]:
+class _Builder:
+    """The transforms of a plan (blocks, then embedding and lm_head), reconstructed when the
+    config says so. The last plan built is kept (a plan's codes are as large as the model), so
+    the one the repair measured last is deployed without tuning it again."""
+
+    def __init__(self, model, spec, target, table, vocab_table, importance, sens: np.ndarray, cfg: CalibConfig, log):
+        self.model, self.spec, self.target, self.table, self.vocab_table = model, spec, target, table, vocab_table
+        self.importance, self.sens, self.cfg, self.log = importance, sens, cfg, log
+        self.cache: dict[tuple, tuple] = {}
+        self.seconds, self.count = 0.0, 0
+
+    def build(self, formats) -> tuple[list, VocabTransform, list]:
+        """(block transforms, vocabulary transform, reconstruction records) of a plan."""
+        key = tuple(formats)
+        if key not in self.cache:
+            blocks, embed, head = split_plan(formats)
+            transforms = [row[f].transform(self.target) for row, f in zip(self.table, blocks)]
+            vocab = VocabTransform.of(self.target, embed=embed, head=head, head_importance=self.importance,
+                                      head_codes=self.vocab_table["lm_head"][head].head_codes(self.target))
+            records = []
+            if self.cfg.reconstruct:
+                started = time.perf_counter()
+                transforms, records = reconstruct(self.model, self.spec, transforms, vocab, torch.from_numpy(self.sens),
+                                                  window=self.cfg.reconstruct, steps=self.cfg.reconstruct_steps,
+                                                  log=lambda _m: None)
+                self.seconds += time.perf_counter() - started
+                self.count += 1
+                before, after = sum(r["before"] for r in records), sum(r["after"] for r in records)
+                self.log(f"reconstruction: window errors summed {before:.4g} -> {after:.4g}")
+            self.cache = {key: (transforms, vocab, records)}
+        return self.cache[key]
+
+
+def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder, log) -> tuple[list[str], dict]:
+    """The knapsack's plan for the constraint; under a PPL bound, measured on held-out windows (with
+    reconstruction, when on) and repaired both ways."""
     fp_windows = window_ce(model, holdout)
     info: dict = {"heldout_ce_fp": float(fp_windows.mean())}
     if cfg.mode in ("target_size", "blocks_size"):
-        plan, budget = _solve_size(model, spec, target, options, cfg)
+        plan, budget = _solve_size(model, spec, builder.target, options, cfg)
         info.update(budget_bytes=budget, predicted_loss=plan.loss)
         return list(plan.formats), info
     max_loss = math.log1p(cfg.max_ppl_increase)
@@ -285,10 +316,7 @@ def _allocate(model, spec, target, table, vocab_table, options, holdout, cfg: Ca
 
     def measure(formats: list[str]) -> float:
         """The upper bound on the held-out dCE that repair compares with the target."""
-        blocks, embed, head = split_plan(formats)
-        transforms = [row[f].transform(target) for row, f in zip(table, blocks)]
-        vocab = VocabTransform.of(target, embed=embed, head=head, head_importance=importance,
-                                  head_codes=vocab_table["lm_head"][head].head_codes(target))
+        transforms, vocab, _ = builder.build(formats)
         with transforms_applied(model, spec, transforms, vocab):
             shift = ce_shift(window_ce(model, holdout), fp_windows)
         shifts[tuple(formats)] = shift

@@ -44,11 +44,28 @@ def block_hessians(runner: BlockRunner, index: int, hidden: torch.Tensor, t: Blo
     return {name: total / tokens for name, total in sums.items()}
 
 
-def gptq_transform(runner: BlockRunner, index: int, fit: torch.Tensor, t: BlockTransform, *, act_order: bool = True) -> BlockTransform:
+def folded_hessians(spec, base: dict[str, torch.Tensor], smooth: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Hessians after a scaling map's folds, from the unfolded ones: a group whose producer's
+    output is divided by s sees inputs X / s, so H becomes diag(1/s) H diag(1/s); other inputs are
+    unchanged (a fold keeps every producer's output elsewhere as it was)."""
+    out = dict(base)
+    for group in spec.groups:
+        s = smooth.get(group.producer) if group.producer else None
+        if s is not None:
+            inv = 1.0 / s.to(base[group.linears[0]].device).float()
+            for name in group.linears:
+                out[name] = base[name] * inv[:, None] * inv[None, :]
+    return out
+
+
+def gptq_transform(runner: BlockRunner, index: int, fit: torch.Tensor, t: BlockTransform, *, act_order: bool = True,
+                   hessians: dict[str, torch.Tensor] | None = None) -> BlockTransform:
     """``t`` with every linear quantized by GPTQ (codes and scales in ``codes``), fitted on block
-    ``index``'s fp inputs ``fit`` [M, S, H] (GPTQ's own windows)."""
+    ``index``'s fp inputs ``fit`` [M, S, H] (GPTQ's own windows). ``hessians``: the block's
+    unfolded Hessians, when the caller has them (every format and map of a block shares them)."""
     block, spec = runner.layers[index], runner.spec
-    hessians = block_hessians(runner, index, fit, t)
+    base = hessians if hessians is not None else block_hessians(runner, index, fit, BlockTransform(t.fmt))
+    hessians = folded_hessians(spec, base, t.smooth)
     codes = {}
     with restored(block):
         fold_block(block, spec, t.smooth)

@@ -37,8 +37,8 @@ class _Dequantized(torch.nn.Module):
         self.gain = torch.nn.Parameter(torch.zeros_like(qw.scale))
         self.block_size = qw.block_size
 
-    def forward(self, _weight: torch.Tensor) -> torch.Tensor:
-        return dequantize(self.q, self.scale * torch.exp(self.gain), self.block_size)
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # in the model's dtype (fp16 calibration too)
+        return dequantize(self.q, self.scale * torch.exp(self.gain), self.block_size).to(weight.dtype)
 
     def tuned(self, qw: QuantizedWeight) -> QuantizedWeight:
         """``qw`` with the tuned scales, rounded to fp16 values (on ``qw``'s device)."""

@@ -102,11 +102,13 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
 
         hidden, fit_index = runner.first_hidden, 0  # fit has gone through blocks < fit_index
         for index in range(len(layers)):
+            hessians = _LazyHessians(runner, index, fit)  # one collection serves every format and map of the block
             for name in candidates:
                 if name != "fp16":
                     record((index, name), lambda: _measure(
                         runner, index, hidden, get_format(name, target), scaling=scaling, range_method=range_method,
-                        quantizers=quantizers, act_order=act_order, fit=fit, codes_dir=journal.with_suffix(".codes")))
+                        quantizers=quantizers, act_order=act_order, fit=fit, codes_dir=journal.with_suffix(".codes"),
+                        hessians=hessians))
             if _needs_later(done, index + 1, len(layers), candidates):  # else nothing reads the later hidden states
                 hidden = runner.run_block(index, hidden)
                 if fit is not None and "gptq" in quantizers:
@@ -181,8 +183,23 @@ def _head_error(runner: BlockRunner, vocab: VocabTransform) -> float:
     return float((out - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12))
 
 
+class _LazyHessians:
+    """Block ``index``'s unfolded Hessians on the fit windows, collected on first use."""
+
+    def __init__(self, runner: BlockRunner, index: int, fit):
+        self.runner, self.index, self.fit, self.value = runner, index, fit, None
+
+    def get(self, fmt) -> dict:
+        if self.value is None:
+            from .compensate import block_hessians
+
+            self.value = block_hessians(self.runner, self.index, self.fit, BlockTransform(fmt))
+        return self.value
+
+
 def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, range_method: str,
-             quantizers: tuple[str, ...] = ("rtn",), act_order: bool = True, fit=None, codes_dir: Path | None = None) -> Sensitivity:
+             quantizers: tuple[str, ...] = ("rtn",), act_order: bool = True, fit=None, codes_dir: Path | None = None,
+             hessians: _LazyHessians | None = None) -> Sensitivity:
     """Search the map, pick each side's quantizer, score the map and the map off, keep the lower dCE.
 
     Each side (the map's transform, the map off) takes the quantizer of ``quantizers`` with the
@@ -190,9 +207,10 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
     (mapped, mapped_err), (off, off_err) = search_transform(runner, index, hidden, fmt, scaling=scaling, range_method=range_method)
     gptq_start = time.perf_counter()
     if fmt.bits and "gptq" in quantizers:
-        off, off_err = _quantizer(runner, index, hidden, fit, off, quantizers, act_order=act_order)
+        base = (hessians or _LazyHessians(runner, index, fit)).get(fmt)
+        off, off_err = _quantizer(runner, index, hidden, fit, off, quantizers, act_order=act_order, hessians=base)
         mapped, mapped_err = (off, off_err) if mapped is off or not scaling else _quantizer(
-            runner, index, hidden, fit, mapped, quantizers, act_order=act_order)
+            runner, index, hidden, fit, mapped, quantizers, act_order=act_order, hessians=base)
     gptq_seconds = time.perf_counter() - gptq_start
     off_score = _score(runner, index, hidden, off)
     mapped_score = off_score if mapped is off else _score(runner, index, hidden, mapped)
@@ -209,10 +227,11 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
     )
 
 
-def _quantizer(runner, index, hidden, fit, t: BlockTransform, quantizers, *, act_order: bool) -> tuple[BlockTransform, float]:
+def _quantizer(runner, index, hidden, fit, t: BlockTransform, quantizers, *, act_order: bool,
+               hessians=None) -> tuple[BlockTransform, float]:
     """``t`` by round-to-nearest or by GPTQ (fitted on ``fit``), whichever gives the lower block
     output error on the search windows of ``hidden``."""
-    gptq = gptq_transform(runner, index, fit, t, act_order=act_order)
+    gptq = gptq_transform(runner, index, fit, t, act_order=act_order, hessians=hessians)
     gptq_err = block_error(runner, index, hidden, gptq)
     if "rtn" not in quantizers:
         return gptq, gptq_err
