@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
 
-from qublast.allocate import Choice, Plan, best_upgrade, pareto_frontier, repair, solve_for_loss, solve_for_size
+from qublast.allocate import (
+    Choice,
+    Plan,
+    best_upgrade,
+    pareto_frontier,
+    repair,
+    solve_for_loss,
+    solve_for_size,
+)
 from qublast.errors import BudgetError
 
 SEEDS = range(8)
@@ -150,7 +159,7 @@ def test_repair_upgrades_until_measured_fits():
         calls.append(list(formats))
         return _measure(formats)
 
-    formats, history = repair(plan, REPAIR_OPTIONS, max_loss=max_loss, measure=measure, log=logs.append)
+    formats, history = repair(plan, REPAIR_OPTIONS, max_loss=max_loss, measure=measure, log=logs.append, far=math.inf)
     assert history[0] == {"formats": ["w4", "w4", "w4"], "measured": _measure(["w4", "w4", "w4"]), "predicted": pytest.approx(0.17),
                           "bytes": 100, "action": "plan"}
     assert history[-1]["measured"] <= max_loss
@@ -165,6 +174,21 @@ def test_repair_upgrades_until_measured_fits():
         assert changed == [after["upgraded"]]
         assert after["formats"][after["upgraded"]] == after["to"]
         assert after["measured"] == _measure(after["formats"])
+
+
+def test_repair_far_over_the_bound_jumps_by_the_measured_ratio():
+    """Measured 3.6x the bound: the next plan is the knapsack's for the predicted loss scaled by
+    predicted / measured (a larger plan, in one measurement), then single upgrades near the bound."""
+    plan = Plan(("w4", "w4", "w4"), 100, 0.17)
+    formats, history = repair(plan, REPAIR_OPTIONS, max_loss=0.1, measure=_measure, log=lambda _m: None)
+    jump = history[1]
+    assert jump["action"] == "jump"
+    scaled = 0.1 * history[0]["predicted"] / history[0]["measured"]
+    expected = next(p for p in pareto_frontier(REPAIR_OPTIONS) if p.loss <= scaled)
+    assert jump["formats"] == list(expected.formats) and jump["bytes"] > history[0]["bytes"]
+    assert history[-1]["measured"] <= 0.1 and formats == history[-1]["formats"]
+    _, stepwise = repair(plan, REPAIR_OPTIONS, max_loss=0.1, measure=_measure, log=lambda _m: None, far=math.inf)
+    assert len(history) < len(stepwise)  # fewer measurements than one block at a time
 
 
 def test_best_upgrade_takes_the_coarsest_blocks_first():
