@@ -169,7 +169,15 @@ def _costs(costs: dict) -> str:
         return "not recorded"
     return (f"{costs['measurements']} sensitivity measurements, {costs['measured_s']:.0f} s measured (GPTQ "
             f"{costs['gptq_s']:.0f} s of it; this run's sweep {costs['sweep_s']:.0f} s, the rest came from the journal), "
-            f"allocation and repair {costs.get('allocation_s', 0):.0f} s, peak memory {costs['peak_rss_mb']:.0f} MB")
+            f"allocation and repair {costs.get('allocation_s', 0):.0f} s, "
+            f"{_reconstruction_cost(costs)}peak memory {costs['peak_rss_mb']:.0f} MB")
+
+
+def _reconstruction_cost(costs: dict) -> str:
+    if "reconstruction_s" not in costs:
+        return ""
+    runs = costs.get("reconstructions", 1)
+    return f"cross-block reconstruction {costs['reconstruction_s']:.0f} s ({runs} plan{'s' if runs != 1 else ''} reconstructed), "
 
 
 def _timings(m: dict) -> str:

@@ -42,5 +42,8 @@ def test_reconstructed_bundle_replays_exactly(tiny_model_dir, tmp_path):
     recipe = read_recipe(out / "recipe.json")
     assert all(b["quantizer"].endswith("+cbq") for b in recipe["blocks"])
     assert recipe["allocation"]["reconstruction"][0]["after"] <= recipe["allocation"]["reconstruction"][0]["before"]
+    costs = recipe["calibration"]["costs"]
+    assert costs["reconstructions"] == 1 and costs["reconstruction_s"] > 0  # a fixed plan is reconstructed once
+    assert f"cross-block reconstruction {costs['reconstruction_s']:.0f} s (1 plan reconstructed)" in (out / "report.md").read_text()
     m = recipe["metrics"]
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 1e-4
