@@ -4,7 +4,7 @@ hidden 4096, MLP 14336, 32 heads / 8 KV heads, 32 blocks), measured on this mach
     python benchmarks/scaling.py [--tokens 512] [--device cpu]
 
 Prints, per shape: one decoder block's forward over ``--tokens`` tokens (random weights, fp32) and
-GPTQ of the block's seven linears at INT4 (block 128) from a Hessian, each the best of two runs,
+GPTQ of the block's seven linears at INT4 (block 128, else 64) from a Hessian, each the best of two runs,
 and the ratios 8B / SmolLM2. docs/results.md turns those ratios and SmolLM2's measured calibration
 costs into the 8B estimate (how the sweep's work scales with the number of blocks is written there).
 """
@@ -60,7 +60,8 @@ def measure(name: str, tokens: int, device: str) -> dict[str, float]:
     def quantize_all():
         for linear in linears:
             inputs = torch.randn(tokens, linear.in_features, device=device)
-            gptq_quantize(linear.weight.data, hessian(inputs), bits=4, block_size=128, act_order=True)
+            block_size = 128 if linear.in_features % 128 == 0 else 64  # as the Jetson target chooses
+            gptq_quantize(linear.weight.data, hessian(inputs), bits=4, block_size=block_size, act_order=True)
 
     gptq = best_of(1 if name != "smollm2-135m" else 2, quantize_all)
     params = sum(p.numel() for p in layer.parameters())
