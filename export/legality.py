@@ -50,6 +50,7 @@ FP32_OPS = {
     "Reshape": "moving fp32 scores", "Unsqueeze": "moving fp32 tables", "Transpose": "moving fp32 tables",
     "Expand": "broadcasting fp32 tables",
     "Exp": "SSM discretisation exp(A dt): transformers keeps the SSM state fp32 in half-precision models",
+    "Neg": "Mamba's A = -exp(A_log) in fp32 (constant-folded in small graphs, kept at realistic sizes)",
     "Sigmoid": "Mamba2's gated RMSNorm: silu(gate) in fp32 before the fp32 normalisation",
 }
 _COMPUTE = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")

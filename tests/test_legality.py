@@ -319,6 +319,20 @@ def test_fp32_dequantize_scale_in_an_fp16_graph_is_rejected():
     assert any("DequantizeLinear scale is not fp16" in f for f in found), found
 
 
+def test_ssm_fp32_island_is_legal_and_an_fp32_op_outside_it_is_not():
+    """Mamba's A = -exp(A_log) stays fp32 (the state update's island); an fp32 Tanh does not belong there."""
+    model = _fp16_model()
+    a_log = numpy_helper.from_array(RNG.standard_normal((N,)).astype(np.float32), "A_log")
+    model.graph.initializer.append(a_log)
+    model.graph.node.extend([helper.make_node("Exp", ["A_log"], ["a_exp"], name="exp"),
+                             helper.make_node("Neg", ["a_exp"], ["A"], name="neg")])
+    model.graph.output.append(helper.make_tensor_value_info("A", TensorProto.FLOAT, [N]))
+    assert violations(model) == []
+    model.graph.node.append(helper.make_node("Tanh", ["A"], ["r"], name="tanh"))
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [N]))
+    assert violations(model) == ["tanh: Tanh outputs fp32, outside the fp32 islands an fp16 graph allows"]
+
+
 def test_fp16_logits_are_rejected():
     assert any("logits output is not fp32" in f for f in violations(_fp16_model(logits=TensorProto.FLOAT16)))
 
