@@ -28,7 +28,7 @@ from .evaluate import PeakRecorder, ce_shift, fp16_overflow, window_ce
 from .formats import ALL_FORMATS, fits, get_format, get_target
 from .quant import CLIP_GRID
 from .entries import block_entries, target_entry, vocab_entries
-from .reconstruct import reconstruct
+from .reconstruct import WindowCache, reconstruct
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
 from .scaling import ALPHA_GRID, RANGE_METHODS
 from .sensitivity import sweep
@@ -276,6 +276,7 @@ class _Builder:
         self.model, self.spec, self.target, self.table, self.vocab_table = model, spec, target, table, vocab_table
         self.importance, self.sens, self.cfg, self.log = importance, sens, cfg, log
         self.cache: dict[tuple, tuple] = {}
+        self.windows = WindowCache()  # tuned windows shared by plans with the same leading formats
         self.seconds, self.count = 0.0, 0
 
     def build(self, formats) -> tuple[list, VocabTransform, list]:
@@ -291,11 +292,12 @@ class _Builder:
                 started = time.perf_counter()
                 transforms, records = reconstruct(self.model, self.spec, transforms, vocab, torch.from_numpy(self.sens),
                                                   window=self.cfg.reconstruct, steps=self.cfg.reconstruct_steps,
-                                                  log=lambda _m: None)
+                                                  log=lambda _m: None, cache=self.windows)
                 self.seconds += time.perf_counter() - started
                 self.count += 1
                 before, after = sum(r["before"] for r in records), sum(r["after"] for r in records)
-                self.log(f"reconstruction: window errors summed {before:.4g} -> {after:.4g}")
+                reused = sum(bool(r.get("cached")) for r in records)
+                self.log(f"reconstruction: window errors summed {before:.4g} -> {after:.4g} ({reused} of {len(records)} windows reused)")
             self.cache = {key: (transforms, vocab, records)}
         return self.cache[key]
 

@@ -11,6 +11,10 @@ window (``window`` blocks), with the earlier windows already tuned and quantized
 Activation fake-quantization passes gradients straight through. The tuned scales are rounded to
 fp16 values (what the graph stores); the codes stay, so the recipe stores them and replays
 exactly. The deployed format is unchanged.
+
+A window's result depends only on the formats of the blocks up to its end (and the vocabulary
+formats that make block 0's input), so repair's plans, which differ from one another in a few
+blocks, share every window before the first block that changed: ``WindowCache`` keeps them.
 """
 from __future__ import annotations
 
@@ -46,12 +50,38 @@ class _Dequantized(torch.nn.Module):
         return replace(qw, scale=scale.to(qw.scale.device))
 
 
+class WindowCache:
+    """Tuned windows of recent plans: key -> (record, tuned codes per block, the quantized model's
+    output of the window). Valid within one calibration (one table of block transforms per format);
+    entries not used by the last ``keep`` plans are dropped (each holds one hidden state)."""
+
+    def __init__(self, keep: int = 3):
+        self.keep, self.entries, self.plans, self.hits = keep, {}, [], 0
+
+    def get(self, key):
+        hit = self.entries.get(key)
+        self.hits += hit is not None
+        return hit
+
+    def end_plan(self, keys: list) -> None:
+        self.plans = (self.plans + [set(keys)])[-self.keep:]
+        live = set().union(*self.plans)
+        self.entries = {k: v for k, v in self.entries.items() if k in live}
+
+
+def _window_key(transforms: list[BlockTransform], vocab, last: int, settings: tuple) -> tuple:
+    fmts = tuple((t.format, t.quantizer) for t in transforms[: last + 1])
+    return (vocab.embed.name, vocab.head.name, settings, fmts)
+
+
 def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, ids: torch.Tensor, *, window: int = 2,
-                steps: int = 60, lr: float = 2e-3, batch: int = 2, log=print) -> tuple[list[BlockTransform], list[dict]]:
+                steps: int = 60, lr: float = 2e-3, batch: int = 2, log=print,
+                cache: WindowCache | None = None) -> tuple[list[BlockTransform], list[dict]]:
     """Tune every quantized block's scales, ``window`` blocks at a time, on token windows ``ids`` [N, S].
 
     Returns the transforms with their tuned codes and scales (``codes``; quantizer "<q>+cbq") and
-    one record per window (loss before and after). The model is left as it came in."""
+    one record per window (loss before and after; ``cached`` when ``cache`` had it). The model is
+    left as it came in."""
     runner = BlockRunner(model, spec, ids)
     layers, hidden, targets = runner.layers, runner.first_hidden, {}
     for index in range(len(layers)):  # the fp model's output of every window
@@ -59,25 +89,43 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
         if (index + 1) % window == 0 or index + 1 == len(layers):
             targets[index] = hidden
     del hidden
-    tuned, records = list(transforms), []
+    tuned, records, keys = list(transforms), [], []
+    settings = (window, steps, lr, batch, tuple(ids.shape))
     with transforms_applied(model, spec, transforms, vocab) as qweights:
         x_q = get_module(model, spec.embed)(ids).detach()  # block 0's input through the deployed table
         for start in range(0, len(layers), window):
             blocks = range(start, min(start + window, len(layers)))
-            paths = {i: {n: f"{spec.blocks}.{i}.{n}" for n in spec.linears if f"{spec.blocks}.{i}.{n}" in qweights} for i in blocks}
             target = targets.pop(blocks[-1])
-            with kept_on([layers[i] for i in blocks], runner.ids.device):  # trained: no offload between calls
-                record, results = _tune(runner, blocks, paths, qweights, x_q, target, steps=steps, lr=lr, batch=batch)
+            key = _window_key(transforms, vocab, blocks[-1], settings)
+            keys.append(key)
+            hit = cache.get(key) if cache is not None else None
+            if hit is None:
+                record, codes, x_q = _tune_window(runner, spec, blocks, qweights, x_q, target, steps=steps, lr=lr, batch=batch)
+                if cache is not None:
+                    cache.entries[key] = (record, codes, x_q)
+            else:
+                record, codes, x_q = hit
+                record = {**record, "cached": True}
             records.append({"blocks": list(blocks), **record})
             log(f"reconstruction: blocks {blocks[0]}-{blocks[-1]}: relative error {record['before']:.4g} -> {record['after']:.4g}")
-            for i in blocks:
-                if paths[i]:
-                    codes = {n: measured(results[paths[i][n]], get_module(layers[i], n).weight) for n in paths[i]}
-                    tuned[i] = replace(tuned[i], codes=codes, quantizer=f"{tuned[i].quantizer}+cbq")
-            with torch.no_grad():
-                for i in blocks:
-                    x_q = runner.run_block(i, x_q)
+            for i, block_codes in codes.items():
+                tuned[i] = replace(tuned[i], codes=block_codes, quantizer=f"{tuned[i].quantizer}+cbq")
+    if cache is not None:
+        cache.end_plan(keys)
     return tuned, records
+
+
+def _tune_window(runner: BlockRunner, spec: ArchSpec, blocks: range, qweights, x_q, target, *, steps: int, lr: float, batch: int):
+    """Tune one window; returns (record, {block: tuned codes per linear}, the window's quantized output)."""
+    layers = runner.layers
+    paths = {i: {n: f"{spec.blocks}.{i}.{n}" for n in spec.linears if f"{spec.blocks}.{i}.{n}" in qweights} for i in blocks}
+    with kept_on([layers[i] for i in blocks], runner.ids.device):  # trained: no offload between calls
+        record, results = _tune(runner, blocks, paths, qweights, x_q, target, steps=steps, lr=lr, batch=batch)
+    codes = {i: {n: measured(results[paths[i][n]], get_module(layers[i], n).weight) for n in paths[i]} for i in blocks if paths[i]}
+    with torch.no_grad():
+        for i in blocks:
+            x_q = runner.run_block(i, x_q)
+    return record, codes, x_q
 
 
 def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: int, lr: float, batch: int):

@@ -7,7 +7,7 @@ import torch
 from qublast.apply import BlockTransform
 from qublast.arch import arch_for
 from qublast.formats import get_format, get_target
-from qublast.reconstruct import reconstruct
+from qublast.reconstruct import WindowCache, reconstruct
 from qublast.vocab import VocabTransform
 from tests.tiny import VOCAB, tiny_model
 
@@ -29,6 +29,37 @@ def test_reconstruction_lowers_the_window_error_and_keeps_the_codes():
             assert int(qw.q.min()) >= -8 and int(qw.q.max()) <= 7
     for name, p in model.named_parameters():  # the model comes back as it went in
         assert torch.equal(p, before[name]), name
+
+
+def _codes(tuned):
+    return [{n: (qw.q.clone(), qw.scale.clone()) for n, qw in t.codes.items()} for t in tuned]
+
+
+def test_window_cache_reuses_the_windows_before_the_first_changed_block():
+    model = tiny_model("llama", layers=4)
+    spec = arch_for("llama")
+    target = get_target("jetson")
+    vocab = VocabTransform.of(target, embed="fp16", head="fp16")
+    ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+
+    def plan(*formats):
+        return [BlockTransform(get_format(f, target)) for f in formats]
+
+    run = dict(window=2, steps=10, log=lambda _m: None)
+    cache = WindowCache()
+    first, _ = reconstruct(model, spec, plan("w4", "w4", "w4", "w4"), vocab, ids, cache=cache, **run)
+    changed = plan("w4", "w4", "w8a8", "w4")  # the second window changes, the first does not
+    cached, records = reconstruct(model, spec, changed, vocab, ids, cache=cache, **run)
+    fresh, fresh_records = reconstruct(model, spec, changed, vocab, ids, **run)
+    assert [bool(r.get("cached")) for r in records] == [True, False] and cache.hits == 1
+    for a, b in zip(_codes(cached), _codes(fresh)):  # reusing a window changes nothing
+        assert a.keys() == b.keys() and all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)
+    assert [r["after"] for r in records] == [r["after"] for r in fresh_records]
+    other_vocab = VocabTransform.of(target, embed="w8", head="fp16")  # block 0's input changes: nothing reused
+    _, records = reconstruct(model, spec, changed, other_vocab, ids, cache=cache, **run)
+    assert not any(r.get("cached") for r in records)
+    for i in (0, 1):  # the reused window's codes are the first plan's
+        assert all(torch.equal(_codes(first)[i][n][1], _codes(cached)[i][n][1]) for n in _codes(first)[i])
 
 
 def test_reconstructed_bundle_replays_exactly(tiny_model_dir, tmp_path):
