@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
                    help="lm_head format; auto (default): allocation chooses under --max-ppl-increase / --target-size, else fp16")
     p.add_argument("--embeddings", default=AUTO, choices=(AUTO, *EMBED_FORMATS),
                    help="embedding table format (host-side table unless kept fp16 with a tied fp16 lm_head); auto as --lm-head")
-    p.add_argument("--candidates", help="formats blocks may take, comma-separated (default: all of the target's)")
+    p.add_argument("--candidates", help="formats blocks may take, comma-separated (default: the target's; jetson fp16,w4, "
+                   "with w8a8 on request, docs/results.md)")
     p.add_argument("--calib-text", help="calibration text file (train/validation text, never test)")
     p.add_argument("--calib-dataset", help="calibration dataset name (wikitext2), validation split")
     p.add_argument("--eval-text", help="evaluation file in WikiText raw layout (e.g. wiki.test.raw)")
@@ -44,8 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=8, help="windows for the sensitivity sweep")
     p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows for measured repair")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--safety", type=float, default=1.0,
-                   help="repair until held-out dCE + 2 stderr <= safety * ln(1+P)")
+    p.add_argument("--safety", type=float, default=0.9,
+                   help="repair until held-out dCE + 2 stderr <= safety * ln(1+P) (default 0.9: a margin for "
+                   "the shift from calibration text to other text)")
     p.add_argument("--no-scaling", action="store_true", help="turn the activation scaling map off (ablation)")
     p.add_argument("--range-method", default="mse", choices=("absmax", "percentile", "mse"),
                    help="static INT8 activation range estimator for w8a8 (default mse)")
