@@ -26,6 +26,10 @@ run cpu-ppl1 --target cpu --max-ppl-increase 0.01
 run jet-ppl5 --target jetson --max-ppl-increase 0.05
 run jet-ppl1 --target jetson --max-ppl-increase 0.01
 run cpu-fp32 --target cpu --uniform fp16 --embeddings fp16 --lm-head fp16
+# why Jetson tries w8a8 only on request: the 1% bundle with it, and which static ranges cost PPL on which text
+run jet-ppl1-w8a8 --target jetson --max-ppl-increase 0.01 --candidates fp16,w8a8,w4 --safety 1
+python "$(dirname "$0")/static_ranges.py" "$out/jet-ppl1-w8a8" --model "$assets/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
+  --calib-text "$assets/wikitext-2/wiki.valid.calib.txt" --eval-text "$assets/wikitext-2/wiki.test.raw" --windows "${windows/all/100000}"
 # the quantizer ablation: uniform w4 on the Jetson graph, embedding and lm_head fp16
 w4=(--target jetson --uniform w4 --embeddings fp16 --lm-head fp16)
 run w4-rtn "${w4[@]}" --quantizers rtn --no-scaling --reconstruct 0
