@@ -63,6 +63,9 @@ class WindowCache:
         self.hits += hit is not None
         return hit
 
+    def put(self, key, value) -> None:
+        self.entries[key] = value
+
     def end_plan(self, keys: list) -> None:
         self.plans = (self.plans + [set(keys)])[-self.keep:]
         live = set().union(*self.plans)
@@ -102,7 +105,7 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
             if hit is None:
                 record, codes, x_q = _tune_window(runner, spec, blocks, qweights, x_q, target, steps=steps, lr=lr, batch=batch)
                 if cache is not None:
-                    cache.entries[key] = (record, codes, x_q)
+                    cache.put(key, (record, codes, x_q))
             else:
                 record, codes, x_q = hit
                 record = {**record, "cached": True}
