@@ -66,7 +66,8 @@ def main() -> int:
                 layer = layers[block["index"]]
                 kept = {lin["name"]: get_module(layer, lin["name"]) for lin in block["linears"] if lin["name"].split(".")[-1] not in off}
                 scales = {lin["name"]: lin["act_scale"] for lin in block["linears"]}
-                set_act_quant(layer, act_quantizers(get_format(block["format"], target), kept, scales))
+                formats = {lin["name"]: get_format(lin["format"], target) for lin in block["linears"]}
+                set_act_quant(layer, act_quantizers(formats, kept, scales))
             dce = {name: math.log(perplexity(model, w, desc=label).ppl / fp[name]) for name, w in (("test", test), ("validation", calib))}
             print(f"| {label} | {dce['test']:.4f} | {dce['validation']:.4f} |", flush=True)
     return 0

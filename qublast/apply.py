@@ -18,7 +18,7 @@ from runtime.targets import WeightFormat
 
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
-from .formats import block_size_for
+from .formats import block_size_for, linear_format
 from .quant import CLIP_GRID, QuantizedWeight, dequantize, fake_quant_dynamic, measured, quantize_weight, quantize_with_scale
 from .scaling import fake_quant, fold_into_norm, fold_into_rows, scale_columns
 
@@ -45,6 +45,10 @@ class BlockTransform:
     @property
     def format(self) -> str:
         return self.fmt.name
+
+    def formats(self, spec: ArchSpec) -> dict[str, WeightFormat]:
+        """The plain format of each of the block's linears (a mixed format's parts, else ``fmt``)."""
+        return {name: linear_format(self.fmt, spec, name) for name in spec.linears}
 
 
 def quantize_linear(linear: torch.nn.Linear, fmt: WeightFormat, *, clip_grid: tuple[float, ...] = CLIP_GRID,
@@ -77,13 +81,17 @@ def fold_block(block: torch.nn.Module, spec: ArchSpec, smooth: dict[str, torch.T
             lin.weight.data.copy_(w)
 
 
-def act_quantizers(fmt: WeightFormat, linears: dict[str, torch.nn.Linear], act_scales: dict[str, float]) -> dict[str, tuple]:
-    """``{name: ("static", scale) | ("dynamic", block)}``: what the target does to each linear's input."""
-    if fmt.act == "static":
-        return {name: ("static", act_scales[name]) for name in linears if name in act_scales}
-    if fmt.act == "dynamic":
-        return {name: ("dynamic", block_size_for(fmt, lin.in_features)) for name, lin in linears.items()}
-    return {}
+def act_quantizers(formats: dict[str, WeightFormat], linears: dict[str, torch.nn.Linear], act_scales: dict[str, float]) -> dict[str, tuple]:
+    """``{name: ("static", scale) | ("dynamic", block)}``: what the target does to each linear's input,
+    given each linear's plain format (``formats``)."""
+    out = {}
+    for name, lin in linears.items():
+        fmt = formats[name]
+        if fmt.bits is not None and fmt.act == "static" and name in act_scales:
+            out[name] = ("static", act_scales[name])
+        elif fmt.bits is not None and fmt.act == "dynamic":
+            out[name] = ("dynamic", block_size_for(fmt, lin.in_features))
+    return out
 
 
 def set_act_quant(module: torch.nn.Module, quantizers: dict[str, tuple]) -> None:
@@ -117,15 +125,16 @@ def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *
     fold_block(block, spec, t.smooth)
     out = {}
     linears = {name: get_module(block, name) for name in spec.linears}
+    formats = t.formats(spec)
     for name, linear in linears.items():
         if name in t.codes:
             qw = measured(t.codes[name], linear.weight)
         else:
-            qw = quantize_linear(linear, t.fmt, clip_grid=clip_grid, importance=t.importance.get(name))
+            qw = quantize_linear(linear, formats[name], clip_grid=clip_grid, importance=t.importance.get(name))
         if qw is not None:
             linear.weight.data.copy_(qw.dequantize())
             out[name] = qw
-    set_act_quant(block, act_quantizers(t.fmt, linears, t.act_scales))
+    set_act_quant(block, act_quantizers(formats, linears, t.act_scales))
     return out
 
 
@@ -223,10 +232,10 @@ def quantize_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensor
 
     target = get_target(recipe["target"]["name"])
     for block, layer in zip(recipe["blocks"], blocks_of(model, spec)):
-        fmt = get_format(block["format"], target)
+        formats = {lin["name"]: get_format(lin["format"], target) for lin in block["linears"]}
         linears = {lin["name"]: get_module(layer, lin["name"]) for lin in block["linears"]}
         scales = {lin["name"]: lin["act_scale"] for lin in block["linears"] if lin.get("act_scale")}
-        set_act_quant(layer, act_quantizers(fmt, linears, scales))
+        set_act_quant(layer, act_quantizers(formats, linears, scales))
     for path, entry in block_linears(recipe).items():
         linear = get_module(model, path)
         linear.weight.data = requantize(linear.weight, tensors, entry, path).to(linear.weight.dtype)

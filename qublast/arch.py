@@ -43,6 +43,11 @@ class ArchSpec:
     embed_multiplier: str | None = None  # config attribute the model multiplies the embedding output by
     logits_multiplier: str | None = None  # config attribute the model multiplies lm_head's output by
     kept: tuple[tuple[str, str], ...] = ()  # (parameter, why it is not quantized)
+    bulk: tuple[str, ...] = ()  # the linears holding most of a block's weights: a mixed format's low-precision part
+
+    def is_bulk(self, linear: str) -> bool:
+        """True when a mixed block format stores ``linear`` in its bulk part (``runtime.targets``)."""
+        return linear in self.bulk
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -54,6 +59,7 @@ _ATTN_QKV = LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_pr
 _ATTN_O = LinearGroup(("self_attn.o_proj",))
 _MLP_DOWN = LinearGroup(("mlp.down_proj",), "mlp.up_proj")
 
+_GATED_MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
 _LLAMA_LIKE = (
     _ATTN_QKV,
     _ATTN_O,
@@ -67,12 +73,14 @@ _SSM_KEPT = (
 )
 _MAMBA = ArchSpec(
     "mamba", blocks="backbone.layers", embed="backbone.embeddings", final_norm="backbone.norm_f", kind="ssm",
+    bulk=("mixer.in_proj",),
     groups=(LinearGroup(("mixer.in_proj",), "norm"), LinearGroup(("mixer.x_proj",)), LinearGroup(("mixer.out_proj",))),
     kept=(*_SSM_KEPT, ("mixer.dt_proj", "not called as a Linear (weight @ dt before softplus); sets the step size of "
                                         "exp(A dt), and is 2% of the block's weights")),
 )
 _MAMBA2 = ArchSpec(
     "mamba2", blocks="backbone.layers", embed="backbone.embeddings", final_norm="backbone.norm_f", kind="ssm",
+    bulk=("mixer.in_proj",),
     groups=(LinearGroup(("mixer.in_proj",), "norm"), LinearGroup(("mixer.out_proj",), "mixer.norm")),
     kept=_SSM_KEPT,
 )
@@ -87,14 +95,15 @@ _FALCON_H1 = ArchSpec(
         LinearGroup(("feed_forward.down_proj",), "feed_forward.up_proj"),
     ),
     embed_multiplier="embedding_multiplier", logits_multiplier="lm_head_multiplier",
+    bulk=("feed_forward.gate_proj", "feed_forward.up_proj"),
     kept=(("mamba.conv1d", "depthwise causal conv"), ("mamba.A_log, mamba.D, mamba.dt_bias", "the recurrence's parameters")),
 )
 
 REGISTRY: dict[str, ArchSpec] = {
-    "llama": ArchSpec("llama", groups=_LLAMA_LIKE),
-    "mistral": ArchSpec("mistral", groups=_LLAMA_LIKE),
-    "qwen2": ArchSpec("qwen2", groups=_LLAMA_LIKE),
-    "qwen3": ArchSpec("qwen3", groups=_LLAMA_LIKE),
+    "llama": ArchSpec("llama", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN),
+    "mistral": ArchSpec("mistral", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN),
+    "qwen2": ArchSpec("qwen2", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN),
+    "qwen3": ArchSpec("qwen3", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN),
     "gemma3_text": ArchSpec(
         "gemma3_text",
         groups=(
@@ -104,6 +113,7 @@ REGISTRY: dict[str, ArchSpec] = {
             _MLP_DOWN,
         ),
         norm_weight_offset=1.0,
+        bulk=_GATED_MLP_IN,
     ),
     "mamba": _MAMBA,
     "mamba2": _MAMBA2,

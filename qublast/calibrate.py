@@ -25,7 +25,7 @@ from .blocks import BlockRunner, blocks_of
 from .device import check_device, torch_dtype
 from .errors import BudgetError, InputError
 from .evaluate import PeakRecorder, ce_shift, fp16_overflow, window_ce
-from .formats import ALL_FORMATS, fits, get_format, get_target
+from .formats import fits, get_format, get_target, linear_format
 from .quant import CLIP_GRID
 from .entries import block_entries, target_entry, vocab_entries
 from .reconstruct import WindowCache, reconstruct
@@ -251,8 +251,11 @@ def _check_fits(layers, spec, target, candidates, fixed) -> None:
     """Every linear can take every candidate (a block size of the target divides its input)."""
     for name in candidates:
         fmt = get_format(name, target)
+        if fmt.mix is not None and not spec.bulk:
+            raise InputError(f"{name} mixes formats over a block's bulk linears, which {spec.name} does not name; "
+                             f"drop it from --candidates")
         for index, layer in enumerate(layers):
-            bad = [n for n in spec.linears if not fits(fmt, layer.get_submodule(n).in_features)]
+            bad = [n for n in spec.linears if not fits(linear_format(fmt, spec, n), layer.get_submodule(n).in_features)]
             if bad and (fixed or name != "fp16"):
                 raise InputError(f"block {index}: {bad[0]} (input {layer.get_submodule(bad[0]).in_features}) cannot take "
                                  f"{name} on target {target.name} (block sizes {fmt.block_sizes}); drop it from --candidates")
@@ -379,10 +382,15 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
     }
 
 
+# The journal keys each measurement by (block, format name): a format added later adds records and
+# invalidates none, so the fingerprint keeps the names the journal was versioned with.
+JOURNAL_FORMATS = ("fp16", "w8a8", "w8", "w4")
+
+
 def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
     digest = hashlib.sha256()
     digest.update(model_info["weight_sha256"].encode())
     digest.update(np.ascontiguousarray(sens).tobytes())
-    digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method, cfg.target, ALL_FORMATS, sorted(cfg.quantizers),
+    digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method, cfg.target, JOURNAL_FORMATS, sorted(cfg.quantizers),
                         cfg.act_order, cfg.gptq_windows if "gptq" in cfg.quantizers else None)).encode())
     return digest.hexdigest()

@@ -69,8 +69,10 @@ def gptq_transform(runner: BlockRunner, index: int, fit: torch.Tensor, t: BlockT
     codes = {}
     with restored(block):
         fold_block(block, spec, t.smooth)
-        for name in spec.linears:
+        for name, fmt in t.formats(spec).items():
+            if fmt.bits is None:  # a mixed format's float part
+                continue
             linear = get_module(block, name)
-            codes[name] = gptq_quantize(linear.weight, hessians[name], bits=t.fmt.bits, act_order=act_order,
-                                        block_size=block_size_for(t.fmt, linear.in_features))  # on the Hessian's device
+            codes[name] = gptq_quantize(linear.weight, hessians[name], bits=fmt.bits, act_order=act_order,
+                                        block_size=block_size_for(fmt, linear.in_features))  # on the Hessian's device
     return replace(t, codes=codes, quantizer="gptq")

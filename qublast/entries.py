@@ -5,7 +5,7 @@ from runtime.targets import Target
 
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
-from .formats import block_size_for, embed_format, table_bytes
+from .formats import block_size_for, embed_format, get_format, linear_format, table_bytes
 from .sizes import block_bytes, linear_entry
 from .vocab import is_tied, side_table
 
@@ -14,10 +14,16 @@ def target_entry(target: Target) -> dict:
     """What a recipe records of its target: export and reuse refuse a target with other formats."""
     return {
         "name": target.name, "graph_dtype": target.graph_dtype,
-        "formats": {name: {"bits": f.bits, "act": f.act, "per_channel": f.per_channel, "block_sizes": list(f.block_sizes)}
-                    for name, f in target.formats.items()},
+        "formats": {name: _format_entry(f) for name, f in target.formats.items()},
         "head_formats": list(target.head_formats), "ort_session": dict(target.ort_session),
     }
+
+
+def _format_entry(fmt) -> dict:
+    entry = {"bits": fmt.bits, "act": fmt.act, "per_channel": fmt.per_channel, "block_sizes": list(fmt.block_sizes)}
+    if fmt.mix is not None:
+        entry["mix"] = [part.name for part in fmt.mix]  # (bulk, rest): a block format, never a linear's
+    return entry
 
 
 def block_entries(model, spec: ArchSpec, target: Target, formats: list[str], qweights: dict, table: list[dict], *, scaling: bool,
@@ -27,10 +33,12 @@ def block_entries(model, spec: ArchSpec, target: Target, formats: list[str], qwe
     out = []
     for index, (layer, fmt) in enumerate(zip(blocks_of(model, spec), formats)):
         chosen, quantizer = table[index][fmt], quantizers[index]
+        block_format = get_format(fmt, target)
         linears = []
         for name in spec.linears:
             path = f"{spec.blocks}.{index}.{name}"
-            entry = linear_entry(get_module(layer, name), name=name, path=path, fmt_name=fmt, target=target)
+            entry = linear_entry(get_module(layer, name), name=name, path=path,
+                                 fmt_name=linear_format(block_format, spec, name).name, target=target)
             entry["quantizer"] = quantizer if entry["bits"] else None
             if path in qweights:
                 entry["error"] = qweights[path].stats.as_dict()

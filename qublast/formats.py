@@ -14,7 +14,7 @@ from runtime.targets import EMBED_FORMATS, EMBED_SCALE_BYTES, TARGETS, Target, W
 from .errors import InputError
 
 FP16_BYTES = 2  # the reference: every size reduction is against the fp16 checkpoint
-ALL_FORMATS: tuple[str, ...] = ("fp16", "w8a8", "w8", "w4")  # names any target may use
+ALL_FORMATS: tuple[str, ...] = ("fp16", "w8a8", "w8", "w4m", "w4")  # names any target may use
 
 
 def get_target(name: str) -> Target:
@@ -35,6 +35,12 @@ def get_format(name: str, target: Target) -> WeightFormat:
         raise InputError(exc.args[0]) from None
 
 
+def linear_format(fmt: WeightFormat, spec, linear: str) -> WeightFormat:
+    """The plain format ``linear`` (relative to its block) takes in a block of format ``fmt``:
+    a mixed format's bulk part for the architecture's bulk linears, its rest part otherwise."""
+    return fmt.part(spec.is_bulk(linear))
+
+
 def embed_format(name: str) -> WeightFormat:
     """Format of the host-side embedding table (the same on every target)."""
     try:
@@ -53,8 +59,9 @@ def block_size_for(fmt: WeightFormat, in_features: int) -> int:
 
 
 def fits(fmt: WeightFormat, in_features: int) -> bool:
-    """True when ``fmt`` can store a weight with ``in_features`` inputs (a block size divides it)."""
-    return fmt.bits is None or block_size(fmt, in_features) is not None
+    """True when ``fmt`` (a plain format or every part of a mixed one) can store a weight with
+    ``in_features`` inputs (a block size divides it)."""
+    return all(part.bits is None or block_size(part, in_features) is not None for part in fmt.parts)
 
 
 def linear_bytes(fmt: WeightFormat, out_features: int, in_features: int, *, target: Target, has_bias: bool = False) -> int:

@@ -100,6 +100,11 @@ def _validate(recipe: dict) -> None:
             if entry.get("format") not in formats:
                 raise RecipeError(f"block {block['index']}: format {entry['format']!r} is not one of target "
                                   f"{recipe['target'].get('name')!r}'s {sorted(formats)}")
+        for entry in block.get("linears", []):
+            mix = formats[entry["format"]].get("mix")
+            if mix:
+                raise RecipeError(f"block {block['index']}: {entry.get('name')} is in the mixed format {entry['format']!r}; "
+                                  f"a linear takes one of its parts {mix}")
     if recipe["lm_head"].get("format") not in recipe["target"].get("head_formats", ()):
         raise RecipeError(f"lm_head: format {recipe['lm_head'].get('format')!r} is not one its target allows")
     if recipe["embedding"].get("format") not in ALL_FORMATS:

@@ -33,6 +33,7 @@ def render(recipe: dict) -> str:
         lines += [f"> {GGUF_CAVEAT.format(gguf=model['gguf'])}", ""]
     c, ev, t = recipe["constraint"], recipe.get("evaluation", {}), recipe["target"]
     emb, head = recipe["embedding"], recipe["lm_head"]
+    measured = [f for f in t["formats"] if f != "fp16" and any(f in b.get("sensitivity", {}) for b in recipe["blocks"])]
     lines += [
         f"- target: `{t['name']}` ({t['graph_dtype']} graph; formats {', '.join(t['formats'])}; lm_head {', '.join(t['head_formats'])})",
         f"- constraint: `{c['mode']} = {c['value']}`; embedding table `{emb['format']}` ({_storage(emb)}); "
@@ -67,9 +68,10 @@ def render(recipe: dict) -> str:
         "rel. MSE columns are the block's own format with the map off and as kept (output error on the "
         "search's calibration tokens): the per-block ablation of the map.",
         "",
-        "| block | format | map | alpha | bytes | dCE w8a8 | dCE w8 | dCE w4 | KL w4 | dCE, map off | "
+        *_mixed_lines(recipe),
+        "| block | format | map | alpha | bytes | " + " | ".join(f"dCE {f}" for f in measured) + " | KL w4 | dCE, map off | "
         "block output rel. MSE, map off | block output rel. MSE | worst linear rel. error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|" + "---|" * len(measured) + "---|---|---|---|---|",
     ]
     for block in recipe["blocks"]:
         sens = block.get("sensitivity", {})
@@ -78,13 +80,28 @@ def render(recipe: dict) -> str:
         fmt = block["format"]
         kept = {True: "on", False: "off"}.get(block.get("map"), "-")  # null: fp16 block or --no-scaling
         lines.append(
-            f"| {block['index']} | {fmt} | {kept} | {_alphas(block.get('alpha'))} | {block['bytes']} | {_f(sens, 'w8a8', 'dce')} | "
-            f"{_f(sens, 'w8', 'dce')} | {_f(sens, 'w4', 'dce')} | {_f(sens, 'w4', 'kl')} | {_f(sens, fmt, 'dce_map_off')} | "
+            f"| {block['index']} | {fmt} | {kept} | {_alphas(block.get('alpha'))} | {block['bytes']} | "
+            + "".join(f"{_f(sens, f, 'dce')} | " for f in measured)
+            + f"{_f(sens, 'w4', 'kl')} | {_f(sens, fmt, 'dce_map_off')} | "
             f"{_e(block.get('block_err_unscaled'))} | {block.get('block_err', 0):.2e} | {worst} |"
         )
     lines += _act_ranges(recipe)
     lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe['allocation'])}\n```", ""]
     return "\n".join(lines)
+
+
+def _mixed_lines(recipe: dict) -> list[str]:
+    """What each mixed block format of the target stores where (its linears are listed in the recipe)."""
+    formats = recipe["target"]["formats"]
+    mixed = {name: f["mix"] for name, f in formats.items() if f.get("mix")}
+    used = {b["format"] for b in recipe["blocks"]}
+    lines = []
+    for name, (bulk, rest) in mixed.items():
+        if name in used:
+            block = next(b for b in recipe["blocks"] if b["format"] == name)
+            bulk_names = [lin["name"] for lin in block["linears"] if lin["format"] == bulk]
+            lines.append(f"`{name}` blocks store {', '.join(bulk_names)} in `{bulk}` and their other linears in `{rest}`.")
+    return [*lines, ""] if lines else []
 
 
 def _storage(emb: dict) -> str:
@@ -206,7 +223,7 @@ def _plot_sensitivity(recipe: dict, path: Path) -> None:
     blocks = recipe["blocks"]
     formats = sorted({f for b in blocks for f in b.get("sensitivity", {}) if f != "fp16"})
     vocab = {"embedding": (-1, recipe["embedding"].get("sensitivity", {})), "lm_head": (len(blocks), recipe["lm_head"].get("sensitivity", {}))}
-    markers = {"w8a8": "^", "w8": "o", "w4": "s"}
+    markers = {"w8a8": "^", "w8": "o", "w4m": "D", "w4": "s"}
     for fmt in formats:
         ax.plot([b["index"] for b in blocks], [b["sensitivity"][fmt]["dce"] for b in blocks], marker=markers.get(fmt, "o"), label=fmt)
     for unit, (x, sens) in vocab.items():
@@ -264,7 +281,10 @@ def _options(recipe: dict, loss: str):
     blocks = recipe["blocks"]
     if not all(b.get("sensitivity") for b in blocks) or len(blocks[0]["sensitivity"]) < 2:
         return []
-    options = [[Choice(f, _bytes_in(b, f, target), s[loss]) for f, s in b["sensitivity"].items()] for b in blocks]
+    from .arch import arch_for
+
+    spec = arch_for(recipe["model"]["model_type"])
+    options = [[Choice(f, _bytes_in(b, f, target, spec), s[loss]) for f, s in b["sensitivity"].items()] for b in blocks]
     emb, head = recipe["embedding"], recipe["lm_head"]
     vocab = [Choice(f"{e}/{h}", _vocab_bytes(recipe, e, h, target), es[loss] + hs[loss])
              for e, es in emb.get("sensitivity", {}).items() for h, hs in head.get("sensitivity", {}).items()]
@@ -296,9 +316,10 @@ def _alloc_loss(recipe: dict) -> str:
     return recipe["calibration"].get("alloc_loss", "dce")
 
 
-def _bytes_in(block: dict, fmt: str, target) -> int:
+def _bytes_in(block: dict, fmt: str, target, spec) -> int:
     """Block bytes in ``fmt`` from its linears' shapes (the recipe stores only the chosen format's)."""
-    from .formats import get_format, linear_bytes
+    from .formats import get_format, linear_bytes, linear_format
 
-    return sum(linear_bytes(get_format(fmt, target), *lin["shape"], target=target, has_bias=lin.get("bias", False))
-               for lin in block["linears"])
+    block_format = get_format(fmt, target)
+    return sum(linear_bytes(linear_format(block_format, spec, lin["name"]), *lin["shape"], target=target,
+                            has_bias=lin.get("bias", False)) for lin in block["linears"])

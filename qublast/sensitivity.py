@@ -249,24 +249,28 @@ def _save_codes(codes: dict[str, QuantizedWeight], path: Path) -> str:
     for name, qw in codes.items():
         tensors[f"{name}.q"] = qw.q.contiguous()
         tensors[f"{name}.scale"] = qw.scale.contiguous().float()
-    atomic_write_bytes(path, save(tensors))
+    bits = {f"bits.{name}": str(qw.bits) for name, qw in codes.items()}  # a mixed format's linears differ
+    atomic_write_bytes(path, save(tensors, metadata=bits))
     return str(path)
 
 
 def _load_codes(path: Path, bits: int) -> dict[str, QuantizedWeight]:
-    """The codes ``_save_codes`` wrote, as quantized weights (block size from the shapes)."""
-    from safetensors.torch import load_file
+    """The codes ``_save_codes`` wrote, as quantized weights (block size from the shapes; each
+    linear's bits from the file, ``bits`` for files written before they were recorded)."""
+    from safetensors import safe_open
 
     from .quant import QuantStats
 
-    tensors = load_file(str(path))
     out = {}
-    for key in tensors:
-        if key.endswith(".q"):
-            name = key[:-2]
-            q, scale = tensors[key], tensors[f"{name}.scale"]
-            unmeasured = QuantStats(rel_err=0.0, max_abs_err=0.0, mse=0.0, clip_mean=1.0)  # apply.transform_block measures
-            out[name] = QuantizedWeight(q=q, scale=scale, bits=bits, block_size=q.shape[1] // scale.shape[1], stats=unmeasured)
+    with safe_open(str(path), framework="pt") as f:
+        recorded = f.metadata() or {}
+        for key in f.keys():
+            if key.endswith(".q"):
+                name = key[:-2]
+                q, scale = f.get_tensor(key), f.get_tensor(f"{name}.scale")
+                unmeasured = QuantStats(rel_err=0.0, max_abs_err=0.0, mse=0.0, clip_mean=1.0)  # apply.transform_block measures
+                out[name] = QuantizedWeight(q=q, scale=scale, bits=int(recorded.get(f"bits.{name}", bits)),
+                                            block_size=q.shape[1] // scale.shape[1], stats=unmeasured)
     return out
 
 

@@ -11,23 +11,25 @@ from runtime.targets import Target
 
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
-from .formats import FP16_BYTES, block_size_for, embed_format, get_format, linear_bytes, table_bytes
+from .formats import FP16_BYTES, block_size_for, embed_format, get_format, linear_bytes, linear_format, table_bytes
 from .vocab import is_tied, side_table
 
 
 def linear_bytes_in(linear: torch.nn.Linear, fmt_name: str, target: Target) -> int:
-    """Bytes one linear stores in format ``fmt_name`` on ``target``."""
+    """Bytes one linear stores in the plain format ``fmt_name`` on ``target``."""
     return linear_bytes(get_format(fmt_name, target), linear.out_features, linear.in_features, target=target,
                         has_bias=linear.bias is not None)
 
 
 def block_bytes(block: torch.nn.Module, spec: ArchSpec, fmt_name: str, target: Target) -> int:
-    """Bytes of a block's quantizable linears in one format."""
-    return sum(linear_bytes_in(get_module(block, name), fmt_name, target) for name in spec.linears)
+    """Bytes of a block's quantizable linears in one block format (a mixed one: each linear in its part)."""
+    fmt = get_format(fmt_name, target)
+    return sum(linear_bytes_in(get_module(block, name), linear_format(fmt, spec, name).name, target) for name in spec.linears)
 
 
 def linear_entry(linear: torch.nn.Linear, *, name: str, path: str, fmt_name: str, target: Target) -> dict:
-    """Recipe entry for one linear (error statistics are added by the caller when quantized)."""
+    """Recipe entry for one linear in the plain format ``fmt_name`` (error statistics are added by
+    the caller when quantized)."""
     fmt = get_format(fmt_name, target)
     return {
         "name": name,

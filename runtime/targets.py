@@ -14,6 +14,11 @@ per format, how the weight is laid out and what happens to the activation that m
   weight's block size at run time (ONNX Runtime's ``MatMulNBits`` at accuracy level 4:
   scale = max|a| / 127, codes = round_half_even(a * 127 / max|a|); docs/ort-sources.md).
 
+A *mixed* format (``mix``) is a block format only: the block's bulk linears (its widest group,
+named per architecture: a gated MLP's gate/up) take the first part, its other linears the
+second, as llama.cpp's ``_M`` k-quant mixes keep attention and the MLP's output at more bits.
+Each linear is stored in its part's own layout; the mix adds no new layout.
+
 The embedding table is looked up on the host when it is quantized (``embedding.safetensors``,
 graph input ``inputs_embeds``): TensorRT has no documented DequantizeLinear -> Gather and ONNX
 Runtime does not fuse it. Its formats are the runtime's own and the same on every target.
@@ -34,10 +39,22 @@ class WeightFormat:
     act: str = "float"  # "float" | "static" | "dynamic" (module docstring)
     per_channel: bool = False  # INT8 per output channel; else blocks along the input
     block_sizes: tuple[int, ...] = ()  # allowed block lengths along the input, preferred first
+    mix: tuple[WeightFormat, WeightFormat] | None = None  # (bulk part, rest part) of a mixed block format
 
     @property
     def quantized(self) -> bool:
         return self.bits is not None
+
+    def part(self, bulk: bool) -> WeightFormat:
+        """The format one linear of a block in this format takes: a mixed format's bulk or rest part, else itself."""
+        if self.mix is None:
+            return self
+        return self.mix[0] if bulk else self.mix[1]
+
+    @property
+    def parts(self) -> tuple[WeightFormat, ...]:
+        """The plain formats this format stores linears in."""
+        return self.mix or (self,)
 
 
 @dataclass(frozen=True)
@@ -91,15 +108,31 @@ _W8_WEIGHT_ONLY_REFUSED = (
     "DequantizeLinear may be folded into fp16 weights (docs/targets.md): use w8a8 or w4"
 )
 
+def mixed(name: str, bulk: WeightFormat, rest: WeightFormat) -> WeightFormat:
+    """A mixed block format (module docstring): ``bits`` and ``act`` are the bulk part's, so
+    "quantized" keeps its meaning; the parts must agree on what happens to activations that
+    are not left in the float type (one activation treatment per block)."""
+    acts = {f.act for f in (bulk, rest) if f.bits is not None}
+    if len(acts) > 1:
+        raise ValueError(f"mixed format {name}: parts {bulk.name} and {rest.name} treat activations differently")
+    return WeightFormat(name, bulk.bits, act=bulk.act, block_sizes=bulk.block_sizes, mix=(bulk, rest))
+
+
+_JETSON_FP16 = WeightFormat("fp16", None)
+_JETSON_W4 = WeightFormat("w4", 4, block_sizes=(128, 64))
+_CPU_W8 = WeightFormat("w8", 8, act="dynamic", block_sizes=(128, 64, 32, 16))
+_CPU_W4 = WeightFormat("w4", 4, act="dynamic", block_sizes=(128, 64, 32, 16))
+
 TARGETS: dict[str, Target] = {
     "jetson": Target(
         name="jetson",
         description="TensorRT on Jetson Orin / Thor: fp16 graph, strongly typed build",
         graph_dtype="float16",
         formats={
-            "fp16": WeightFormat("fp16", None),
+            "fp16": _JETSON_FP16,
             "w8a8": WeightFormat("w8a8", 8, act="static", per_channel=True),
-            "w4": WeightFormat("w4", 4, block_sizes=(128, 64)),
+            "w4m": mixed("w4m", _JETSON_W4, _JETSON_FP16),
+            "w4": _JETSON_W4,
         },
         head_formats=("fp16", "w4"),
         # the ORT check runs the graph as written (DequantizeLinear, then the float MatMul; Q/DQ on
@@ -110,7 +143,7 @@ TARGETS: dict[str, Target] = {
         # w8a8 only when asked for (--candidates fp16,w8a8,w4): its static per-tensor activation
         # ranges, fitted on the calibration text, did not carry over to other text on SmolLM2
         # (down_proj's input; docs/results.md, "Jetson: why w8a8 is opt-in")
-        default_candidates=("fp16", "w4"),
+        default_candidates=("fp16", "w4m", "w4"),
     ),
     "cpu": Target(
         name="cpu",
@@ -118,8 +151,9 @@ TARGETS: dict[str, Target] = {
         graph_dtype="float32",
         formats={
             "fp16": WeightFormat("fp16", None),
-            "w8": WeightFormat("w8", 8, act="dynamic", block_sizes=(128, 64, 32, 16)),
-            "w4": WeightFormat("w4", 4, act="dynamic", block_sizes=(128, 64, 32, 16)),
+            "w8": _CPU_W8,
+            "w4m": mixed("w4m", _CPU_W4, _CPU_W8),
+            "w4": _CPU_W4,
         },
         head_formats=("fp16", "w8", "w4"),
         ort_session={"session.qdq_matmulnbits_accuracy_level": "4"},
@@ -140,6 +174,8 @@ def get_target(name: str) -> Target:
 def block_size(fmt: WeightFormat, in_features: int) -> int | None:
     """Scale group length along the input for ``fmt``: the whole row when per channel, else the
     first allowed block size dividing ``in_features``; None when none does (format unavailable)."""
+    if fmt.mix is not None:
+        raise ValueError(f"{fmt.name} is a mixed format: take the block size of one of its parts")
     if fmt.bits is None:
         return None
     if fmt.per_channel:
@@ -149,6 +185,8 @@ def block_size(fmt: WeightFormat, in_features: int) -> int | None:
 
 def weight_bytes(fmt: WeightFormat, out_features: int, in_features: int, *, float_bytes: int, scale_bytes: int | None = None) -> int:
     """Bytes one [out, in] weight stores in ``fmt``: codes plus one scale per group, or floats."""
+    if fmt.mix is not None:
+        raise ValueError(f"{fmt.name} is a mixed format: count each linear in its part")
     if fmt.bits is None:
         return float_bytes * out_features * in_features
     size = block_size(fmt, in_features)

@@ -93,7 +93,7 @@ def test_jetson_bundle_is_an_fp16_tensorrt_graph(jetson_bundle):
     """fp16 weights, activations, KV cache and DQ scales; legal for TensorRT; no format TensorRT
     would fold (w8); the build script's profiles name the graph's first input."""
     recipe = read_recipe(jetson_bundle / "recipe.json")
-    assert {b["format"] for b in recipe["blocks"]} <= {"fp16", "w8a8", "w4"} and recipe["lm_head"]["format"] in ("fp16", "w4")
+    assert {b["format"] for b in recipe["blocks"]} <= {"fp16", "w8a8", "w4m", "w4"} and recipe["lm_head"]["format"] in ("fp16", "w4")
     proto = onnx.load(str(jetson_bundle / "model.onnx"), load_external_data=False)
     assert violations(proto) == []  # the fp16-graph rules included
     types = {i.name: i.type.tensor_type.elem_type for i in [*proto.graph.input, *proto.graph.output]}
@@ -228,3 +228,34 @@ def test_unsupported_model_type(tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     assert main(["--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")]) == 2
     assert "unsupported model type 'gpt2'" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("target, rest_bits", [("cpu", 8), ("jetson", None)])
+def test_mixed_format_keeps_the_bulk_linears_at_four_bits(tiny_model_dir, tmp_path, target, rest_bits):
+    """``w4m``: the gated MLP's gate/up in w4, every other linear in the target's rest part (w8 on
+    the CPU target, fp16 on Jetson), each stored in its own layout in the graph; the block's bytes
+    lie between the plain formats'; ONNX Runtime reproduces the PyTorch PPL; TensorRT-legal."""
+    from qublast.arch import arch_for
+
+    out = tmp_path / "m"
+    assert main(["--model", str(tiny_model_dir), "--target", target, *COMMON, "--uniform", "w4m", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    recipe = read_recipe(out / "recipe.json")
+    spec = arch_for(recipe["model"]["model_type"])
+    types = {i.name: i.data_type for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
+    for block in recipe["blocks"]:
+        assert block["format"] == "w4m"
+        for lin in block["linears"]:
+            wanted = 4 if lin["name"] in spec.bulk else rest_bits
+            assert lin["bits"] == wanted, lin["path"]
+            stored = types.get(f"{lin['path']}.qweight")
+            assert stored == {4: onnx.TensorProto.INT4, 8: onnx.TensorProto.INT8, None: None}[wanted], lin["path"]
+    assert {lin["name"] for lin in recipe["blocks"][0]["linears"] if lin["bits"] == 4} == set(spec.bulk)
+    sens = recipe["blocks"][0]["sensitivity"]
+    assert "w4m" in sens
+    m = recipe["metrics"]
+    assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
+    assert m["size_bytes_blocks"] == sum(b["bytes"] for b in recipe["blocks"])
+    assert "`w4m` blocks store mlp.gate_proj, mlp.up_proj in `w4`" in (out / "report.md").read_text()
+    if target == "jetson":
+        assert violations(onnx.load(str(out / "model.onnx"), load_external_data=False)) == []
