@@ -6,7 +6,10 @@
 import json
 import sys
 
-print("| bundle | target | constraint | blocks w8a8/w8/w4/fp16 | quantizers | embedding / lm_head | whole MB | whole -% | "
+ORDER = ("w8a8", "w8", "w4m", "w4", "fp16")
+LETTER = {"w8a8": "A", "w8": "8", "w4m": "m", "w4": "4", "fp16": "F"}
+strings = []
+print("| bundle | target | constraint | blocks w8a8/w8/w4m/w4/fp16 | quantizers | embedding / lm_head | whole MB | whole -% | "
       "blocks -% | PPL fp | PPL torch | PPL ORT | ORT vs fp | ORT vs torch | calib s | wall s |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for path in sys.argv[1:]:
@@ -18,9 +21,12 @@ for path in sys.argv[1:]:
     quantizers = sorted({b["quantizer"] for b in r["blocks"] if b.get("quantizer")})
     print(
         f"| {path.split('/')[-2]} | {r['target']['name']} | {constraint} | "
-        f"{fmts.count('w8a8')}/{fmts.count('w8')}/{fmts.count('w4')}/{fmts.count('fp16')} | {','.join(quantizers)} | "
+        f"{'/'.join(str(fmts.count(f)) for f in ORDER)} | {','.join(quantizers)} | "
         f"{r['embedding']['format']} / {r['lm_head']['format']} | {m['size_bytes'] / 1e6:.1f} | "
         f"{100 * (1 - m['size_bytes'] / m['size_bytes_fp16']):.1f} | {100 * (1 - m['size_bytes_blocks'] / m['size_bytes_blocks_fp16']):.1f} | "
         f"{m['ppl_fp']:.4f} | {m['ppl_quant_torch']:.4f} | {m['ppl_quant_ort']:.4f} | {100 * m['ppl_increase_ort']:+.2f}% | "
         f"{100 * m['ort_vs_torch']:+.4f}% | {t.get('calibration_s', 0):.0f} | {sum(t.values()):.0f} |"
     )
+    strings.append(f"{path.split('/')[-2]}: `{''.join(LETTER[f] for f in fmts)}`")
+print()
+print("Formats per block (" + ", ".join(f"{v} {k}" for k, v in LETTER.items()) + "): " + "; ".join(strings))

@@ -220,3 +220,38 @@ def test_dynamic_activation_quantization_matches_onnx_runtime():
     scale = float(plain.abs().mean())
     assert np.abs(out - emulated.numpy()).max() < 1e-4 * scale  # accumulation order only
     assert np.abs(out - plain.numpy()).max() > 10 * np.abs(out - emulated.numpy()).max()  # the emulation is not a no-op
+
+
+@pytest.mark.parametrize("target", [JETSON, CPU])
+def test_mixed_format_is_made_of_the_targets_own_formats(target):
+    """Every mixed block format's parts are plain formats of the same target, so each linear is
+    stored in a layout the target already runs; its bytes lie strictly between its parts'."""
+    import torch.nn as nn
+
+    from qublast.arch import arch_for
+    from qublast.formats import linear_format
+    from qublast.sizes import block_bytes
+    from tests.tiny import tiny_model
+
+    spec = arch_for("llama")
+    layer = tiny_model("llama").model.layers[0]
+    mixed = [f for f in target.formats.values() if f.mix]
+    assert [f.name for f in mixed] == ["w4m"]
+    for fmt in mixed:
+        bulk, rest = fmt.mix
+        assert target.formats[bulk.name] is bulk and target.formats[rest.name] is rest and bulk.mix is rest.mix is None
+        assert linear_format(fmt, spec, "mlp.up_proj") is bulk and linear_format(fmt, spec, "self_attn.v_proj") is rest
+        assert isinstance(layer.get_submodule("mlp.down_proj"), nn.Linear)
+        assert linear_format(fmt, spec, "mlp.down_proj") is rest
+        sizes = {name: block_bytes(layer, spec, name, target) for name in (bulk.name, fmt.name, rest.name)}
+        assert sizes[bulk.name] < sizes[fmt.name] < sizes[rest.name]
+        with pytest.raises(ValueError, match="mixed format"):
+            block_size_for(fmt, 64)
+    assert CPU.formats["w4m"].mix[1].name == "w8" and JETSON.formats["w4m"].mix[1].name == "fp16"
+
+
+def test_mixed_format_refuses_parts_that_treat_activations_differently():
+    from runtime.targets import mixed
+
+    with pytest.raises(ValueError, match="treat activations differently"):
+        mixed("bad", get_format("w4", CPU), get_format("w8a8", JETSON))

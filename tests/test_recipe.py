@@ -120,6 +120,9 @@ def _mutations():
     def format_of_another_target(r):  # w8a8 is a Jetson format; this recipe's target is the CPU
         r["blocks"][0]["format"] = "w8a8"
 
+    def linear_in_a_mixed_format(r):  # a mixed format is a block's; each linear takes one of its parts
+        r["blocks"][1]["linears"][0]["format"] = "w4m"
+
     def old_version(r):
         r["version"] = 2
 
@@ -136,7 +139,7 @@ def _mutations():
         del r["model"]["num_blocks"]
 
     muts = {f.__name__: f for f in (version, version_missing, tag, block_format, linear_format, lm_head_format,
-                                    embedding_format, format_of_another_target, old_version,
+                                    embedding_format, format_of_another_target, linear_in_a_mixed_format, old_version,
                                     out_of_order, duplicate_index, too_few_blocks, no_num_blocks)}
     for key in ("model", "target", "calibration", "constraint", "embedding", "lm_head", "blocks", "allocation", "metrics"):
         muts[f"missing_{key}"] = lambda r, key=key: r.pop(key)
