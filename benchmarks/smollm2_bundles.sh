@@ -37,5 +37,7 @@ run w4-rtn-map "${w4[@]}" --quantizers rtn --reconstruct 0
 run w4-gptq "${w4[@]}" --quantizers gptq --no-scaling --reconstruct 0
 run w4-gptq-map "${w4[@]}" --reconstruct 0
 run w4-gptq-map-cbq "${w4[@]}"
+# the mixed format on its own: every block w4m (gate/up w4, the other linears fp16 on Jetson)
+run w4m-gptq-map-cbq --target jetson --uniform w4m --embeddings fp16 --lm-head fp16
 python "$(dirname "$0")/summarize.py" "$out"/*/recipe.json
 python "$(dirname "$0")/ort_speed.py" "$out/cpu-fp32" "$out/cpu-ppl5" "$out/cpu-ppl1" "$out/jet-ppl5"

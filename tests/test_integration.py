@@ -31,12 +31,14 @@ def test_cli_on_real_model(assets, tmp_path):
     assert m["ppl_quant_torch"] > m["ppl_fp"] * 0.99
     assert violations(onnx.load(str(out / "model.onnx"), load_external_data=False)) == []
     formats = {lin["format"] for b in recipe["blocks"] for lin in b["linears"]}
-    assert set(recipe["target"]["formats"]) == {"fp16", "w8a8", "w4"}  # TensorRT keeps no INT8 weight-only
-    assert recipe["calibration"]["candidates"] == ["fp16", "w4"]  # the target's default: w8a8 only on request
-    assert formats <= {"fp16", "w4"}
+    assert set(recipe["target"]["formats"]) == {"fp16", "w8a8", "w4m", "w4"}  # TensorRT keeps no INT8 weight-only
+    assert recipe["calibration"]["candidates"] == ["fp16", "w4m", "w4"]  # the target's default: w8a8 only on request
+    assert formats <= {"fp16", "w4"}  # a w4m block stores each linear in one of its parts
     for block in recipe["blocks"]:
-        assert set(block["sensitivity"]) == {"fp16", "w4"}  # every candidate measured, none skipped
+        assert set(block["sensitivity"]) == {"fp16", "w4m", "w4"}  # every candidate measured, none skipped
         assert not any("act_scale" in lin for lin in block["linears"])
+        if block["format"] == "w4m":
+            assert {lin["name"] for lin in block["linears"] if lin["format"] == "w4"} == {"mlp.gate_proj", "mlp.up_proj"}
         for row in block["sensitivity"].values():  # the map is kept only where it measured lower dCE than off
             assert row["dce"] <= row["dce_map_off"] and row["map"] == (row["dce"] < row["dce_map_off"])
     w4 = [lin for b in recipe["blocks"] for lin in b["linears"] if lin["format"] == "w4"]
