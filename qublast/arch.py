@@ -45,10 +45,6 @@ class ArchSpec:
     kept: tuple[tuple[str, str], ...] = ()  # (parameter, why it is not quantized)
     bulk: tuple[str, ...] = ()  # the linears holding most of a block's weights: a mixed format's low-precision part
 
-    def is_bulk(self, linear: str) -> bool:
-        """True when a mixed block format stores ``linear`` in its bulk part (``runtime.targets``)."""
-        return linear in self.bulk
-
     @property
     def linears(self) -> tuple[str, ...]:
         """All quantizable linears of one block, in a fixed order."""

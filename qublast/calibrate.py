@@ -257,8 +257,9 @@ def _check_fits(layers, spec, target, candidates, fixed) -> None:
         for index, layer in enumerate(layers):
             bad = [n for n in spec.linears if not fits(linear_format(fmt, spec, n), layer.get_submodule(n).in_features)]
             if bad and (fixed or name != "fp16"):
+                part = linear_format(fmt, spec, bad[0])
                 raise InputError(f"block {index}: {bad[0]} (input {layer.get_submodule(bad[0]).in_features}) cannot take "
-                                 f"{name} on target {target.name} (block sizes {fmt.block_sizes}); drop it from --candidates")
+                                 f"{name} on target {target.name} (block sizes {part.block_sizes}); drop it from --candidates")
 
 
 def _options(model, spec, target, table, vocab_table, candidates, embed_choices, head_choices, loss: str) -> list[list[Choice]]:

@@ -38,7 +38,7 @@ def get_format(name: str, target: Target) -> WeightFormat:
 def linear_format(fmt: WeightFormat, spec, linear: str) -> WeightFormat:
     """The plain format ``linear`` (relative to its block) takes in a block of format ``fmt``:
     a mixed format's bulk part for the architecture's bulk linears, its rest part otherwise."""
-    return fmt.part(spec.is_bulk(linear))
+    return fmt.part(linear in spec.bulk)
 
 
 def embed_format(name: str) -> WeightFormat:
@@ -59,9 +59,8 @@ def block_size_for(fmt: WeightFormat, in_features: int) -> int:
 
 
 def fits(fmt: WeightFormat, in_features: int) -> bool:
-    """True when ``fmt`` (a plain format or every part of a mixed one) can store a weight with
-    ``in_features`` inputs (a block size divides it)."""
-    return all(part.bits is None or block_size(part, in_features) is not None for part in fmt.parts)
+    """True when the plain format ``fmt`` can store a weight with ``in_features`` inputs (a block size divides it)."""
+    return fmt.bits is None or block_size(fmt, in_features) is not None
 
 
 def linear_bytes(fmt: WeightFormat, out_features: int, in_features: int, *, target: Target, has_bias: bool = False) -> int:

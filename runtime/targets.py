@@ -51,11 +51,6 @@ class WeightFormat:
             return self
         return self.mix[0] if bulk else self.mix[1]
 
-    @property
-    def parts(self) -> tuple[WeightFormat, ...]:
-        """The plain formats this format stores linears in."""
-        return self.mix or (self,)
-
 
 @dataclass(frozen=True)
 class Target:
