@@ -125,9 +125,14 @@ def check_target(recipe: dict, target) -> None:
     from .entries import target_entry
 
     made_for, wanted = recipe["target"], target_entry(target)
-    if made_for.get("formats") != wanted["formats"] or made_for.get("graph_dtype") != wanted["graph_dtype"]:
-        raise RecipeError(f"recipe was made for target {made_for.get('name')!r}, whose formats or graph differ from "
-                          f"target {target.name!r}'s: calibrate again with --target {target.name}")
+    if made_for.get("graph_dtype") != wanted["graph_dtype"]:
+        differs = f"its graph is {wanted['graph_dtype']}, the recipe's {made_for.get('graph_dtype')}"
+    elif made_for.get("formats") != wanted["formats"]:
+        differs = f"its formats are {'/'.join(wanted['formats'])}, the recipe's {'/'.join(made_for.get('formats') or ())}"
+    else:
+        return
+    raise RecipeError(f"recipe was made for target {made_for.get('name')!r}; target {target.name!r} differs ({differs}): "
+                      f"calibrate again with --target {target.name}")
 
 
 def write_tensors(tensors: dict, path: str | Path) -> None:

@@ -183,8 +183,11 @@ def test_recipe_of_another_target_is_refused():
     whose formats differ, with one line naming both targets."""
     recipe = _recipe()
     check_target(recipe, get_target("cpu"))
-    with pytest.raises(RecipeError, match="made for target 'cpu'.*target 'jetson'.*--target jetson"):
+    with pytest.raises(RecipeError, match="made for target 'cpu'.*target 'jetson'.*graph is float16.*--target jetson"):
         check_target(recipe, get_target("jetson"))
+    recipe["target"]["formats"].pop("w4m")  # a recipe from a version without w4m
+    with pytest.raises(RecipeError, match=r"formats are fp16/w8/w4m/w4, the recipe's fp16/w8/w4\)"):
+        check_target(recipe, get_target("cpu"))
 
 
 def test_recipe_of_an_old_version_says_calibrate_again():
