@@ -29,7 +29,6 @@ from runtime.embedding import write_table
 from runtime.targets import Target
 
 from . import onnx_export, qdq, sizes
-from .attention import gqa_unsupported
 from .legality import check_trt_legal
 
 _NP_FLOAT = {"float16": np.float16, "float32": np.float32}
@@ -49,14 +48,11 @@ def export_bundle_graph(model, spec, recipe: dict, tensors: dict, work: Path, ta
         _write_table(model, spec, recipe, tensors, work / TABLE_FILE)
     raw = work / "raw"
     raw.mkdir()
-    attention, reason = graph_attention(model.config, target, spec.kind)
-    if reason:
-        log(f"attention as standard ops, not GroupQueryAttention: {reason}")
     log(f"exporting ONNX (opset {onnx_export.OPSET}, {target.graph_dtype}, {'KV cache' if spec.kind == 'attention' else 'recurrent state, one token a step'}, "
-        f"{'inputs_embeds' if outside else 'input_ids'}, attention: {attention})")
+        f"{'inputs_embeds' if outside else 'input_ids'})")
     want = _TORCH_FLOAT[target.graph_dtype]
     graph_model = copy.deepcopy(model).to(want) if next(model.parameters()).dtype != want else model
-    proto = onnx_export.export_onnx(graph_model, raw / "model.onnx", embeds=outside, kind=spec.kind, attention=attention)
+    proto = onnx_export.export_onnx(graph_model, raw / "model.onnx", embeds=outside, kind=spec.kind)
     del graph_model
     node_modules = onnx_export.linear_modules(proto)
     final = _qdq(model, spec, recipe, tensors, raw / "model.onnx", node_modules, target, tied_in_graph=not outside)
@@ -68,16 +64,7 @@ def export_bundle_graph(model, spec, recipe: dict, tensors: dict, work: Path, ta
     shutil.rmtree(raw)
     saved = onnx.load(str(work / "model.onnx"), load_external_data=False)
     paths = {f"{spec.blocks}.{b['index']}.{lin['name']}" for b in recipe["blocks"] for lin in b["linears"]}
-    return {"linear_bytes": sizes.linear_bytes_in_graph(saved, node_modules, paths), "attention": attention}
-
-
-def graph_attention(config, target: Target, kind: str) -> tuple[str, str | None]:
-    """How the graph attends: the target's choice, or standard ops (``grouped``) for step graphs and
-    for a model whose attention GroupQueryAttention cannot express (then with the reason)."""
-    if kind != "attention" or target.attention == "grouped":
-        return "grouped", None
-    reason = gqa_unsupported(config)
-    return ("grouped", reason) if reason else (target.attention, None)
+    return {"linear_bytes": sizes.linear_bytes_in_graph(saved, node_modules, paths)}
 
 
 def _qdq(model, spec, recipe, tensors, raw_path: Path, node_modules: dict, target: Target, *, tied_in_graph: bool) -> onnx.ModelProto:

@@ -26,7 +26,7 @@ import torch
 
 from runtime import io_spec
 
-from .attention import GQA_NAME, NAME, GqaState, gqa_forward, registered
+from .attention import registered
 
 OPSET = 21
 _LINEAR_NS = re.compile(r"([\w.]+): torch\.nn\.modules\.linear\.Linear")
@@ -52,22 +52,6 @@ class _KvWrapper(torch.nn.Module):
         for layer in out.past_key_values.layers:
             presents += [layer.keys, layer.values]
         return (out.logits.float(), *presents)
-
-
-class _GqaWrapper(_KvWrapper):
-    """``_KvWrapper``'s inputs and outputs, each layer's attention one GroupQueryAttention node
-    (``export.attention``): the model runs without a transformers cache."""
-
-    def forward(self, first, attention_mask, position_ids, *past):
-        tokens = {"inputs_embeds": first} if self.embeds else {"input_ids": first}
-        with gqa_forward(GqaState.of(attention_mask, past)) as state:
-            out = self.model(**tokens, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        if len(state.presents) != self.num_layers:
-            raise RuntimeError(f"GroupQueryAttention export: {len(state.presents)} of {self.num_layers} layers attended through it")
-        return (out.logits.float(), *state.flat_presents())
-
-
-ATTENTIONS = ("grouped", "gqa")  # export.attention: transformers' ops regrouped, or ONNX Runtime's fused node
 
 
 def kv_shape(config) -> tuple[int, int]:
@@ -136,14 +120,10 @@ def state_examples(model: torch.nn.Module, *, hybrid: bool, batch: int, past: in
     return examples
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, *, embeds: bool = False, kind: str = "attention",
-                attention: str = "grouped") -> onnx.ModelProto:
+def export_onnx(model: torch.nn.Module, path: str | Path, *, embeds: bool = False, kind: str = "attention") -> onnx.ModelProto:
     """Export ``model`` (in the dtype the graph should have) to ``path`` with external data;
     returns the loaded proto (no weights). ``embeds``: the graph takes ``inputs_embeds``;
-    ``kind``: the architecture's state (``ArchSpec.kind``); ``attention``: one of ``ATTENTIONS``
-    (attention families only)."""
-    if attention not in ATTENTIONS:
-        raise ValueError(f"unknown attention {attention!r}; known: {', '.join(ATTENTIONS)}")
+    ``kind``: the architecture's state (``ArchSpec.kind``)."""
     if kind != "attention":
         return _export_step(model, Path(path), embeds=embeds, hybrid=kind == "hybrid")
     config = model.config
@@ -158,9 +138,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, embeds: bool = Fals
     b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
     p, t = torch.export.Dim("past"), torch.export.Dim("total")
     shapes = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in pasts))
-    gqa = attention == "gqa"
-    wrapper = (_GqaWrapper if gqa else _KvWrapper)(model, num_layers, embeds=embeds).eval()
-    with registered(model, GQA_NAME if gqa else NAME), torch.no_grad():
+    wrapper = _KvWrapper(model, num_layers, embeds=embeds).eval()
+    with registered(model), torch.no_grad():
         program = torch.onnx.export(
             wrapper, (first, mask, pos, *pasts), dynamic_shapes=shapes, dynamo=True,
             opset_version=OPSET, input_names=io_spec.input_names(num_layers, embeds=embeds),

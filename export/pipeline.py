@@ -115,8 +115,7 @@ def _build(cfg: ExportConfig, work: Path) -> None:
     recipe["metrics"].update(_verify(cfg, model, spec, recipe, scales, windows, work, target, ppl_fp=ppl_fp, timings=timings))
     recipe["metrics"]["timings"] = timings
     recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": int(len(windows)),
-                            "graph_optimization_level": "ORT_ENABLE_ALL", "ort_session": dict(target.ort_session),
-                            "graph_attention": exported["attention"]}
+                            "graph_optimization_level": "ORT_ENABLE_ALL", "ort_session": dict(target.ort_session)}
     _write_bundle(cfg, work, recipe, scales, tokenizer, model)
 
 

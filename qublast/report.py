@@ -25,9 +25,6 @@ def write_report(recipe: dict, out_dir: Path) -> None:
     atomic_write_text(out_dir / "report.md", render(recipe))
 
 
-_ATTENTION = {"grouped": "standard ONNX ops", "gqa": "one com.microsoft GroupQueryAttention node per layer"}
-
-
 def render(recipe: dict) -> str:
     """Markdown report: model, constraint, PPLs, sizes, per-block table."""
     m, model = recipe["metrics"], recipe["model"]
@@ -45,8 +42,7 @@ def render(recipe: dict) -> str:
         f"- calibration: {recipe['calibration']['text']}, seed {recipe['calibration']['seed']}; allocation sums each "
         f"unit's {_alloc_loss(recipe)}",
         f"- ONNX Runtime session ({ev.get('graph_optimization_level', 'ORT_ENABLE_ALL')}): {ev.get('ort_session')} "
-        "(the runtime opens the bundle with the same options); attention in the graph: "
-        f"{_ATTENTION.get(ev.get('graph_attention'), ev.get('graph_attention'))}",
+        "(the runtime opens the bundle with the same options)",
         "",
         "| | PPL | vs fp |",
         "|---|---|---|",

@@ -63,7 +63,6 @@ class Target:
     head_formats: tuple[str, ...]  # what lm_head may take (a subset of ``formats``)
     ort_session: dict[str, str] = field(default_factory=dict)  # ONNX Runtime session config entries
     norm_fusion: bool = False  # write RMSNorm as x / sqrt(.) so ONNX Runtime fuses it
-    attention: str = "grouped"  # "grouped": standard ops; "gqa": ONNX Runtime's GroupQueryAttention node (export.attention)
     engine: str | None = None  # "tensorrt": the bundle carries an engine build script
     refused: dict[str, str] = field(default_factory=dict)  # format -> why this target has no such format
     default_candidates: tuple[str, ...] | None = None  # formats calibration tries unless told; None: all
@@ -154,7 +153,6 @@ TARGETS: dict[str, Target] = {
         head_formats=("fp16", "w8", "w4"),
         ort_session={"session.qdq_matmulnbits_accuracy_level": "4"},
         norm_fusion=True,
-        attention="gqa",
         refused={"w8a8": "ONNX Runtime's dynamic INT8 compute (w8, w4) replaces static activation ranges on CPU"},
     ),
 }
