@@ -13,7 +13,10 @@ token: the graph's weight bytes (``model.onnx`` + ``model.onnx.data``; a host-si
 read one row per token) plus the KV cache at the graph's float size, over that bandwidth.
 
 Each figure is the median of ``--repeats`` timed passes (prefill, then the decode steps after it),
-so one slow pass on a shared machine does not decide a row.
+so one slow pass on a shared machine does not decide a row. At each thread count every bundle
+is open at once and the passes go round-robin over the bundles, so a slow spell of a shared
+machine (this one's decode times drift by 20% within minutes) falls on every bundle alike
+instead of on whichever row ran then.
 """
 from __future__ import annotations
 
@@ -40,12 +43,16 @@ def bandwidth_gbs(mib: int = 512) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
-def time_model(model, *, prefill: int, decode: int, repeats: int) -> tuple[float, float]:
-    """(prefill ms, decode ms/token), medians over ``repeats`` passes of one prefill of ``prefill``
-    tokens then ``decode`` greedy steps."""
-    model.forward(np.array([[100, 200, 300, 400]]))  # warm-up
-    passes = [_one_pass(model, prefill=prefill, decode=decode) for _ in range(repeats)]
-    return float(np.median([p for p, _ in passes])), float(np.median([d for _, d in passes]))
+def interleaved(models: list, *, prefill: int, decode: int, repeats: int) -> list[tuple[float, float]]:
+    """(prefill ms, decode ms/token) per model, medians over ``repeats`` rounds; each round runs one
+    pass (a prefill of ``prefill`` tokens, then ``decode`` greedy steps) of every model in turn."""
+    for model in models:
+        model.forward(np.array([[100, 200, 300, 400]]))  # warm-up
+    passes: list[list[tuple[float, float]]] = [[] for _ in models]
+    for _ in range(repeats):
+        for model, done in zip(models, passes):
+            done.append(_one_pass(model, prefill=prefill, decode=decode))
+    return [(float(np.median([p for p, _ in done])), float(np.median([d for _, d in done]))) for done in passes]
 
 
 def _one_pass(model, *, prefill: int, decode: int) -> tuple[float, float]:
@@ -73,21 +80,21 @@ def main() -> int:
           f"after it; median of {args.repeats} passes")
     print("| bundle | target | graph MB | host table MB | threads | prefill ms | decode ms/token | vs first | bound ms/token |")
     print("|---|---|---|---|---|---|---|---|---|")
-    baseline: dict[int, float] = {}
-    for path in args.bundles:
-        graph = sum(f.stat().st_size for f in path.glob("model.onnx*"))
-        table = path / "embedding.safetensors"
-        table_mb = table.stat().st_size / 1e6 if table.is_file() else 0.0
-        for threads in (1, 2):
-            bundle = open_bundle(path, threads=threads)
+    for threads in (1, 2):
+        bundles = [open_bundle(path, threads=threads) for path in args.bundles]
+        timed = interleaved([b.model for b in bundles], prefill=args.prefill, decode=args.decode, repeats=args.repeats)
+        baseline = timed[0][1]
+        for path, bundle, (pre, dec) in zip(args.bundles, bundles, timed):
+            graph = sum(f.stat().st_size for f in path.glob("model.onnx*"))
+            table = path / "embedding.safetensors"
+            table_mb = table.stat().st_size / 1e6 if table.is_file() else 0.0
             model = bundle.model
-            pre, dec = time_model(model, prefill=args.prefill, decode=args.decode, repeats=args.repeats)
-            baseline.setdefault(threads, dec)
             itemsize = np.dtype(model.float_dtype).itemsize
             kv = 2 * model.layout.num_layers * model.layout.kv_heads * model.layout.head_dim * itemsize * (args.prefill + args.decode // 2)
             bound = 1e3 * (graph + kv) / (bw * 1e9)
             print(f"| {path.name} | {bundle.recipe['target']['name']} | {graph / 1e6:.0f} | {table_mb:.0f} | {threads} | {pre:.0f} | "
-                  f"{dec:.1f} | {baseline[threads] / dec:.2f}x | {bound:.1f} |", flush=True)
+                  f"{dec:.1f} | {baseline / dec:.2f}x | {bound:.1f} |", flush=True)
+        del bundles, timed
     return 0
 
 
