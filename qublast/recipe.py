@@ -128,7 +128,13 @@ def check_target(recipe: dict, target) -> None:
     if made_for.get("graph_dtype") != wanted["graph_dtype"]:
         differs = f"its graph is {wanted['graph_dtype']}, the recipe's {made_for.get('graph_dtype')}"
     elif made_for.get("formats") != wanted["formats"]:
-        differs = f"its formats are {'/'.join(wanted['formats'])}, the recipe's {'/'.join(made_for.get('formats') or ())}"
+        ours, theirs = wanted["formats"], made_for.get("formats") or {}
+        if list(ours) != list(theirs):
+            differs = f"its formats are {'/'.join(ours)}, the recipe's {'/'.join(theirs)}"
+        else:
+            changed = [n for n in ours if ours[n] != theirs[n]]
+            differs = (f"format{'s' if len(changed) > 1 else ''} {', '.join(changed)} "
+                       f"{'are' if len(changed) > 1 else 'is'} stored or computed otherwise than in the recipe")
     else:
         return
     raise RecipeError(f"recipe was made for target {made_for.get('name')!r}; target {target.name!r} differs ({differs}): "

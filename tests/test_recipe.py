@@ -185,6 +185,9 @@ def test_recipe_of_another_target_is_refused():
     check_target(recipe, get_target("cpu"))
     with pytest.raises(RecipeError, match="made for target 'cpu'.*target 'jetson'.*graph is float16.*--target jetson"):
         check_target(recipe, get_target("jetson"))
+    recipe["target"]["formats"]["w8"]["block_sizes"] = [32]  # same names, another layout
+    with pytest.raises(RecipeError, match=r"format w8 is stored or computed otherwise than in the recipe\)"):
+        check_target(recipe, get_target("cpu"))
     recipe["target"]["formats"].pop("w4m")  # a recipe from a version without w4m
     with pytest.raises(RecipeError, match=r"formats are fp16/w8/w4m/w4, the recipe's fp16/w8/w4\)"):
         check_target(recipe, get_target("cpu"))
