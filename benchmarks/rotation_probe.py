@@ -79,10 +79,10 @@ def rotate(model, spec, q: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def quantized_ppl(model, spec, windows, *, blocks, head=None, table=None) -> float:
+def quantized_ppl(model, spec, windows, *, blocks=None, head=None, table=None) -> float:
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     layers = blocks_of(model, spec)
-    for layer in layers:
+    for layer in layers if blocks is not None else ():
         hooks = {}
         for name in spec.linears:
             lin = get_module(layer, name)
@@ -126,6 +126,9 @@ def main() -> int:
     print(f"blocks w4                        {quantized_ppl(model, spec, windows, blocks=w4):.4f}")
     print(f"blocks w4, table + lm_head w4    {quantized_ppl(model, spec, windows, blocks=w4, head=w4, table=w4):.4f}")
     print(f"blocks w8, table + lm_head w4    {quantized_ppl(model, spec, windows, blocks=w8, head=w4, table=w4):.4f}")
+    print(f"table w4 alone                   {quantized_ppl(model, spec, windows, table=w4):.4f}")
+    print(f"lm_head w4 alone                 {quantized_ppl(model, spec, windows, head=w4):.4f}")
+    print(f"lm_head w8 alone                 {quantized_ppl(model, spec, windows, head=w8):.4f}")
     return 0
 
 
