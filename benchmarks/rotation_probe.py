@@ -11,6 +11,8 @@ for the rest (576 = 64 x 9 for SmolLM2). ``random`` uses a random orthogonal mat
 leaves the model as loaded; lm_head is untied from the table in every run so both can be
 quantized alone. Round to nearest with the clip search, and the target's dynamic INT8
 activations on the blocks' linears. Printed: PPL on the first ``--windows`` windows of 512.
+With ``--calib-text``, also ``lm_head`` alone in w4 by GPTQ (act-order, Hessian of the final
+norm's output on 16 calibration windows of 512), in the loaded basis and rotated.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from qublast import text as qtext  # noqa: E402
 from qublast.apply import act_quantizers, quantize_linear, set_act_quant  # noqa: E402
 from qublast.blocks import blocks_of, get_module  # noqa: E402
 from qublast.evaluate import perplexity  # noqa: E402
+from qublast.gptq import gptq_quantize, hessian  # noqa: E402
 from qublast.formats import get_format, get_target  # noqa: E402
 from qublast.models import load_model, resolve_source  # noqa: E402
 from qublast.quant import quantize_weight  # noqa: E402
@@ -102,12 +105,35 @@ def quantized_ppl(model, spec, windows, *, blocks=None, head=None, table=None) -
     return ppl
 
 
+@torch.no_grad()
+def gptq_head_ppl(model, spec, windows, calib, *, block_size: int) -> tuple[float, float]:
+    """PPL with lm_head alone w4 by GPTQ: (unrotated, rotated by a Hadamard rotation of its input)."""
+    head = get_module(model, spec.lm_head)
+    weight = head.weight.detach().clone()
+    inputs = []
+    hook = get_module(model, spec.final_norm).register_forward_hook(lambda m, i, out: inputs.append(out.float()))
+    for start in range(0, len(calib), 2):
+        model(torch.from_numpy(calib[start:start + 2]))
+    hook.remove()
+    h = hessian(torch.cat(inputs))
+    q = rotation("hadamard", weight.shape[1])
+    plain = gptq_quantize(weight, h, bits=4, block_size=block_size, act_order=True).dequantize()
+    rotated = gptq_quantize(weight @ q, q.T @ h @ q, bits=4, block_size=block_size, act_order=True).dequantize() @ q.T
+    out = []
+    for w in (plain, rotated):
+        head.weight.copy_(w)
+        out.append(perplexity(model, windows).ppl)
+    head.weight.copy_(weight)
+    return out[0], out[1]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--eval-text", required=True)
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--rotation", choices=("none", "hadamard", "random"), default="hadamard")
+    p.add_argument("--calib-text", help="also lm_head by GPTQ, rotated and not (16 windows of this text)")
     args = p.parse_args()
     model, tokenizer, spec = load_model(resolve_source(args.model))
     if spec.name not in ("llama", "mistral", "qwen2"):
@@ -117,6 +143,12 @@ def main() -> int:
     windows = qtext.eval_windows(ids, 512, max_windows=args.windows)
     head = get_module(model, spec.lm_head)
     head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untied
+    if args.calib_text:
+        calib_ids = qtext.tokenize(tokenizer, qtext.calib_text(path=args.calib_text).text)
+        calib = qtext.calib_windows(calib_ids, 512, (16,), seed=0)[0]
+        for block_size in (64, 32):
+            plain, rotated = gptq_head_ppl(model, spec, windows, calib, block_size=block_size)
+            print(f"lm_head w4/{block_size} GPTQ alone: {plain:.4f} unrotated, {rotated:.4f} rotated")
     if args.rotation != "none":
         rotate(model, spec, rotation(args.rotation, model.config.hidden_size))
     cpu = get_target("cpu")
