@@ -6,10 +6,10 @@
 import json
 import sys
 
-ORDER = ("w8a8", "w8", "w4m", "w4", "fp16")
-LETTER = {"w8a8": "A", "w8": "8", "w4m": "m", "w4": "4", "fp16": "F"}
+ORDER = ("w8a8", "w8", "w4m", "w4s", "w4", "fp16")
+LETTER = {"w8a8": "A", "w8": "8", "w4m": "m", "w4s": "s", "w4": "4", "fp16": "F"}
 strings = []
-print("| bundle | target | constraint | blocks w8a8/w8/w4m/w4/fp16 | quantizers | embedding / lm_head | whole MB | whole -% | "
+print("| bundle | target | constraint | blocks w8a8/w8/w4m/w4s/w4/fp16 | quantizers | embedding / lm_head | whole MB | whole -% | "
       "blocks -% | PPL fp | PPL torch | PPL ORT | ORT vs fp | ORT vs torch | calib s | wall s |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for path in sys.argv[1:]:

@@ -14,7 +14,7 @@ from runtime.targets import EMBED_FORMATS, EMBED_SCALE_BYTES, TARGETS, Target, W
 from .errors import InputError
 
 FP16_BYTES = 2  # the reference: every size reduction is against the fp16 checkpoint
-ALL_FORMATS: tuple[str, ...] = ("fp16", "w8a8", "w8", "w4m", "w4")  # names any target may use
+ALL_FORMATS: tuple[str, ...] = ("fp16", "w8a8", "w8", "w4m", "w4s", "w4")  # names any target may use
 
 
 def get_target(name: str) -> Target:

@@ -139,16 +139,18 @@ def _peaks(recipe: dict) -> list[str]:
 def _vocab_lines(recipe: dict) -> list[str]:
     """The embedding table and lm_head: format, bytes, sensitivity of each format."""
     emb, head = recipe["embedding"], recipe["lm_head"]
+    measured = [f for f in dict.fromkeys([*recipe["target"]["formats"], "w8", "w4"])
+                if f != "fp16" and any(f in unit.get("sensitivity", {}) for unit in (emb, head))] or ["w8", "w4"]
     out = ["## Embedding table and lm_head", "",
-           "| unit | format | storage | bytes | rel. error | " + " | ".join(f"dCE / KL {f}" for f in ("w8", "w4")) + " |",
-           "|---|---|---|---|---|---|---|"]
+           "| unit | format | storage | bytes | rel. error | " + " | ".join(f"dCE / KL {f}" for f in measured) + " |",
+           "|---|---|---|---|---|" + "---|" * len(measured)]
     head_lin = head["linears"][0]
     for name, unit, storage, size, err in (
         ("embedding", emb, _storage(emb), emb["bytes"] or "(in lm_head's)", emb.get("error", {}).get("rel_err")),
         ("lm_head", head, "graph MatMul", head_lin["bytes"], head_lin.get("error", {}).get("rel_err")),
     ):
         sens = unit.get("sensitivity", {})
-        cells = [f"{sens[f]['dce']:+.5f} / {sens[f]['kl']:.5f}" if f in sens else "-" for f in ("w8", "w4")]
+        cells = [f"{sens[f]['dce']:+.5f} / {sens[f]['kl']:.5f}" if f in sens else "-" for f in measured]
         rel = "-" if err is None else f"{err:.4f}"
         out.append(f"| {name} | {unit['format']} | {storage} | {size} | {rel} | " + " | ".join(cells) + " |")
     return out + [""]
@@ -223,7 +225,7 @@ def _plot_sensitivity(recipe: dict, path: Path) -> None:
     blocks = recipe["blocks"]
     formats = sorted({f for b in blocks for f in b.get("sensitivity", {}) if f != "fp16"})
     vocab = {"embedding": (-1, recipe["embedding"].get("sensitivity", {})), "lm_head": (len(blocks), recipe["lm_head"].get("sensitivity", {}))}
-    markers = {"w8a8": "^", "w8": "o", "w4m": "D", "w4": "s"}
+    markers = {"w8a8": "^", "w8": "o", "w4m": "D", "w4s": "v", "w4": "s"}
     for fmt in formats:
         ax.plot([b["index"] for b in blocks], [b["sensitivity"][fmt]["dce"] for b in blocks], marker=markers.get(fmt, "o"), label=fmt)
     for unit, (x, sens) in vocab.items():

@@ -117,6 +117,9 @@ _JETSON_FP16 = WeightFormat("fp16", None)
 _JETSON_W4 = WeightFormat("w4", 4, block_sizes=(128, 64))
 _CPU_W8 = WeightFormat("w8", 8, act="dynamic", block_sizes=(128, 64, 32, 16))
 _CPU_W4 = WeightFormat("w4", 4, act="dynamic", block_sizes=(128, 64, 32, 16))
+# INT4 with a scale every 32 weights (ONNX Runtime's MatMulNBits default block): 4.5 bits a weight
+# against w4's 4.25-4.125, for less rounding error (docs/targets.md §1)
+_CPU_W4S = WeightFormat("w4s", 4, act="dynamic", block_sizes=(32, 16))
 
 TARGETS: dict[str, Target] = {
     "jetson": Target(
@@ -148,9 +151,10 @@ TARGETS: dict[str, Target] = {
             "fp16": WeightFormat("fp16", None),
             "w8": _CPU_W8,
             "w4m": mixed("w4m", _CPU_W4, _CPU_W8),
+            "w4s": _CPU_W4S,
             "w4": _CPU_W4,
         },
-        head_formats=("fp16", "w8", "w4"),
+        head_formats=("fp16", "w8", "w4s", "w4"),
         ort_session={"session.qdq_matmulnbits_accuracy_level": "4"},
         norm_fusion=True,
         refused={"w8a8": "ONNX Runtime's dynamic INT8 compute (w8, w4) replaces static activation ranges on CPU"},

@@ -159,6 +159,20 @@ def test_cpu_blocks_take_the_largest_power_of_two(in_f, block):
     assert block_size_for(get_format("w8", CPU), in_f) == block
 
 
+@pytest.mark.parametrize("in_f,block", [(576, 32), (1536, 32), (48, 16)])
+def test_cpu_w4s_takes_blocks_of_32(in_f, block):
+    """w4s: INT4 with a scale every 32 weights (16 where 32 does not divide), more bytes than w4, fewer than w8;
+    not a Jetson format."""
+    from runtime.targets import weight_bytes
+
+    w4s, w4, w8 = (get_format(n, CPU) for n in ("w4s", "w4", "w8"))
+    assert block_size_for(w4s, in_f) == block and w4s.act == "dynamic" and "w4s" in CPU.head_formats
+    sizes = [weight_bytes(f, 10, in_f, float_bytes=4) for f in (w4, w4s, w8)]
+    assert sizes[0] <= sizes[1] < sizes[2] and sizes[1] == 10 * in_f // 2 + 4 * 10 * in_f // block
+    with pytest.raises(InputError, match="not available on target 'jetson'"):
+        get_format("w4s", JETSON)
+
+
 def test_get_format_knows_targets():
     assert get_format("w4", JETSON).bits == 4 and get_format("w8a8", JETSON).act == "static"
     assert get_format("w8", CPU).act == "dynamic"

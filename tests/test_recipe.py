@@ -189,7 +189,7 @@ def test_recipe_of_another_target_is_refused():
     with pytest.raises(RecipeError, match=r"format w8 is stored or computed otherwise than in the recipe\)"):
         check_target(recipe, get_target("cpu"))
     recipe["target"]["formats"].pop("w4m")  # a recipe from a version without w4m
-    with pytest.raises(RecipeError, match=r"formats are fp16/w8/w4m/w4, the recipe's fp16/w8/w4\)"):
+    with pytest.raises(RecipeError, match=r"formats are fp16/w8/w4m/w4s/w4, the recipe's fp16/w8/w4s/w4\)"):
         check_target(recipe, get_target("cpu"))
 
 
