@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -133,6 +134,7 @@ def main() -> int:
     p.add_argument("--eval-text", required=True)
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--rotation", choices=("none", "hadamard", "random"), default="hadamard")
+    p.add_argument("--w4-block", type=int, help="INT4 block size for every w4 row (default: the target's w4, 64/128 on SmolLM2)")
     p.add_argument("--calib-text", help="also lm_head by GPTQ, rotated and not (16 windows of this text)")
     args = p.parse_args()
     model, tokenizer, spec = load_model(resolve_source(args.model))
@@ -153,7 +155,9 @@ def main() -> int:
         rotate(model, spec, rotation(args.rotation, model.config.hidden_size))
     cpu = get_target("cpu")
     w8, w4 = get_format("w8", cpu), get_format("w4", cpu)
-    print(f"rotation {args.rotation}, first {len(windows)} windows of 512")
+    if args.w4_block:
+        w4 = replace(w4, block_sizes=(args.w4_block,))
+    print(f"rotation {args.rotation}, first {len(windows)} windows of 512, w4 blocks of {args.w4_block or '64/128'}")
     print(f"fp                               {perplexity(model, windows).ppl:.4f}")
     print(f"blocks w4                        {quantized_ppl(model, spec, windows, blocks=w4):.4f}")
     print(f"blocks w4, table + lm_head w4    {quantized_ppl(model, spec, windows, blocks=w4, head=w4, table=w4):.4f}")
