@@ -33,8 +33,8 @@ def parser() -> argparse.ArgumentParser:
                    help="lm_head format; auto (default): allocation chooses under --max-ppl-increase / --target-size, else fp16")
     p.add_argument("--embeddings", default=AUTO, choices=(AUTO, *EMBED_FORMATS),
                    help="embedding table format (host-side table unless kept fp16 with a tied fp16 lm_head); auto as --lm-head")
-    p.add_argument("--candidates", help="formats blocks may take, comma-separated (default: the target's; jetson fp16,w4m,w4, cpu fp16,w8,w4m,w4s,w4; "
-                   "with w8a8 on request, docs/results.md)")
+    p.add_argument("--candidates", help="formats blocks may take, comma-separated (default: the target's; jetson fp16,w4m,w4, cpu fp16,w8,w4m,w4; "
+                   "w8a8 on jetson and w4s on cpu on request, docs/results.md)")
     p.add_argument("--calib-text", help="calibration text file (train/validation text, never test)")
     p.add_argument("--calib-dataset", help="calibration dataset name (wikitext2), validation split")
     p.add_argument("--eval-text", help="evaluation file in WikiText raw layout (e.g. wiki.test.raw)")

@@ -158,6 +158,9 @@ TARGETS: dict[str, Target] = {
         ort_session={"session.qdq_matmulnbits_accuracy_level": "4"},
         norm_fusion=True,
         refused={"w8a8": "ONNX Runtime's dynamic INT8 compute (w8, w4) replaces static activation ranges on CPU"},
+        # w4s only when asked for (--candidates fp16,w8,w4m,w4s,w4): on SmolLM2 it made the 5% bundle
+        # 0.4 MB smaller for 30 more sweep measurements and slower INT4 MatMuls (docs/results.md)
+        default_candidates=("fp16", "w8", "w4m", "w4"),
     ),
 }
 

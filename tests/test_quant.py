@@ -167,6 +167,7 @@ def test_cpu_w4s_takes_blocks_of_32(in_f, block):
 
     w4s, w4, w8 = (get_format(n, CPU) for n in ("w4s", "w4", "w8"))
     assert block_size_for(w4s, in_f) == block and w4s.act == "dynamic" and "w4s" in CPU.head_formats
+    assert "w4s" not in CPU.candidates  # blocks calibrate it only on request
     sizes = [weight_bytes(f, 10, in_f, float_bytes=4) for f in (w4, w4s, w8)]
     assert sizes[0] <= sizes[1] < sizes[2] and sizes[1] == 10 * in_f // 2 + 4 * 10 * in_f // block
     with pytest.raises(InputError, match="not available on target 'jetson'"):
