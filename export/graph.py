@@ -72,11 +72,18 @@ def _qdq(model, spec, recipe, tensors, raw_path: Path, node_modules: dict, targe
     float_dtype = _NP_FLOAT[target.graph_dtype]
     graph = gs.import_onnx(onnx.load(str(raw_path)))
     linears = quantized_linears(recipe)
+    head_nodes = [name for name, module in node_modules.items() if module == spec.lm_head]
     if tied_in_graph and is_tied(model, spec):
-        head_nodes = [name for name, module in node_modules.items() if module == spec.lm_head]
         graph = qdq.share_tied_table(graph, lm_head_node=head_nodes[0]) if head_nodes else graph
     codes = {path: recipe_codes(model.get_submodule(path).weight.detach().float(), tensors, entry, path)
              for path, entry in linears.items()}
+    if tied_in_graph and recipe["embedding"]["bits"]:  # the table is lm_head's codes (Target.shared_quantized_table)
+        head = linears.pop(spec.lm_head)
+        q, scale = codes.pop(spec.lm_head)
+        level = int(target.ort_session.get("session.qdq_matmulnbits_accuracy_level", 0))
+        graph = qdq.gather_from_head_codes(graph, lm_head_node=head_nodes[0], module=spec.lm_head, q=q.numpy(), scale=scale.numpy(),
+                                           bits=head["bits"], block_size=head["block_size"], accuracy_level=level,
+                                           float_dtype=float_dtype)
     graph = qdq.quantize_weights(graph, linears, {p: scale for p, (_, scale) in codes.items()}, node_modules,
                                  codes={p: q for p, (q, _) in codes.items()}, float_dtype=float_dtype)
     acts = {path: lin["act_scale"] for path, lin in block_linears(recipe).items() if lin.get("act_scale")}
@@ -86,6 +93,8 @@ def _qdq(model, spec, recipe, tensors, raw_path: Path, node_modules: dict, targe
         graph = qdq.fusable_rms_norms(graph)
     final = gs.export_onnx(graph)
     final.opset_import[0].version = onnx_export.OPSET
+    if any(n.domain == "com.microsoft" for n in final.graph.node) and not any(o.domain == "com.microsoft" for o in final.opset_import):
+        final.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return final
 
 

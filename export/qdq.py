@@ -13,6 +13,9 @@ Each pass takes a ``gs.Graph`` and ends with ``cleanup().toposort()``:
 - ``quantize_activations``: for each ``w8a8`` linear, its MatMul's input passes through its
   own QuantizeLinear -> DequantizeLinear pair (INT8, per-tensor scale, zero point 0). One pair
   per consuming MatMul: a pair shared by q/k/v stops ONNX Runtime's fusion.
+- ``gather_from_head_codes`` (CPU target, a tied table quantized like lm_head): lm_head becomes
+  ONNX Runtime's ``MatMulNBits`` over its codes and the token lookup a ``GatherBlockQuantized``
+  of the same codes, so the table is stored once (docs/targets.md §7).
 - ``fusable_rms_norms``: ``x * Reciprocal(Sqrt(.))`` becomes ``x / Sqrt(.)``, the form ONNX
   Runtime fuses into SimplifiedLayerNormalization (CPU target; docs/ort-sources.md).
 """
@@ -60,6 +63,60 @@ def quantize_weights(graph: gs.Graph, linears: dict[str, dict], scales: dict[str
         scale = scales[module].numpy().astype(float_dtype)  # [out, G]
         node.inputs[1] = _dequantize(graph, module, q.T, scale, bits=entry["bits"], block_size=entry["block_size"],
                                      per_channel=entry.get("per_channel", False))
+    return graph.cleanup().toposort()
+
+
+def gather_from_head_codes(graph: gs.Graph, *, lm_head_node: str, module: str, q: np.ndarray, scale: np.ndarray,
+                           bits: int, block_size: int, accuracy_level: int, float_dtype=np.float32) -> gs.Graph:
+    """Store a tied table once, as lm_head's codes ``q`` [V, H] with scales [V, H / block_size].
+
+    After ``share_tied_table`` the lm_head MatMul reads ``Transpose(table)`` and the token lookup
+    is ``Gather(table, ids)``. The MatMul becomes ``com.microsoft::MatMulNBits`` over uint8 codes
+    [V, blocks, block bytes]: each code plus 2^(bits-1) (the kernel's zero point when none is
+    given), 4-bit codes two per byte, low nibble first. The Gather becomes
+    ``com.microsoft::GatherBlockQuantized`` of the same codes (uint8 path: gather axis 0, the
+    quantized axis last, the same default zero point), scales viewed as [V, blocks, 1], its rows
+    [..., blocks, block_size] reshaped to [..., H]. The fp table constant is then unused."""
+    head = _node(graph, lm_head_node)
+    transpose = head.inputs[1].inputs[0] if head.inputs[1].inputs else None
+    if transpose is None or transpose.op != "Transpose" or not isinstance(transpose.inputs[0], gs.Constant):
+        raise GraphError(f"{module}: lm_head does not read the tied table (share_tied_table first)")
+    table = transpose.inputs[0]
+    gathers = [n for n in graph.nodes if n.op == "Gather" and n.inputs[0] is table]
+    vocab, width = q.shape
+    if len(gathers) != 1 or tuple(table.shape) != (vocab, width) or width % block_size or bits not in (4, 8):
+        raise GraphError(f"{module}: cannot gather {bits}-bit rows of block {block_size} from the tied table {table.shape}")
+    blocks = width // block_size
+    codes = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(vocab, blocks, block_size)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    codes_c = gs.Constant(f"{module}.qweight", np.ascontiguousarray(codes))
+    scale_c = gs.Constant(f"{module}.scale", np.ascontiguousarray(scale.astype(float_dtype)))  # [V, blocks]
+    x = head.inputs[0]
+    head.op, head.domain = "MatMulNBits", "com.microsoft"
+    head.attrs = {"K": width, "N": vocab, "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level}
+    head.inputs.clear()
+    head.inputs.extend([x, codes_c, scale_c])
+
+    gather = gathers[0]
+    ids, rows = gather.inputs[1], gather.outputs[0]
+    gather.outputs.clear()
+
+    def var(name, dtype):
+        return gs.Variable(f"{module}.table_{name}", dtype=dtype)
+
+    def add(op, inputs, output, **kwargs):
+        graph.nodes.append(gs.Node(op, name=f"{output.name}_node", inputs=inputs, outputs=[output], **kwargs))
+        return output
+
+    scale3 = add("Reshape", [scale_c, gs.Constant(f"{module}.table_scale_shape", np.array([vocab, blocks, 1], np.int64))],
+                 var("scale3", scale_c.dtype))
+    blocked = add("GatherBlockQuantized", [codes_c, ids, scale3], var("blocked", scale_c.dtype), domain="com.microsoft",
+                  attrs={"gather_axis": 0, "quantize_axis": 2, "block_size": block_size, "bits": bits})
+    ids_shape = add("Shape", [ids], var("ids_shape", np.int64))
+    shape = add("Concat", [ids_shape, gs.Constant(f"{module}.table_width", np.array([width], np.int64))],
+                var("rows_shape", np.int64), attrs={"axis": 0})
+    add("Reshape", [blocked, shape], rows)
     return graph.cleanup().toposort()
 
 

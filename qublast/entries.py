@@ -65,8 +65,8 @@ def vocab_entries(model, spec: ArchSpec, target: Target, *, embed: str, head: st
     tied = is_tied(model, spec)
     weight = get_module(model, spec.embed).weight
     rows, width = weight.shape
-    fmt = embed_format(embed)
-    outside = side_table(tied=tied, embed=embed, head=head)
+    outside = side_table(tied=tied, embed=embed, head=head, shared_quantized=target.shared_quantized_table)
+    fmt = embed_format(embed) if outside else get_format(head, target)  # in the graph: lm_head's own codes
     embedding = {
         "format": embed, "tied": tied, "storage": "side_table" if outside else "graph", "path": spec.embed,
         "shape": [rows, width], "bits": fmt.bits, "block_size": block_size_for(fmt, width) if fmt.bits else None,

@@ -105,6 +105,8 @@ def _mixed_lines(recipe: dict) -> list[str]:
 
 
 def _storage(emb: dict) -> str:
+    if emb["storage"] == "graph" and emb.get("bits"):
+        return "in the graph once: lm_head's codes, rows gathered by GatherBlockQuantized"
     if emb["storage"] == "graph":
         return "in the graph, shared with lm_head"
     return "host-side table embedding.safetensors, fed as inputs_embeds"

@@ -47,11 +47,12 @@ def linear_entry(linear: torch.nn.Linear, *, name: str, path: str, fmt_name: str
 
 def vocab_bytes(model: torch.nn.Module, spec: ArchSpec, target: Target, *, embed: str, head: str) -> int:
     """Bytes of the embedding table and lm_head as deployed: one in-graph copy of a tied table
-    whose two uses stay unquantized, else the host table plus the graph's lm_head."""
+    kept in the graph (both unquantized, or lm_head's codes on a target that gathers from them),
+    else the host table plus the graph's lm_head."""
     head_module = get_module(model, spec.lm_head)
     tied = is_tied(model, spec)
-    if not side_table(tied=tied, embed=embed, head=head):
-        return target.float_bytes * head_module.weight.numel()
+    if not side_table(tied=tied, embed=embed, head=head, shared_quantized=target.shared_quantized_table):
+        return linear_bytes_in(head_module, head, target)
     rows, width = get_module(model, spec.embed).weight.shape
     return table_bytes(embed_format(embed), rows, width) + linear_bytes_in(head_module, head, target)
 

@@ -4,8 +4,10 @@ The embedding table is what the model's embedding module outputs per token id (f
 rows are already multiplied by its scale), so a table looked up on the host and fed as
 ``inputs_embeds`` computes exactly what the module did. It is stored outside the graph
 (``embedding.safetensors``) whenever it or ``lm_head`` is quantized: fp16 rows, INT8 with one
-scale per row, or INT4 blocks along the row. Only a tied table whose two uses both stay
-unquantized is kept in the graph, once, shared by the Gather and the lm_head MatMul.
+scale per row, or INT4 blocks along the row. A tied table is kept in the graph, once, shared
+by the token lookup and the lm_head MatMul, when its two uses stay unquantized, or, on a
+target that gathers rows from lm_head's codes (``Target.shared_quantized_table``), when both
+take one quantized format: the table is then lm_head's quantized weight, row for row.
 
 ``lm_head`` is a graph MatMul like the blocks' linears, in the target's formats, its weight
 clip search weighted by the mean square of its input channels (the final norm's output).
@@ -32,9 +34,10 @@ def is_tied(model: torch.nn.Module, spec: ArchSpec) -> bool:
     return get_module(model, spec.lm_head).weight.data_ptr() == get_module(model, spec.embed).weight.data_ptr()
 
 
-def side_table(*, tied: bool, embed: str, head: str) -> bool:
-    """True when the embedding table is stored outside the graph (see module docstring)."""
-    return not (tied and embed == "fp16" and head == "fp16")
+def side_table(*, tied: bool, embed: str, head: str, shared_quantized: bool) -> bool:
+    """True when the embedding table is stored outside the graph (see module docstring);
+    ``shared_quantized``: the target's ``shared_quantized_table``."""
+    return not (tied and embed == head and (embed == "fp16" or shared_quantized))
 
 
 @torch.no_grad()
@@ -86,29 +89,44 @@ class VocabTransform:
     head: WeightFormat
     head_importance: torch.Tensor | None = None
     head_codes: QuantizedWeight | None = None  # GPTQ's codes and scales for lm_head; None: round to nearest
+    shared_quantized: bool = False  # the target's ``shared_quantized_table``
 
     @classmethod
     def of(cls, target: Target, *, embed: str, head: str, head_importance: torch.Tensor | None = None,
            head_codes: QuantizedWeight | None = None) -> VocabTransform:
         if head not in target.head_formats:
             raise get_format_error(target, head)
-        return cls(embed_format(embed), get_format(head, target), head_importance, head_codes)
+        return cls(embed_format(embed), get_format(head, target), head_importance, head_codes, target.shared_quantized_table)
 
     @classmethod
     def from_recipe(cls, recipe: dict, target: Target) -> VocabTransform:
         return cls.of(target, embed=recipe["embedding"]["format"], head=recipe["lm_head"]["format"])
 
+    def side_table(self, model: torch.nn.Module, spec: ArchSpec) -> bool:
+        return side_table(tied=is_tied(model, spec), embed=self.embed.name, head=self.head.name,
+                          shared_quantized=self.shared_quantized)
+
+    def reads_head_codes(self, model: torch.nn.Module, spec: ArchSpec) -> bool:
+        """True when the table is lm_head's quantized weight (tied, one quantized format, in the graph)."""
+        return self.embed.bits is not None and not self.side_table(model, spec)
+
     def apply(self, model: torch.nn.Module, spec: ArchSpec) -> dict[str, QuantizedWeight]:
         """Quantize table and head in place (calibration); returns their quantized weights by path."""
-        return {**self.apply_embed(model, spec), **self.apply_head(model, spec)}
+        out = {**self.apply_embed(model, spec), **self.apply_head(model, spec)}
+        if self.reads_head_codes(model, spec):
+            _tie_table(model, spec)
+        return out
 
     def apply_embed(self, model: torch.nn.Module, spec: ArchSpec) -> dict[str, QuantizedWeight]:
-        """Replace the embedding by the table as deployed (quantized, or fp16 rows outside the graph)."""
+        """Replace the embedding by the table as deployed (quantized, or fp16 rows outside the graph);
+        a table that is lm_head's codes is left to ``apply``."""
+        if self.reads_head_codes(model, spec):
+            return {}
         table = effective_table(model, spec)
         out = {spec.embed: quantize_table(table, self.embed)} if self.embed.bits else {}
         if self.embed.bits:
             _set_table(model, spec, out[spec.embed].dequantize())
-        elif side_table(tied=is_tied(model, spec), embed=self.embed.name, head=self.head.name):
+        elif self.side_table(model, spec):
             _set_table(model, spec, table.half().float())
         return out
 
@@ -130,16 +148,18 @@ class VocabTransform:
         """Quantize table and head in place from a recipe's scales (export and verification)."""
         from .apply import requantize
 
-        tied, head = is_tied(model, spec), get_module(model, spec.lm_head)
+        head, shared = get_module(model, spec.lm_head), self.reads_head_codes(model, spec)
         table = effective_table(model, spec)
-        if self.embed.bits:
+        if self.embed.bits and not shared:
             entry = {"bits": self.embed.bits, "block_size": block_size_for(self.embed, table.shape[1])}
             _set_table(model, spec, requantize(table, tensors, entry, spec.embed))
-        elif side_table(tied=tied, embed=self.embed.name, head=self.head.name):
+        elif self.side_table(model, spec):
             _set_table(model, spec, table.half().float())
         if self.head.bits:
             entry = {"bits": self.head.bits, "block_size": block_size_for(self.head, head.in_features)}
             _set_head(model, spec, requantize(head.weight, tensors, entry, spec.lm_head))
+        if shared:
+            _tie_table(model, spec)
         self._set_head_act(model, spec)
 
     def _set_head_act(self, model, spec) -> None:
@@ -173,6 +193,12 @@ def _set_head(model: torch.nn.Module, spec: ArchSpec, weight: torch.Tensor) -> N
     head.weight = torch.nn.Parameter(weight.to(head.weight.dtype), requires_grad=False)
 
 
+def _tie_table(model: torch.nn.Module, spec: ArchSpec) -> None:
+    """Let the embedding module look rows up in lm_head's (quantized) weight, as the graph's
+    gather over lm_head's codes does; its own scaling, if any, still applies."""
+    get_module(model, spec.embed).weight = get_module(model, spec.lm_head).weight
+
+
 @contextmanager
 def vocab_restored(model: torch.nn.Module, spec: ArchSpec):
     """On leaving the context the embedding module, lm_head's weight and its hooks are as before."""
@@ -181,11 +207,12 @@ def vocab_restored(model: torch.nn.Module, spec: ArchSpec):
     parent, _, name = spec.embed.rpartition(".")
     holder = get_module(model, parent) if parent else model
     embed, head = getattr(holder, name), get_module(model, spec.lm_head)
-    weight = head.weight
+    weight, embed_weight = head.weight, embed.weight
     try:
         yield
     finally:
         setattr(holder, name, embed)
+        embed.weight = embed_weight
         clear_act_quant(head)
         head.weight = weight
 
@@ -199,7 +226,7 @@ def score_vocab(runner: BlockRunner, vocab: VocabTransform, *, unit: str) -> Sco
             table = effective_table(model, spec)
             if vocab.embed.bits:
                 table = quantize_table(table, vocab.embed).dequantize()
-            elif side_table(tied=is_tied(model, spec), embed=vocab.embed.name, head=vocab.head.name):
+            elif vocab.side_table(model, spec):
                 table = table.half().float()
             return runner.score(runner.run_from(0, table[runner.ids]))
         vocab.apply_head(model, spec)

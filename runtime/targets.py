@@ -22,6 +22,10 @@ Each linear is stored in its part's own layout; the mix adds no new layout.
 The embedding table is looked up on the host when it is quantized (``embedding.safetensors``,
 graph input ``inputs_embeds``): TensorRT has no documented DequantizeLinear -> Gather and ONNX
 Runtime does not fuse it. Its formats are the runtime's own and the same on every target.
+One exception (``shared_quantized_table``, CPU): a table tied to ``lm_head`` and given
+lm_head's format stays in the graph once, as lm_head's codes, which an explicit
+``MatMulNBits`` multiplies and a ``GatherBlockQuantized`` looks rows up in (both ONNX Runtime
+CPU kernels; docs/targets.md §7).
 """
 from __future__ import annotations
 
@@ -63,6 +67,9 @@ class Target:
     head_formats: tuple[str, ...]  # what lm_head may take (a subset of ``formats``)
     ort_session: dict[str, str] = field(default_factory=dict)  # ONNX Runtime session config entries
     norm_fusion: bool = False  # write RMSNorm as x / sqrt(.) so ONNX Runtime fuses it
+    # a tied table quantized like lm_head is stored once, in the graph: the token lookup
+    # gathers and dequantizes rows of lm_head's own codes (module docstring)
+    shared_quantized_table: bool = False
     engine: str | None = None  # "tensorrt": the bundle carries an engine build script
     refused: dict[str, str] = field(default_factory=dict)  # format -> why this target has no such format
     default_candidates: tuple[str, ...] | None = None  # formats calibration tries unless told; None: all
@@ -157,6 +164,7 @@ TARGETS: dict[str, Target] = {
         head_formats=("fp16", "w8", "w4s", "w4"),
         ort_session={"session.qdq_matmulnbits_accuracy_level": "4"},
         norm_fusion=True,
+        shared_quantized_table=True,
         refused={"w8a8": "ONNX Runtime's dynamic INT8 compute (w8, w4) replaces static activation ranges on CPU"},
         # w4s only when asked for (--candidates fp16,w8,w4m,w4s,w4): on SmolLM2 it made the 5% bundle
         # 0.4 MB smaller for 30 more sweep measurements and slower INT4 MatMuls (docs/results.md)

@@ -146,6 +146,38 @@ def test_tied_table_kept_once_in_the_graph(tiny_model_dir, tmp_path):
     assert len(tables) == 1  # the Gather and the lm_head MatMul share it
 
 
+@pytest.mark.parametrize("fmt", ["w8", "w4"])
+def test_tied_quantized_table_is_lm_heads_codes(tiny_model_dir, tmp_path, fmt):
+    """CPU, tied table and lm_head in one quantized format: stored once, as lm_head's codes
+    (MatMulNBits and GatherBlockQuantized read the same initializer), input_ids in, no side
+    table; the graph's rows and logits are the torch emulation's; sizes count one copy."""
+    from runtime.bundle import open_bundle
+    from runtime.session import OrtModel
+
+    out = tmp_path / fmt
+    assert main(["--model", str(tiny_model_dir), *FAST, "--uniform", "w8", "--embeddings", fmt, "--lm-head", fmt,
+                 "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    recipe = read_recipe(out / "recipe.json")
+    emb, head = recipe["embedding"], recipe["lm_head"]["linears"][0]
+    assert emb["storage"] == "graph" and emb["tied"] and not (out / "embedding.safetensors").exists()
+    assert (emb["bits"], emb["block_size"], emb["bytes"]) == (head["bits"], head["block_size"], 0)
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert proto.graph.input[0].name == "input_ids"
+    vocab, hidden = emb["shape"]
+    nodes = {n.op_type: n for n in proto.graph.node}
+    assert nodes["MatMulNBits"].input[1] == nodes["GatherBlockQuantized"].input[0] == "lm_head.qweight"
+    assert "Gather" not in nodes  # no float table left
+    codes = next(t for t in proto.graph.initializer if t.name == "lm_head.qweight")
+    assert list(codes.dims) == [vocab, hidden // head["block_size"], head["block_size"] * head["bits"] // 8]
+    assert not [t for t in proto.graph.initializer if sorted(t.dims) == sorted([vocab, hidden])]
+    m = recipe["metrics"]
+    assert m["size_bytes"] == _files_on_disk(out) and "embedding.safetensors" not in m["size_files"]
+    assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
+    assert m["logit_agreement"]["decode_max_abs"] < 1e-2 * m["logit_agreement"]["logit_range"]
+    bundle = open_bundle(out)
+    assert isinstance(bundle.model, OrtModel) and bundle.model.embedding is None
+
+
 def test_recipe_reuse_gives_same_graph(bundle, tiny_model_dir, tmp_path):
     out = tmp_path / "again"
     assert main(["--model", str(tiny_model_dir), *FAST, "--recipe", str(bundle / "recipe.json"), "--out", str(out),
