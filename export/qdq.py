@@ -15,7 +15,7 @@ Each pass takes a ``gs.Graph`` and ends with ``cleanup().toposort()``:
   per consuming MatMul: a pair shared by q/k/v stops ONNX Runtime's fusion.
 - ``gather_from_head_codes`` (CPU target, a tied table quantized like lm_head): lm_head becomes
   ONNX Runtime's ``MatMulNBits`` over its codes and the token lookup a ``GatherBlockQuantized``
-  of the same codes, so the table is stored once (docs/targets.md §7).
+  of the same codes, so the table is stored once (docs/targets.md §5).
 - ``fusable_rms_norms``: ``x * Reciprocal(Sqrt(.))`` becomes ``x / Sqrt(.)``, the form ONNX
   Runtime fuses into SimplifiedLayerNormalization (CPU target; docs/ort-sources.md).
 """

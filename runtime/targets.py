@@ -25,7 +25,7 @@ Runtime does not fuse it. Its formats are the runtime's own and the same on ever
 One exception (``shared_quantized_table``, CPU): a table tied to ``lm_head`` and given
 lm_head's format stays in the graph once, as lm_head's codes, which an explicit
 ``MatMulNBits`` multiplies and a ``GatherBlockQuantized`` looks rows up in (both ONNX Runtime
-CPU kernels; docs/targets.md §7).
+CPU kernels; docs/targets.md §5).
 """
 from __future__ import annotations
 
