@@ -14,7 +14,8 @@ from runtime.targets import EMBED_FORMATS, EMBED_SCALE_BYTES, TARGETS, Target, W
 from .errors import InputError
 
 FP16_BYTES = 2  # the reference: every size reduction is against the fp16 checkpoint
-ALL_FORMATS: tuple[str, ...] = ("fp16", "w8a8", "w8", "w4m", "w4s", "w4")  # names any target may use
+# every name a target uses or refuses (the command line's choices, the recipe check)
+ALL_FORMATS: tuple[str, ...] = tuple(dict.fromkeys(name for t in TARGETS.values() for name in (*t.formats, *t.refused)))
 
 
 def get_target(name: str) -> Target:

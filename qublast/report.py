@@ -33,7 +33,7 @@ def render(recipe: dict) -> str:
         lines += [f"> {GGUF_CAVEAT.format(gguf=model['gguf'])}", ""]
     c, ev, t = recipe["constraint"], recipe.get("evaluation", {}), recipe["target"]
     emb, head = recipe["embedding"], recipe["lm_head"]
-    measured = [f for f in t["formats"] if f != "fp16" and any(f in b.get("sensitivity", {}) for b in recipe["blocks"])]
+    measured = _measured(t["formats"], recipe["blocks"])
     lines += [
         f"- target: `{t['name']}` ({t['graph_dtype']} graph; formats {', '.join(t['formats'])}; lm_head {', '.join(t['head_formats'])})",
         f"- constraint: `{c['mode']} = {c['value']}`; embedding table `{emb['format']}` ({_storage(emb)}); "
@@ -141,21 +141,26 @@ def _peaks(recipe: dict) -> list[str]:
 def _vocab_lines(recipe: dict) -> list[str]:
     """The embedding table and lm_head: format, bytes, sensitivity of each format."""
     emb, head = recipe["embedding"], recipe["lm_head"]
-    measured = [f for f in dict.fromkeys([*recipe["target"]["formats"], "w8", "w4"])
-                if f != "fp16" and any(f in unit.get("sensitivity", {}) for unit in (emb, head))] or ["w8", "w4"]
+    measured = _measured([*recipe["target"]["formats"], "w8", "w4"], (emb, head)) or ["w8", "w4"]
     out = ["## Embedding table and lm_head", "",
            "| unit | format | storage | bytes | rel. error | " + " | ".join(f"dCE / KL {f}" for f in measured) + " |",
            "|---|---|---|---|---|" + "---|" * len(measured)]
     head_lin = head["linears"][0]
     for name, unit, storage, size, err in (
         ("embedding", emb, _storage(emb), emb["bytes"] or "(in lm_head's)", emb.get("error", {}).get("rel_err")),
-        ("lm_head", head, "graph MatMul", head_lin["bytes"], head_lin.get("error", {}).get("rel_err")),
+        ("lm_head", head, "graph MatMulNBits, its codes also the table" if emb["storage"] == "graph" and emb.get("bits")
+         else "graph MatMul", head_lin["bytes"], head_lin.get("error", {}).get("rel_err")),
     ):
         sens = unit.get("sensitivity", {})
         cells = [f"{sens[f]['dce']:+.5f} / {sens[f]['kl']:.5f}" if f in sens else "-" for f in measured]
         rel = "-" if err is None else f"{err:.4f}"
         out.append(f"| {name} | {unit['format']} | {storage} | {size} | {rel} | " + " | ".join(cells) + " |")
     return out + [""]
+
+
+def _measured(formats, units) -> list[str]:
+    """The quantized formats among ``formats`` (in order, once each) that some unit's sensitivity measured."""
+    return [f for f in dict.fromkeys(formats) if f != "fp16" and any(f in unit.get("sensitivity", {}) for unit in units)]
 
 
 def _act_ranges(recipe: dict) -> list[str]:
