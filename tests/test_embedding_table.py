@@ -50,3 +50,28 @@ def test_corrupt_or_foreign_table_is_refused(tmp_path):
     save_file({"embedding": np.zeros((2, 4), np.float16)}, str(foreign))
     with pytest.raises(EmbeddingError, match="not a version 1 QuBLAST embedding table"):
         EmbeddingTable.load(foreign)
+
+
+def test_where_a_table_is_stored_and_what_it_costs():
+    """A tied table stays in the graph, once, when both uses are unquantized, or when both take one
+    quantized format on a target that gathers from lm_head's codes (CPU); every other pairing
+    stores a host table beside lm_head, and its bytes count."""
+    from qublast.arch import arch_for
+    from qublast.formats import get_target
+    from qublast.sizes import linear_bytes_in, vocab_bytes
+    from qublast.vocab import side_table
+    from tests.tiny import tiny_model
+
+    for tied, embed, head, shared, outside in [
+        (True, "fp16", "fp16", False, False), (True, "w4", "w4", False, True), (True, "w4", "w4", True, False),
+        (True, "w8", "w8", True, False), (True, "w8", "w4", True, True), (False, "w8", "w8", True, True),
+    ]:
+        assert side_table(tied=tied, embed=embed, head=head, shared_quantized=shared) == outside, (tied, embed, head, shared)
+    model = tiny_model("llama")
+    spec = arch_for("llama")
+    head_module = model.get_submodule(spec.lm_head)
+    cpu, jetson = get_target("cpu"), get_target("jetson")
+    assert cpu.shared_quantized_table and not jetson.shared_quantized_table
+    assert vocab_bytes(model, spec, cpu, embed="w8", head="w8") == linear_bytes_in(head_module, "w8", cpu)
+    assert vocab_bytes(model, spec, cpu, embed="w4", head="w8") > linear_bytes_in(head_module, "w8", cpu)
+    assert vocab_bytes(model, spec, jetson, embed="w4", head="w4") > linear_bytes_in(head_module, "w4", jetson)
