@@ -78,6 +78,8 @@ def _qdq(model, spec, recipe, tensors, raw_path: Path, node_modules: dict, targe
     codes = {path: recipe_codes(model.get_submodule(path).weight.detach().float(), tensors, entry, path)
              for path, entry in linears.items()}
     if tied_in_graph and recipe["embedding"]["bits"]:  # the table is lm_head's codes (Target.shared_quantized_table)
+        if not head_nodes:
+            raise GraphError(f"graph has no MatMul for {spec.lm_head}, whose codes the recipe's table is")
         head = linears.pop(spec.lm_head)
         q, scale = codes.pop(spec.lm_head)
         level = int(target.ort_session.get("session.qdq_matmulnbits_accuracy_level", 0))

@@ -15,7 +15,7 @@ clip search weighted by the mean square of its input channels (the final norm's 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -100,7 +100,10 @@ class VocabTransform:
 
     @classmethod
     def from_recipe(cls, recipe: dict, target: Target) -> VocabTransform:
-        return cls.of(target, embed=recipe["embedding"]["format"], head=recipe["lm_head"]["format"])
+        """The recipe's formats, with the table where the recipe stored it (a recipe written before
+        its target kept quantized tied tables in the graph keeps its host table)."""
+        vocab = cls.of(target, embed=recipe["embedding"]["format"], head=recipe["lm_head"]["format"])
+        return replace(vocab, shared_quantized=vocab.shared_quantized and recipe["embedding"]["storage"] == "graph")
 
     def side_table(self, model: torch.nn.Module, spec: ArchSpec) -> bool:
         return side_table(tied=is_tied(model, spec), embed=self.embed.name, head=self.head.name,

@@ -75,3 +75,15 @@ def test_where_a_table_is_stored_and_what_it_costs():
     assert vocab_bytes(model, spec, cpu, embed="w8", head="w8") == linear_bytes_in(head_module, "w8", cpu)
     assert vocab_bytes(model, spec, cpu, embed="w4", head="w8") > linear_bytes_in(head_module, "w8", cpu)
     assert vocab_bytes(model, spec, jetson, embed="w4", head="w4") > linear_bytes_in(head_module, "w4", jetson)
+
+
+def test_replay_keeps_the_table_where_the_recipe_stored_it():
+    """A CPU recipe with a tied w8/w8 pair replays with the table where it was stored: lm_head's
+    codes when the recipe says "graph", its own host table when an older recipe says "side_table"."""
+    from qublast.formats import get_target
+    from qublast.vocab import VocabTransform
+
+    cpu = get_target("cpu")
+    for storage, shared in (("graph", True), ("side_table", False)):
+        recipe = {"embedding": {"format": "w8", "storage": storage}, "lm_head": {"format": "w8"}}
+        assert VocabTransform.from_recipe(recipe, cpu).shared_quantized is shared
