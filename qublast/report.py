@@ -104,8 +104,13 @@ def _mixed_lines(recipe: dict) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def _is_head_codes(emb: dict) -> bool:
+    """True when the recipe's table is lm_head's quantized codes in the graph (one copy)."""
+    return emb["storage"] == "graph" and bool(emb.get("bits"))
+
+
 def _storage(emb: dict) -> str:
-    if emb["storage"] == "graph" and emb.get("bits"):
+    if _is_head_codes(emb):
         return "in the graph once: lm_head's codes, rows gathered by GatherBlockQuantized"
     if emb["storage"] == "graph":
         return "in the graph, shared with lm_head"
@@ -148,7 +153,7 @@ def _vocab_lines(recipe: dict) -> list[str]:
     head_lin = head["linears"][0]
     for name, unit, storage, size, err in (
         ("embedding", emb, _storage(emb), emb["bytes"] or "(in lm_head's)", emb.get("error", {}).get("rel_err")),
-        ("lm_head", head, "graph MatMulNBits, its codes also the table" if emb["storage"] == "graph" and emb.get("bits")
+        ("lm_head", head, "graph MatMulNBits, its codes also the table" if _is_head_codes(emb)
          else "graph MatMul", head_lin["bytes"], head_lin.get("error", {}).get("rel_err")),
     ):
         sens = unit.get("sensitivity", {})

@@ -152,12 +152,12 @@ class VocabTransform:
         from .apply import requantize
 
         head, shared = get_module(model, spec.lm_head), self.reads_head_codes(model, spec)
-        table = effective_table(model, spec)
         if self.embed.bits and not shared:
+            table = effective_table(model, spec)
             entry = {"bits": self.embed.bits, "block_size": block_size_for(self.embed, table.shape[1])}
             _set_table(model, spec, requantize(table, tensors, entry, spec.embed))
         elif self.side_table(model, spec):
-            _set_table(model, spec, table.half().float())
+            _set_table(model, spec, effective_table(model, spec).half().float())
         if self.head.bits:
             entry = {"bits": self.head.bits, "block_size": block_size_for(self.head, head.in_features)}
             _set_head(model, spec, requantize(head.weight, tensors, entry, spec.lm_head))
