@@ -141,7 +141,10 @@ def spend(formats: list[str], options: list[list[Choice]], history: list[dict], 
     The predictions are calibrated by the last accepted measurement (ratio = measured bound /
     predicted loss): the next plan is the knapsack's smallest with predicted loss <= max_loss /
     ratio. It is measured; accepted if its bound fits, else the predicted target is halved back
-    towards the accepted plan's. At most ``tries`` measurements; appends each to ``history``."""
+    towards the accepted plan's. When the calibrated target admits no smaller plan and none has
+    measured over yet, one step down the frontier (the least-loss plan smaller than the accepted
+    one) is measured instead: one plan's ratio is a noisy calibration, and the measurement, not
+    the prediction, decides. At most ``tries`` measurements; appends each to ``history``."""
     accepted, ceiling = history[-1], float("inf")  # ceiling: predicted loss of the smallest plan that did not fit
     frontier = pareto_frontier(options)  # bytes ascending, predicted loss descending
     for _ in range(tries):
@@ -151,7 +154,11 @@ def spend(formats: list[str], options: list[list[Choice]], history: list[dict], 
             target = min(target, (accepted["predicted"] + ceiling) / 2)
         candidate = next((p for p in frontier if p.loss <= target), None)
         if candidate is None or candidate.bytes >= accepted["bytes"]:
-            break
+            if ceiling < float("inf"):
+                break
+            candidate = next((p for p in reversed(frontier) if p.bytes < accepted["bytes"]), None)
+            if candidate is None:
+                break
         step = _step(list(candidate.formats), options, measure(list(candidate.formats)), action="down")
         history.append(step)
         log(f"spend: predicted {step['predicted']:.5f}, measured {step['measured']:.5f} "

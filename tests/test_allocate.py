@@ -249,6 +249,28 @@ def test_two_sided_repair_backs_off_from_a_plan_that_does_not_fit():
     assert any(h["measured"] > 0.03 for h in history if h["action"] == "down")
 
 
+def test_spend_measures_one_step_down_when_the_calibrated_target_admits_no_smaller_plan():
+    """The first plan measures a little under its prediction, so the calibrated target admits no
+    smaller plan; w4 is in truth far better than predicted. Spend measures the next plan down the
+    frontier anyway and keeps each that fits; a step that measures over is not kept and ends it."""
+    options = [[Choice("fp16", 100, 0.0), Choice("w8", 50, 0.02), Choice("w4", 25, 0.08)] for _ in range(2)]
+
+    def measure_with(w4):
+        return lambda formats: sum({"fp16": 0.0, "w8": 0.018, "w4": w4}[f] for f in formats)
+
+    plan = solve_for_loss(options, 0.05)
+    assert plan.formats == ("w8", "w8")
+    formats, history = repair(plan, options, max_loss=0.05, measure=measure_with(0.02), log=lambda _m: None,
+                              spend_tries=4)
+    assert formats == ["w4", "w4"]
+    assert [h["bytes"] for h in history if h["action"] == "down"] == [75, 50]
+    formats, history = repair(plan, options, max_loss=0.05, measure=measure_with(0.2), log=lambda _m: None,
+                              spend_tries=4)
+    assert formats == ["w8", "w8"]
+    assert [h["bytes"] for h in history if h["action"] == "down"] == [75]
+    assert history[-1]["action"] == "kept" and history[-1]["measured"] <= 0.05
+
+
 @pytest.mark.parametrize("loss", ["kl", "dce"])
 def test_calibrate_allocates_on_the_chosen_loss(tmp_path, monkeypatch, loss):
     """A block whose dCE is negative (favourable noise) but whose KL is the largest: the KL
