@@ -145,8 +145,10 @@ def write_tensors(tensors: dict, path: str | Path) -> None:
     """Write ``scales.safetensors`` atomically: ``{path}.scale`` weight scales, ``{norm}.smooth`` map scales."""
     from safetensors.torch import save
 
+    from runtime.stfile import canonical
+
     data = {name: t.contiguous().float() for name, t in sorted(tensors.items())}
-    atomic_write_bytes(path, save(data, metadata={"format": RECIPE_FORMAT, "version": str(RECIPE_VERSION)}))
+    atomic_write_bytes(path, canonical(save(data, metadata={"format": RECIPE_FORMAT, "version": str(RECIPE_VERSION)})))
 
 
 def read_tensors(path: str | Path) -> dict:

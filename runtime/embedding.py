@@ -50,7 +50,7 @@ def unpack_int4_rows(packed: np.ndarray) -> np.ndarray:
 def write_table(path: str | Path, *, weight_format: str, rows: np.ndarray, scale: np.ndarray | None = None,
                 bits: int | None = None, block_size: int | None = None) -> None:
     """Write the table: ``rows`` fp16 [V, H] (fp16), or int8 codes [V, H] with fp16 scales [V, G]."""
-    from safetensors.numpy import save_file
+    from .stfile import dumps_numpy
 
     width = rows.shape[1]
     tensors = {"embedding": np.ascontiguousarray(rows.astype(np.float16) if bits is None else
@@ -60,7 +60,7 @@ def write_table(path: str | Path, *, weight_format: str, rows: np.ndarray, scale
     metadata = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "weight_format": weight_format,
                 "bits": str(bits or 16), "block_size": str(block_size or width), "rows": str(rows.shape[0]),
                 "width": str(width)}
-    save_file(tensors, str(path), metadata=metadata)
+    Path(path).write_bytes(dumps_numpy(tensors, metadata))
 
 
 @dataclass
