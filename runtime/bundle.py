@@ -1,8 +1,10 @@
 """Opening a bundle on the device: manifest check, model session, tokenizer (no torch).
 
-``manifest.json`` (written last by export) lists every file of the bundle with its sha256 and
-the recipe version. ``open_bundle`` refuses a bundle whose files are missing, changed or of an
-unknown version before anything is loaded.
+``manifest.json`` (written last by export) lists every file of the bundle: under ``files`` with
+its sha256, under ``records`` (version 2) the run's own records, which differ from run to run
+(``run.json``: wall times and memory; ``report.md``, which quotes them) and are not loaded here.
+``open_bundle`` refuses a bundle with a file missing, changed, or not in the manifest (engine
+plans built on the device aside), or of an unknown version, before anything is loaded.
 """
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "qublast-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+READABLE_BUNDLE_VERSIONS = (1, 2)
 SUPPORTED_RECIPE_VERSIONS = (3,)
+RECORDS = ("report.md", "run.json")  # what a run measured of itself: listed, not hashed
+ENGINE_SUFFIXES = (".plan", ".plan.tmp")  # built on the device after export (build_engine.sh, export.build_engine)
 
 
 class BundleError(Exception):
@@ -29,15 +34,33 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def device_built(name: str) -> bool:
+    """True for a file the device adds to a bundle after export (an engine plan, or one being written)."""
+    base = name.rsplit("/", 1)[-1]
+    return "/" not in name and (base.endswith(ENGINE_SUFFIXES) or (base.startswith(".model.plan.") and base.endswith(".tmp")))
+
+
+def bundle_files(bundle: Path) -> list[str]:
+    """Relative names of every file under ``bundle`` except the manifest and device-built files."""
+    names = (p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if not p.is_dir())
+    return sorted(n for n in names if n != MANIFEST and not device_built(n))
+
+
 def manifest_for(bundle: Path, *, recipe_version: int) -> dict:
-    """Manifest of every file under ``bundle`` (except the manifest and engine plans built on the device)."""
-    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST and p.suffix != ".plan")
+    """Manifest of every file under ``bundle``: sha256 of each, the run's records listed by name."""
+    names = bundle_files(bundle)
     return {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
         "recipe_version": recipe_version,
-        "files": {str(p.relative_to(bundle)): file_sha256(p) for p in files},
+        "files": {n: file_sha256(bundle / n) for n in names if n not in RECORDS},
+        "records": [n for n in names if n in RECORDS],
     }
+
+
+def manifest_names(manifest: dict) -> set[str]:
+    """Every file a manifest lists, hashed or recorded."""
+    return set(manifest.get("files", {})) | set(manifest.get("records", []))
 
 
 def verify(bundle: str | Path) -> dict:
@@ -51,8 +74,11 @@ def verify(bundle: str | Path) -> dict:
         raise BundleError(f"{bundle} has no {MANIFEST}: not a QuBLAST bundle, or written half") from None
     except json.JSONDecodeError as exc:
         raise BundleError(f"{bundle / MANIFEST} is corrupt: {exc}") from exc
-    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{bundle}: unsupported bundle format {manifest.get('format')!r} v{manifest.get('version')!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") not in READABLE_BUNDLE_VERSIONS:
+        found = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
+        raise BundleError(f"{bundle}: unsupported bundle format {found[0]!r} v{found[1]!r}")
+    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("records", []), list):
+        raise BundleError(f"{bundle / MANIFEST} is corrupt: no file table")
     if manifest.get("recipe_version") not in SUPPORTED_RECIPE_VERSIONS:
         raise BundleError(f"{bundle}: recipe version {manifest.get('recipe_version')!r} is not supported by this runtime")
     for name, expected in manifest["files"].items():
@@ -61,6 +87,13 @@ def verify(bundle: str | Path) -> dict:
             raise BundleError(f"{bundle}: file {name} is missing")
         if file_sha256(path) != expected:
             raise BundleError(f"{bundle}: file {name} does not match the manifest (changed after export)")
+    for name in manifest.get("records", []):
+        if not (bundle / name).is_file():
+            raise BundleError(f"{bundle}: file {name} is missing")
+    unlisted = [n for n in bundle_files(bundle) if n not in manifest_names(manifest)]
+    if unlisted:
+        raise BundleError(f"{bundle}: file {unlisted[0]} is not in the manifest"
+                          f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}: added or changed after export")
     return json.loads((bundle / "recipe.json").read_text(encoding="utf-8"))
 
 
@@ -81,6 +114,22 @@ class Bundle:
         eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
         return self.tokenizer.token_to_id(eos) if eos else None
+
+    def context(self) -> int | None:
+        """Most tokens one sequence may hold (prompt and generated, or a scored window): the model's
+        positions, and on a TensorRT target the context its engine profiles were written for."""
+        limits = [self.recipe.get("model", {}).get("max_positions")]
+        profiles = self.path / "engine_profiles.json"
+        if profiles.is_file():
+            limits.append(json.loads(profiles.read_text(encoding="utf-8")).get("context"))
+        limits = [int(n) for n in limits if n]
+        return min(limits) if limits else None
+
+    def check_length(self, tokens: int, what: str) -> None:
+        """Refuse a sequence of ``tokens`` longer than ``context()`` (``ValueError`` naming ``what``)."""
+        limit = self.context()
+        if limit is not None and tokens > limit:
+            raise ValueError(f"{what} is {tokens} tokens, more than this bundle's context of {limit}")
 
 
 def open_bundle(path: str | Path, *, backend: str = "ort", threads: int | None = None) -> Bundle:

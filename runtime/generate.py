@@ -23,7 +23,7 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+        if not (self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1) or not np.isfinite(self.temperature):
             raise ValueError("temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
 
 
@@ -73,6 +73,12 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
             shown = text
 
 
+def check_threads(threads: int | None) -> None:
+    """``--threads``: None (the runtime's default) or a positive count."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bundle import BundleError, open_bundle
 
@@ -88,15 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     try:
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        check_threads(args.threads)
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         bundle = open_bundle(args.bundle, backend=args.backend, threads=args.threads)
         prompt = bundle.tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        bundle.check_length(len(prompt) + args.max_new_tokens,
+                            f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens}")
         eos = bundle.eos_id()
         ids = generate_ids(bundle.model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=(eos,) if eos is not None else ())
         for piece in stream_text(bundle.tokenizer, ids):
             print(piece, end="", flush=True)
         print()
-    except (BundleError, ValueError, RuntimeError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
+    except (BundleError, ValueError, RuntimeError, OSError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
         print(f"qublast: error: {exc}", file=sys.stderr)
         return 2
     return 0

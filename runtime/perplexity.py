@@ -55,6 +55,7 @@ def windows(ids: list[int], seqlen: int, *, max_windows: int | None = None) -> n
 
 def main(argv: list[str] | None = None) -> int:
     from .bundle import BundleError, open_bundle
+    from .generate import check_threads
 
     p = argparse.ArgumentParser(prog="python -m runtime.perplexity", description="Perplexity of a text through a QuBLAST bundle.")
     p.add_argument("--bundle", required=True)
@@ -65,14 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     try:
+        if args.seqlen is not None and args.seqlen < 2:
+            raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+        if args.max_windows is not None and args.max_windows < 1:
+            raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
+        check_threads(args.threads)
         if not Path(args.text).is_file():
             raise ValueError(f"text file not found: {args.text}")
         bundle = open_bundle(args.bundle, backend=args.backend, threads=args.threads)
         seqlen = args.seqlen or bundle.recipe["metrics"]["seqlen"]
+        bundle.check_length(seqlen, f"--seqlen {seqlen}")
         limit = args.max_windows or bundle.recipe.get("evaluation", {}).get("windows")
         ids = bundle.tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
         result = perplexity(bundle.model, windows(ids, seqlen, max_windows=limit))
-    except (BundleError, ValueError, RuntimeError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
+    except (BundleError, ValueError, RuntimeError, OSError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
         print(f"qublast: error: {exc}", file=sys.stderr)
         return 2
     recorded = bundle.recipe["metrics"].get("ppl_quant_ort")

@@ -59,12 +59,27 @@ def test_manifest_refuses_tampered_or_incomplete_bundles(bundle, tmp_path):  # n
     assert verify(bundle)["format"] == "qublast-recipe"
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
-    with open(copy / "report.md", "a") as f:
-        f.write("edited")
-    with pytest.raises(BundleError, match="report.md does not match"):
+    with open(copy / "recipe.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(BundleError, match="recipe.json does not match"):
         verify(copy)
+    shutil.copy(bundle / "recipe.json", copy / "recipe.json")
+    with open(copy / "report.md", "a") as f:  # a record: listed, not hashed (it quotes wall times)
+        f.write("edited")
+    assert verify(copy)["format"] == "qublast-recipe"
+    (copy / "notes.txt").write_text("added after export")
+    with pytest.raises(BundleError, match="file notes.txt is not in the manifest"):
+        verify(copy)
+    (copy / "notes.txt").unlink()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["tokenizer/tokenizer.json"]  # an entry lost, then the file changed: refused
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(BundleError, match="tokenizer/tokenizer.json is not in the manifest"):
+        verify(copy)
+    shutil.copy(bundle / "manifest.json", copy / "manifest.json")
+    shutil.copy(bundle / "tokenizer" / "tokenizer.json", copy / "tokenizer" / "tokenizer.json")
     (copy / "scales.safetensors").unlink()
-    shutil.copy(bundle / "report.md", copy / "report.md")
     with pytest.raises(BundleError, match="scales.safetensors is missing"):
         verify(copy)
     manifest = json.loads((bundle / "manifest.json").read_text())
