@@ -13,6 +13,7 @@ the minimum (uniform w4, round to nearest, no map, two windows of 64 tokens).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -89,11 +90,12 @@ def main() -> int:
             print(f"| {family} | {args.target} | export failed |")
             continue
         m = read_recipe(bundle / "recipe.json")["metrics"]
+        export_s = json.loads((bundle / "run.json").read_text())["timings"]["export_s"]
         graph = sum(f.stat().st_size for f in bundle.glob("model.onnx*")) / 1e6
         table = (bundle / "embedding.safetensors").stat().st_size / 1e6
         ms, tps = decode_speed(bundle, threads=1, decode=args.decode)
         print(f"| {family} ({config(family).hidden_size}, {config(family).num_hidden_layers} layers) | {args.target} | "
-              f"{params / 1e6:.0f}M | {m['timings']['export_s']:.0f} | {graph:.0f} | {table:.0f} | "
+              f"{params / 1e6:.0f}M | {export_s:.0f} | {graph:.0f} | {table:.0f} | "
               f"{100 * (1 - m['size_bytes'] / m['size_bytes_fp16']):.1f} | {ms:.1f} | {tps:.1f} |", flush=True)
     return 0
 

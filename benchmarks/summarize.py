@@ -5,6 +5,7 @@
 """
 import json
 import sys
+from pathlib import Path
 
 ORDER = ("w8a8", "w8", "w4m", "w4s", "w4", "fp16")
 LETTER = {"w8a8": "A", "w8": "8", "w4m": "m", "w4s": "s", "w4": "4", "fp16": "F"}
@@ -14,7 +15,9 @@ print("| bundle | target | constraint | blocks w8a8/w8/w4m/w4s/w4/fp16 | quantiz
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for path in sys.argv[1:]:
     r = json.load(open(path))
-    m, t = r["metrics"], r["metrics"].get("timings", {})
+    record = Path(path).with_name("run.json")  # wall times live beside the recipe (older recipes held them)
+    m = r["metrics"]
+    t = json.loads(record.read_text())["timings"] if record.is_file() else m.get("timings", {})
     fmts = [b["format"] for b in r["blocks"]]
     c = r["constraint"]
     constraint = "formats (fixed per block)" if c["mode"] == "formats" else f"{c['mode']}={c['value']}"

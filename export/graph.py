@@ -52,14 +52,20 @@ def export_bundle_graph(model, spec, recipe: dict, tensors: dict, work: Path, ta
         f"{'inputs_embeds' if outside else 'input_ids'})")
     want = _TORCH_FLOAT[target.graph_dtype]
     graph_model = copy.deepcopy(model).to(want) if next(model.parameters()).dtype != want else model
-    proto = onnx_export.export_onnx(graph_model, raw / "model.onnx", embeds=outside, kind=spec.kind)
+    try:
+        proto = onnx_export.export_onnx(graph_model, raw / "model.onnx", embeds=outside, kind=spec.kind)
+    except OSError as exc:  # the exporter's writer names no file: name the graph it was writing
+        raise OSError(exc.errno, exc.strerror or str(exc), exc.filename or str(raw / "model.onnx")) from exc
     del graph_model
     node_modules = onnx_export.linear_modules(proto)
     final = _qdq(model, spec, recipe, tensors, raw / "model.onnx", node_modules, target, tied_in_graph=not outside)
     if target.engine == "tensorrt":
         check_trt_legal(final, graph_dtype=target.graph_dtype)
-    onnx.save(final, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx.data")
+    try:
+        onnx.save(final, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="model.onnx.data")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), exc.filename or str(work / "model.onnx")) from exc
     onnx.checker.check_model(str(work / "model.onnx"))
     shutil.rmtree(raw)
     saved = onnx.load(str(work / "model.onnx"), load_external_data=False)

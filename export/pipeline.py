@@ -1,16 +1,18 @@
 """Recipe + checkpoint -> QDQ ONNX -> verification -> bundle (DESIGN.md "Artifacts").
 
-``run`` is what ``python -m qublast.export`` calls. The bundle is assembled in a temporary
-folder beside ``--out`` and renamed into place only when everything in it is written and
-verified, so a killed run never leaves a half bundle.
+``run`` is what ``python -m qublast.export`` calls. Everything that can be checked without the
+weights is checked first (``preflight``: flags, paths, texts, lengths against the model's
+positions, the GGUF's integrity), so a bad flag costs seconds, not the hour of calibration.
+The bundle is assembled in a staging folder beside ``--out`` and swapped into place only when
+everything in it is written and verified (``export.outdir``: what ``--out`` may replace).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import math
+import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,20 +20,38 @@ from pathlib import Path
 import numpy as np
 
 from qublast import text as qtext
+from qublast.arch import arch_for
 from qublast.calibrate import CalibConfig, calibrate
 from qublast.device import placed, torch_dtype
 from qublast.errors import GraphError, InputError
-from qublast.files import atomic_write_text
+from qublast.files import atomic_write_text, remove_stale_temps
 from qublast.formats import get_target
-from qublast.models import load_model, resolve_source, weight_hash
-from qublast.recipe import check_model, check_target, read_recipe, read_tensors, write_recipe, write_tensors
+from qublast.models import (
+    ModelSource,
+    check_gguf,
+    load_config,
+    load_model,
+    max_positions,
+    resolve_source,
+    weight_hash,
+)
+from qublast.recipe import (
+    check_model,
+    check_target,
+    read_recipe,
+    read_tensors,
+    write_recipe,
+    write_tensors,
+)
 from runtime.bundle import MANIFEST, manifest_for
 from runtime.embedding import FILE as TABLE_FILE
 from runtime.embedding import EmbeddingTable
 from runtime.session import OrtModel
 from runtime.targets import TARGETS
 
-from . import engine, graph, sizes
+from . import engine, graph, outdir, sizes
+
+RUN_RECORD = "run.json"  # wall times and memory of the run that made the bundle (differ run to run)
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,8 @@ class ExportConfig:
     context: int = 2048
     threads: int | None = None
     trust_remote_code: bool = False
+    overwrite: bool = False  # --out may replace a file or a folder that is not a bundle
+    allow_test_calibration: bool = False  # calibration text may share paragraphs with the evaluation text
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -61,7 +83,23 @@ class ExportConfig:
         if self.seqlen < 2:
             raise InputError(f"--seqlen must be >= 2, got {self.seqlen}")
         if self.max_eval_windows is not None and self.max_eval_windows < 1:
-            raise InputError("--max-eval-windows must be >= 1")
+            raise InputError(f"--max-eval-windows must be >= 1, got {self.max_eval_windows}")
+        if self.context < 2:
+            raise InputError(f"--context must be >= 2, got {self.context}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What ``preflight`` checked and read: the run starts from these."""
+
+    out: Path
+    source: ModelSource
+    max_positions: int | None
+    eval_src: qtext.TextSource
+    calib_src: qtext.TextSource | None  # None: the recipe decides
+    recipe: dict | None
 
 
 def log(message: str) -> None:
@@ -70,63 +108,113 @@ def log(message: str) -> None:
 
 def run(cfg: ExportConfig) -> Path:
     """Make the bundle at ``cfg.out``; returns its path."""
+    inputs = preflight(cfg)
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", dir=cfg.out.parent))
+    for line in outdir.recover(inputs.out):
+        log(line)
+    staged = outdir.stage(inputs.out)
     try:
-        _build(cfg, work)
-        work.chmod(0o755)
-        _replace_dir(work, cfg.out)
+        _build(cfg, inputs, staged)
+        staged.chmod(0o755)
+        outdir.swap_into_place(staged, inputs.out)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        outdir.remove(staged)
         raise
-    log(f"bundle written: {cfg.out}")
-    return cfg.out
+    log(f"bundle written: {inputs.out}")
+    return inputs.out
 
 
-def _build(cfg: ExportConfig, work: Path) -> None:
+def preflight(cfg: ExportConfig) -> Inputs:
+    """Every check that needs no weights, before any work; a failure is one ``QublastError``."""
+    source = resolve_source(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if source.is_gguf:
+        check_gguf(Path(source.path) / source.gguf_file)
+    config = load_config(source)
+    arch_for(getattr(config, "model_type", "") or "")
+    positions = max_positions(config)
+    target = get_target(cfg.target)
+    lengths = [("--seqlen", cfg.seqlen)] + ([] if cfg.recipe else [("--calib-seqlen", cfg.calib.seqlen)])
+    lengths += [("--context", cfg.context)] if target.engine == "tensorrt" else []
+    for flag, value in lengths:
+        if positions is not None and value > positions:
+            raise InputError(f"{flag} {value} is beyond the model's {positions} positions")
+    local = {"model": (Path(source.path) / source.gguf_file) if source.is_gguf else
+             (Path(source.path) if Path(source.path).is_dir() else None),
+             "recipe": cfg.recipe, "calibration text": cfg.calib_text, "evaluation text": cfg.eval_text,
+             "cache": cfg.calib.cache_dir}
+    out = outdir.check_out(cfg.out, overwrite=cfg.overwrite, inputs=local)
+    recipe = None
+    if cfg.recipe:
+        recipe = read_recipe(cfg.recipe)
+        check_target(recipe, target)
+        if not Path(cfg.recipe).with_name("scales.safetensors").is_file():
+            raise InputError(f"--recipe {cfg.recipe}: scales.safetensors is not beside it")
+    eval_src = qtext.eval_text(path=cfg.eval_text, dataset=cfg.eval_dataset)
+    calib_src = None if cfg.recipe else qtext.calib_text(path=cfg.calib_text, dataset=cfg.calib_dataset)
+    if calib_src is not None and not cfg.allow_test_calibration:
+        qtext.check_disjoint(calib_src, eval_src)
+    _check_cache(cfg.calib.cache_dir)
+    return Inputs(out, source, positions, eval_src, calib_src, recipe)
+
+
+def _check_cache(cache: Path) -> None:
+    """The cache folder exists (made if not) and takes files; killed writers' temp files are removed."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--cache-dir {cache}: {exc.strerror or exc}") from exc
+    if not cache.is_dir() or not os.access(cache, os.W_OK | os.X_OK):
+        raise InputError(f"--cache-dir {cache} is not a folder this process can write in")
+    remove_stale_temps(cache)
+
+
+def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    source = resolve_source(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    source = inputs.source
     log(f"loading {source.model_id}")
     model, tokenizer, spec = load_model(source, dtype=torch_dtype(cfg.calib.dtype))
     info = {"id": source.model_id, "model_type": model.config.model_type, "weight_sha256": weight_hash(model),
-            "num_blocks": model.config.num_hidden_layers, "gguf": source.gguf_file}
+            "num_blocks": model.config.num_hidden_layers, "gguf": source.gguf_file, "max_positions": inputs.max_positions}
     timings["load_s"] = time.perf_counter() - t0
 
-    eval_src = qtext.eval_text(path=cfg.eval_text, dataset=cfg.eval_dataset)
+    eval_src = inputs.eval_src
     windows = qtext.eval_windows(qtext.tokenize(tokenizer, eval_src.text), cfg.seqlen, max_windows=cfg.max_eval_windows)
     log(f"evaluation: {eval_src.label}, {len(windows)} windows of {cfg.seqlen}")
     with placed(model, spec, cfg.calib.device):
         ppl_fp = _cached_fp_ppl(model, windows, info, cfg.calib.cache_dir)
         t0 = time.perf_counter()
-        recipe, scales = _recipe_and_scales(cfg, model, spec, tokenizer, info)
+        recipe, scales = _recipe_and_scales(cfg, inputs, model, spec, tokenizer, info)
         timings["calibration_s"] = time.perf_counter() - t0
+    record = {"calibration_costs": recipe["calibration"].pop("costs", {}) if not cfg.recipe else {},
+              "recipe": str(cfg.recipe) if cfg.recipe else None}
+    recipe["metrics"].pop("timings", None)  # a reused recipe's run record belongs to its own run
 
     t0 = time.perf_counter()
     target = get_target(cfg.target)
+    log("export: folding the recipe into the model, writing the graph")
     exported = graph.export_bundle_graph(model, spec, recipe, scales, work, target, log=log)
     timings["export_s"] = time.perf_counter() - t0
 
     recipe["metrics"].update(_sizes(work, recipe, exported))
     recipe["metrics"].update(_verify(cfg, model, spec, recipe, scales, windows, work, target, ppl_fp=ppl_fp, timings=timings))
-    recipe["metrics"]["timings"] = timings
-    recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": int(len(windows)),
+    record["timings"] = timings
+    recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": len(windows),
                             "graph_optimization_level": "ORT_ENABLE_ALL", "ort_session": dict(target.ort_session)}
-    _write_bundle(cfg, work, recipe, scales, tokenizer, model)
+    _write_bundle(cfg, work, recipe, scales, tokenizer, record)
 
 
-def _recipe_and_scales(cfg: ExportConfig, model, spec, tokenizer, info) -> tuple[dict, dict]:
-    if cfg.recipe:
-        recipe = read_recipe(cfg.recipe)
+def _recipe_and_scales(cfg: ExportConfig, inputs: Inputs, model, spec, tokenizer, info) -> tuple[dict, dict]:
+    if inputs.recipe is not None:
+        recipe = inputs.recipe
         check_model(recipe, info["weight_sha256"])
-        check_target(recipe, get_target(cfg.target))
+        recipe["model"].setdefault("max_positions", info["max_positions"])
         log(f"reusing recipe {cfg.recipe}")
         return recipe, read_tensors(Path(cfg.recipe).with_name("scales.safetensors"))
-    calib_src = qtext.calib_text(path=cfg.calib_text, dataset=cfg.calib_dataset)
+    calib_src = inputs.calib_src
     calib_ids = qtext.tokenize(tokenizer, calib_src.text)
     log(f"calibration: {calib_src.label} ({len(calib_ids)} tokens), target {cfg.target}, mode {cfg.calib.mode}={cfg.calib.mode_value}")
     return calibrate(model, spec, model_info=info, calib_ids=calib_ids, calib_label=calib_src.label, cfg=cfg.calib, log=log)
@@ -195,19 +283,25 @@ def _cached_fp_ppl(model, windows: np.ndarray, info: dict, cache_dir: Path) -> f
     key = hashlib.sha256(info["weight_sha256"].encode() + np.ascontiguousarray(windows).tobytes()).hexdigest()[:16]
     path = cache_dir / f"ppl-fp-{key}.json"
     if path.is_file():
-        ppl = json.loads(path.read_text())["ppl"]
-        log(f"fp PPL {ppl:.4f} (cached {path})")
-        return ppl
+        try:
+            ppl = float(json.loads(path.read_text(encoding="utf-8"))["ppl"])
+            if math.isfinite(ppl) and ppl > 0:
+                log(f"fp PPL {ppl:.4f} (cached {path})")
+                return ppl
+        except (ValueError, KeyError, TypeError):  # a damaged cache entry: measure again
+            pass
+        log(f"cache entry {path} is unreadable: measuring the fp PPL again")
     ppl = perplexity(model, windows, desc="ppl torch (fp)").ppl
     atomic_write_text(path, json.dumps({"ppl": ppl}))
     return ppl
 
 
-def _write_bundle(cfg, work: Path, recipe: dict, scales: dict, tokenizer, model) -> None:
+def _write_bundle(cfg, work: Path, recipe: dict, scales: dict, tokenizer, record: dict) -> None:
     from qublast.report import write_report
 
     from .build_engine import embeds_width, graph_layout, read_graph
 
+    log(f"writing the bundle's files into {work.name}")
     write_recipe(recipe, work / "recipe.json")
     write_tensors(scales, work / "scales.safetensors")
     tokenizer.save_pretrained(str(work / "tokenizer"))
@@ -217,8 +311,9 @@ def _write_bundle(cfg, work: Path, recipe: dict, scales: dict, tokenizer, model)
         script = work / "build_engine.sh"
         script.write_text(engine.build_script(shapes))
         (work / "engine_profiles.json").write_text(json.dumps({"target": cfg.target, "context": cfg.context, "shapes": shapes}, indent=1))
-    write_report(recipe, work)
-    (work / MANIFEST).write_text(json.dumps(manifest_for(work, recipe_version=recipe["version"]), indent=1))
+    atomic_write_text(work / RUN_RECORD, json.dumps(record, indent=1) + "\n")
+    write_report(recipe, work, run=record)
+    (work / MANIFEST).write_text(json.dumps(manifest_for(work, recipe_version=recipe["version"]), indent=1) + "\n")
     _make_readable(work)
 
 
@@ -226,14 +321,3 @@ def _make_readable(folder: Path) -> None:
     """Files 0644 (scripts 0755), folders 0755: a bundle copied to a device runs as any user."""
     for path in [folder, *folder.rglob("*")]:
         path.chmod(0o755 if path.is_dir() or path.suffix == ".sh" else 0o644)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished bundle into place; an older bundle at ``dst`` is removed only after."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{int(time.time())}")
-        dst.rename(old)
-    src.rename(dst)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

@@ -89,8 +89,8 @@ class CalibConfig:
         target = get_target(self.target)
         if self.candidates is None:
             object.__setattr__(self, "candidates", target.candidates)
-        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
-            raise InputError(f"--max-ppl-increase must be > 0, got {self.max_ppl_increase}")
+        if self.max_ppl_increase is not None and not 0 < self.max_ppl_increase < math.inf:
+            raise InputError(f"--max-ppl-increase must be a finite number > 0, got {self.max_ppl_increase}")
         for flag, value in (("--target-size", self.target_size), ("--blocks-size", self.blocks_size)):
             if value is not None and not 0 < value <= 1:
                 raise InputError(f"{flag} must be a fraction in (0, 1], got {value}")
@@ -118,6 +118,12 @@ class CalibConfig:
         torch_dtype(self.dtype)
         if self.spend_tries < 0:
             raise InputError(f"--spend-tries must be >= 0, got {self.spend_tries}")
+        if self.seqlen < 2:
+            raise InputError(f"--calib-seqlen must be >= 2, got {self.seqlen}")
+        if self.sens_windows < 1:
+            raise InputError(f"--calib-windows must be >= 1, got {self.sens_windows}")
+        if self.seed < 0:
+            raise InputError(f"--seed must be >= 0, got {self.seed}")
         if self.holdout_windows < 2:
             raise InputError(f"--holdout-windows must be >= 2 (the repair bound needs a spread), got {self.holdout_windows}")
         if not 0 < self.safety <= 1:

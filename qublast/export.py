@@ -1,6 +1,7 @@
 """``python -m qublast.export``: calibrate, export and verify a bundle (thin CLI over ``export/``).
 
-Every ``QublastError`` ends the run with one line on stderr and exit code 2.
+Every ``QublastError`` ends the run with one line on stderr and exit code 2, and so does a
+system error (a full disk, a folder without permission): one line naming the file.
 """
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ from pathlib import Path
 from runtime.targets import EMBED_FORMATS, TARGETS
 
 from .calibrate import ALLOC_LOSSES, AUTO, CalibConfig
-from .errors import QublastError
+from .errors import InputError, QublastError
 from .formats import ALL_FORMATS
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qublast.export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m qublast.export", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--target", default="jetson",
                    help="; ".join(f"{t.name}: {t.description}, formats {'/'.join(t.formats)}" for t in TARGETS.values()))
     p.add_argument("--model", help="hub id, local HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", type=Path, default=Path("bundle"), help="bundle directory (default: ./bundle)")
+    p.add_argument("--out", type=Path, default=Path("bundle"),
+                   help="bundle folder (default: ./bundle); may be new, empty or an earlier bundle, which is replaced "
+                        "once the new one is complete")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --out replace a file or a folder that is not a bundle (never the model, the other inputs, "
+                        "the cache or the current directory)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--max-ppl-increase", type=float, help="max relative PPL increase, e.g. 0.01 (default)")
     mode.add_argument("--target-size", type=float, help="the whole deployed model's bytes as a fraction of its fp16 bytes")
@@ -35,7 +41,10 @@ def parser() -> argparse.ArgumentParser:
                    help="embedding table format (host-side table unless kept fp16 with a tied fp16 lm_head); auto as --lm-head")
     p.add_argument("--candidates", help="formats blocks may take, comma-separated (default: the target's; jetson fp16,w4m,w4, cpu fp16,w8,w4m,w4; "
                    "w8a8 on jetson and w4s on cpu on request, docs/results.md)")
-    p.add_argument("--calib-text", help="calibration text file (train/validation text, never test)")
+    p.add_argument("--calib-text", help="calibration text file (train/validation text, never test: refused when it "
+                                        "holds paragraphs of the evaluation text)")
+    p.add_argument("--allow-test-calibration", action="store_true",
+                   help="accept calibration text that shares paragraphs with the evaluation text")
     p.add_argument("--calib-dataset", help="calibration dataset name (wikitext2), validation split")
     p.add_argument("--eval-text", help="evaluation file in WikiText raw layout (e.g. wiki.test.raw)")
     p.add_argument("--eval-dataset", help="evaluation dataset name (wikitext2, wikitext103), test split")
@@ -77,6 +86,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a recipe decides: giving one of these with --recipe would be ignored, so it is refused.
+RECIPE_DECIDES = ("max_ppl_increase", "target_size", "blocks_size", "uniform", "formats", "lm_head", "embeddings",
+                  "candidates", "calib_text", "calib_dataset", "calib_seqlen", "calib_windows", "holdout_windows", "seed",
+                  "safety", "no_scaling", "range_method", "alloc_loss", "spend_tries", "quantizers", "no_act_order",
+                  "gptq_windows", "reconstruct", "reconstruct_steps", "allow_test_calibration")
+
+
+def given(p: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """``{dest: flag}`` of the options written in ``argv`` (abbreviations are off, so names are exact)."""
+    out = {}
+    for token in argv:
+        action = p._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("--") else None
+        if action is not None:
+            out[action.dest] = token.split("=", 1)[0]
+    return out
+
+
+def _check_recipe_flags(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
+    if args.recipe is None:
+        return
+    clash = [flag for dest, flag in given(p, argv).items() if dest in RECIPE_DECIDES]
+    if clash:
+        raise InputError(f"--recipe decides what {', '.join(clash)} would set; drop {'it' if len(clash) == 1 else 'them'} "
+                         f"(or calibrate again without --recipe)")
+
+
+def _names(flag: str, value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list flag: None when not given, else its non-empty names (an empty list is an error)."""
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise InputError(f"{flag} is empty; name at least one")
+    return names
+
+
 def config_from_args(args: argparse.Namespace):
     """Flags -> ``ExportConfig`` (validation happens in the config classes)."""
     from export.pipeline import ExportConfig
@@ -84,13 +129,13 @@ def config_from_args(args: argparse.Namespace):
     calib = CalibConfig(
         target=args.target, max_ppl_increase=args.max_ppl_increase, target_size=args.target_size,
         blocks_size=args.blocks_size, uniform=args.uniform,
-        formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats is not None else None,
+        formats=_names("--formats", args.formats),
         lm_head=args.lm_head, embeddings=args.embeddings,
-        candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()) if args.candidates else None,
+        candidates=_names("--candidates", args.candidates),
         seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
-        quantizers=tuple(q.strip() for q in args.quantizers.split(",") if q.strip()), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,
+        quantizers=_names("--quantizers", args.quantizers), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,
         reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps, device=args.device, dtype=args.dtype,
         spend_tries=args.spend_tries,
     )
@@ -99,19 +144,36 @@ def config_from_args(args: argparse.Namespace):
         calib_text=args.calib_text, calib_dataset=args.calib_dataset, eval_text=args.eval_text,
         eval_dataset=args.eval_dataset, seqlen=args.seqlen, max_eval_windows=args.max_eval_windows,
         context=args.context, threads=args.threads, trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite, allow_test_calibration=args.allow_test_calibration,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = parser()
+    args = p.parse_args(argv)
     try:
         from export.pipeline import run
 
+        _check_recipe_flags(p, argv, args)
         run(config_from_args(args))
     except QublastError as exc:
-        print(f"qublast: error: {exc}", file=sys.stderr)
+        _fail(str(exc))
+        return 2
+    except OSError as exc:  # the system refused: a full disk, a read-only or vanished folder
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}")
         return 2
     return 0
+
+
+def _fail(message: str) -> None:
+    """Print the error on a line of its own: a progress bar the failure interrupted is ended first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"qublast: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,27 @@ def resolve_source(model: str | None, *, trust_remote_code: bool = False) -> Mod
     return ModelSource(model, model, None, trust_remote_code)
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF file that is not one, or is cut short (``InputError``), before transformers reads it."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        size = path.stat().st_size
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # the reader fails in many ways on a damaged file (ValueError, IndexError, struct.error)
+        raise InputError(f"{path} is not a complete GGUF file ({_first_line(exc)}); was its download cut short?") from exc
+    if end > size:
+        raise InputError(f"{path} is cut short: its tensors end at byte {end}, the file has {size}")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position encoding covers (None: no limit, e.g. state-space models)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def load_config(source: ModelSource):
     """The model's transformers config (no weights read)."""
     from transformers import AutoConfig

@@ -18,15 +18,18 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def write_report(recipe: dict, out_dir: Path) -> None:
-    """Write the three report files for ``recipe`` into ``out_dir``."""
+def write_report(recipe: dict, out_dir: Path, *, run: dict | None = None) -> None:
+    """Write the three report files for ``recipe`` into ``out_dir``; ``run``: the run's record
+    (``run.json``: wall times, memory), quoted in the report's cost lines."""
     _plot_sensitivity(recipe, out_dir / "sensitivity.png")
     _plot_size_vs_ppl(recipe, out_dir / "size_vs_ppl.png")
-    atomic_write_text(out_dir / "report.md", render(recipe))
+    atomic_write_text(out_dir / "report.md", render(recipe, run=run))
 
 
-def render(recipe: dict) -> str:
-    """Markdown report: model, constraint, PPLs, sizes, per-block table."""
+def render(recipe: dict, *, run: dict | None = None) -> str:
+    """Markdown report: model, constraint, PPLs, sizes, per-block table, and the run's costs.
+    Recipes made before ``run.json`` kept the costs in the recipe; they are read from there."""
+    run = run or {"calibration_costs": recipe["calibration"].get("costs", {}), "timings": recipe["metrics"].get("timings", {})}
     m, model = recipe["metrics"], recipe["model"]
     lines = [f"# QuBLAST report: {model['id']}", ""]
     if model.get("gguf") and any(tag in model["gguf"].upper() for tag in ("Q2", "Q3", "Q4", "Q5", "Q6", "Q8")):
@@ -52,9 +55,9 @@ def render(recipe: dict) -> str:
         "",
         *_size_lines(m),
         "",
-        f"Logit agreement PyTorch vs ORT: {m.get('logit_agreement')}. Timings (s): {_timings(m)}",
+        f"Logit agreement PyTorch vs ORT: {m.get('logit_agreement')}. Timings (s): {_timings(run)}",
         "",
-        f"Calibration costs: {_costs(recipe['calibration'].get('costs', {}))}",
+        f"Calibration costs: {_costs(run.get('calibration_costs', {}), reused=run.get('recipe'))}",
         "",
         *_peaks(recipe),
         *_vocab_lines(recipe),
@@ -194,8 +197,10 @@ def _f(sens: dict, fmt: str, key: str) -> str:
     return "-" if value is None or fmt == "fp16" else f"{value:+.5f}"
 
 
-def _costs(costs: dict) -> str:
+def _costs(costs: dict, *, reused: str | None = None) -> str:
     """The sweep's measurements, their wall time and GPTQ's share, the repair's time, peak memory."""
+    if reused:
+        return f"none in this run: the recipe {reused} was reused"
     if not costs:
         return "not recorded"
     return (f"{costs['measurements']} sensitivity measurements, {costs['measured_s']:.0f} s measured (GPTQ "
@@ -211,8 +216,8 @@ def _reconstruction_cost(costs: dict) -> str:
     return f"cross-block reconstruction {costs['reconstruction_s']:.0f} s ({runs} plan{'s' if runs != 1 else ''} reconstructed), "
 
 
-def _timings(m: dict) -> str:
-    return ", ".join(f"{k} {v:.0f}" for k, v in m.get("timings", {}).items())
+def _timings(run: dict) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in run.get("timings", {}).items())
 
 
 def _allocation_text(allocation: dict) -> str:

@@ -60,6 +60,27 @@ def calib_text(*, path: str | None = None, dataset: str | None = None, split: st
     return TextSource(f"embedded:{EMBEDDED_CALIB}", _embedded(EMBEDDED_CALIB))
 
 
+# A line of this many characters is a paragraph: two texts sharing such lines share text, not phrases.
+PARAGRAPH_CHARS = 80
+
+
+def paragraphs(text: str) -> set[str]:
+    """The text's lines of at least ``PARAGRAPH_CHARS`` characters, whitespace collapsed."""
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return {line for line in lines if len(line) >= PARAGRAPH_CHARS}
+
+
+def check_disjoint(calib: TextSource, evaluation: TextSource) -> None:
+    """Refuse calibration text that holds part of the evaluation text (the test split as calibration):
+    at least 2 of the evaluation's paragraphs, and at least 1% of them, found in the calibration text."""
+    held = paragraphs(evaluation.text)
+    shared = len(held & paragraphs(calib.text))
+    if shared >= max(2, 0.01 * len(held)):
+        raise InputError(f"the calibration text ({calib.label}) holds {shared} of the {len(held)} paragraphs of the "
+                         f"evaluation text ({evaluation.label}): calibrating on test text makes every measured PPL "
+                         f"look better than it is; calibrate on train or validation text, or pass --allow-test-calibration")
+
+
 def tokenize(tokenizer, text: str) -> np.ndarray:
     """Token ids of the whole text, no special tokens added: int64 [T]."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]

@@ -17,6 +17,7 @@ COMMON = ["--calib-seqlen", "32", "--calib-windows", "2", "--holdout-windows", "
           "--seqlen", "32", "--max-eval-windows", "3", "--context", "64"]
 FAST = ["--target", "cpu", *COMMON]
 JETSON = ["--target", "jetson", *COMMON]
+REPLAY = ["--target", "cpu", "--seqlen", "32", "--max-eval-windows", "3", "--context", "64"]  # with --recipe: no calibration flags
 DEPLOYED = ("model.onnx", "model.onnx.data", "embedding.safetensors")
 
 
@@ -180,7 +181,7 @@ def test_tied_quantized_table_is_lm_heads_codes(tiny_model_dir, tmp_path, fmt):
 
 def test_recipe_reuse_gives_same_graph(bundle, tiny_model_dir, tmp_path):
     out = tmp_path / "again"
-    assert main(["--model", str(tiny_model_dir), *FAST, "--recipe", str(bundle / "recipe.json"), "--out", str(out),
+    assert main(["--model", str(tiny_model_dir), *REPLAY, "--recipe", str(bundle / "recipe.json"), "--out", str(out),
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     first, second = read_recipe(bundle / "recipe.json"), read_recipe(out / "recipe.json")
     assert [b["format"] for b in first["blocks"]] == [b["format"] for b in second["blocks"]]
@@ -228,6 +229,7 @@ def _error_line(capsys) -> str:
 
 def test_bad_inputs_exit_2_with_one_line(bundle, tiny_model_dir, tmp_path, capsys):
     base = ["--model", str(tiny_model_dir), *FAST, "--out", str(tmp_path / "x"), "--cache-dir", str(tmp_path / "c")]
+    replay = ["--model", str(tiny_model_dir), *REPLAY, "--out", str(tmp_path / "x"), "--cache-dir", str(tmp_path / "c")]
     assert main([*base, "--target", "fpga"]) == 2
     assert "unknown target" in _error_line(capsys)
     assert main(["--model", str(tmp_path / "missing.gguf"), *base[2:]]) == 2
@@ -235,21 +237,21 @@ def test_bad_inputs_exit_2_with_one_line(bundle, tiny_model_dir, tmp_path, capsy
     corrupt = tmp_path / "corrupt" / "recipe.json"
     corrupt.parent.mkdir()
     corrupt.write_text("{not json")
-    assert main([*base, "--recipe", str(corrupt)]) == 2
+    assert main([*replay, "--recipe", str(corrupt)]) == 2
     assert "not valid JSON" in _error_line(capsys)
     other = tmp_path / "other"
     shutil.copytree(bundle, other)
     recipe = json.loads((other / "recipe.json").read_text())
     recipe["model"]["weight_sha256"] = "0" * 64
     (other / "recipe.json").write_text(json.dumps(recipe))
-    assert main([*base, "--recipe", str(other / "recipe.json")]) == 2
+    assert main([*replay, "--recipe", str(other / "recipe.json")]) == 2
     assert "made for weights" in _error_line(capsys)
     assert main([*base, "--target-size", "0.01"]) == 2
     line = _error_line(capsys)
     assert "size budget 0.01 x fp16" in line and "below the smallest whole model on target cpu" in line and "x fp16" in line
     assert main([*base, "--target", "jetson", "--candidates", "fp16,w8,w4"]) == 2
     assert "TensorRT documents weight-only quantization for INT4 only" in _error_line(capsys)
-    assert main([*base, "--target", "jetson", "--recipe", str(bundle / "recipe.json")]) == 2
+    assert main([*replay, "--target", "jetson", "--recipe", str(bundle / "recipe.json")]) == 2
     assert "made for target 'cpu'" in _error_line(capsys)
     assert not [p.name for p in tmp_path.iterdir() if p.name == "x" or p.name.startswith(".x.")]  # nothing written half
 
