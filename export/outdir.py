@@ -30,9 +30,6 @@ from runtime.bundle import BUNDLE_FORMAT, MANIFEST, device_built, manifest_names
 
 _STAGING = ".{name}.qublast-{pid}"
 _PREVIOUS = ".{name}.qublast-{pid}-previous"
-# Folders of QuBLAST versions before the swap (``tempfile.mkdtemp``: 8 random characters, 0700).
-_LEGACY_FILES = {"raw", "model.onnx", "model.onnx.data", "embedding.safetensors", "recipe.json", "scales.safetensors",
-                 "tokenizer", "report.md", "sensitivity.png", "size_vs_ppl.png", "build_engine.sh", "engine_profiles.json"}
 
 
 def absolute(path: Path) -> Path:
@@ -59,6 +56,8 @@ def check_out(out: Path, *, overwrite: bool, inputs: dict[str, str | Path | None
         if any(_within(p, out) for p in names):
             raise InputError(f"--out {out} {'is' if out in names else 'holds'} the {what} ({path}); "
                              f"write the bundle elsewhere")
+        if any(n.is_dir() and _within(out, n) for n in names):  # a file of a model folder, or the cache's
+            raise InputError(f"--out {out} is inside the {what} ({path}); write the bundle elsewhere")
     reason = occupant(out)
     if reason and not overwrite:
         raise InputError(f"--out {out} {reason}; pass --overwrite to replace it, or name another folder")
@@ -111,7 +110,6 @@ def recover(out: Path) -> list[str]:
     folders of runs that are no longer alive; returns what was done, one line each."""
     done = []
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.qublast-(\d+)(-previous)?$")
-    legacy = re.compile(rf"^\.{re.escape(out.name)}\.[a-z0-9_]{{8}}$")
     if not out.parent.is_dir():
         return done
     for entry in sorted(out.parent.iterdir()):
@@ -123,9 +121,6 @@ def recover(out: Path) -> list[str]:
             else:
                 remove(entry)
                 done.append(f"removed {entry.name} (left by a killed run)")
-        elif legacy.match(entry.name) and _legacy_partial(entry):
-            remove(entry)
-            done.append(f"removed {entry.name} (a partial bundle left by an earlier QuBLAST version)")
     return done
 
 
@@ -164,15 +159,6 @@ def _check_parent(out: Path) -> None:
         raise InputError(f"--out {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"--out {out}: no permission to write in {parent}")
-
-
-def _legacy_partial(entry: Path) -> bool:
-    """A hidden folder an earlier version's killed run left: mode 0700, only bundle files, no manifest."""
-    try:
-        return (entry.is_dir() and not entry.is_symlink() and entry.stat().st_mode & 0o777 == 0o700
-                and not (entry / MANIFEST).exists() and {p.name for p in entry.iterdir()} <= _LEGACY_FILES)
-    except OSError:
-        return False
 
 
 _RENAME_EXCHANGE = 2

@@ -140,6 +140,8 @@ def test_out_never_loses_a_file(first, tiny_model_dir, tmp_path, capsys, monkeyp
         (tiny_model_dir, False, f"is the model ({tiny_model_dir})"),
         (tiny_model_dir, True, f"is the model ({tiny_model_dir})"),
         (tiny_model_dir.parent, True, f"holds the model ({tiny_model_dir})"),
+        (tiny_model_dir / "model.safetensors", True, f"is inside the model ({tiny_model_dir})"),
+        (tiny_model_dir / "new", True, f"is inside the model ({tiny_model_dir})"),
         (tmp_path / "cache", True, "is the cache"),
         (Path(TEST_EXCERPT), True, "is the evaluation text"),
         (parent_file / "b", False, "is a file, not a folder"),
@@ -275,14 +277,11 @@ def test_a_swap_cut_between_its_two_renames_is_put_back(tmp_path):
     done = outdir.recover(tmp_path / "b")
     assert (tmp_path / "b" / "manifest.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and len(done) == 2
-    legacy = tmp_path / ".b.k3j9x_2q"  # a partial bundle of a version before staging folders had names
-    legacy.mkdir(mode=0o700)
-    (legacy / "model.onnx").write_bytes(b"half")
-    keep = tmp_path / ".b.notes123"  # the user's hidden folder of the same shape is not ours: kept
+    keep = tmp_path / ".b.backup_1"  # a user's hidden folder beside --out, even one shaped like a bundle: kept
     keep.mkdir(mode=0o700)
-    (keep / "diary.txt").write_text("mine")
+    (keep / "recipe.json").write_text("{}")
     outdir.recover(tmp_path / "b")
-    assert not legacy.exists() and (keep / "diary.txt").is_file()
+    assert (keep / "recipe.json").is_file()
     assert outdir.stage(tmp_path / "c").stat().st_mode & 0o777 == 0o755
 
 
