@@ -182,9 +182,12 @@ def transforms_applied(model: torch.nn.Module, spec: ArchSpec, transforms: list[
 
 
 def fold_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Fold a recipe's scaling map into the fp model in place (norm weights, linear columns)."""
+    """Fold a recipe's rescaling (once; ``qublast.rescale``) and scaling map into the fp model in
+    place (norm weights and epsilons, linear columns)."""
+    from . import rescale
     from .errors import RecipeError
 
+    rescale.apply(model, spec, recipe.get("model", {}).get("rescale"))
     for block, layer in zip(recipe["blocks"], blocks_of(model, spec)):
         smooth = {}
         for producer in block.get("smooth", []):

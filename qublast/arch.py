@@ -44,6 +44,12 @@ class ArchSpec:
     logits_multiplier: str | None = None  # config attribute the model multiplies lm_head's output by
     kept: tuple[tuple[str, str], ...] = ()  # (parameter, why it is not quantized)
     bulk: tuple[str, ...] = ()  # the linears holding most of a block's weights: a mixed format's low-precision part
+    # Where the residual stream is written and read (``qublast.rescale``; empty: not rescalable, an fp16
+    # overflow stays refused): modules whose output is added to it, norms that read it (the final norm aside),
+    # and the (up, down) pair of a gated MLP whose product act(gate) * up can move a factor into down.
+    residual_writers: tuple[str, ...] = ()
+    residual_readers: tuple[str, ...] = ()
+    up_down: tuple[str, str] | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -56,6 +62,9 @@ _ATTN_O = LinearGroup(("self_attn.o_proj",))
 _MLP_DOWN = LinearGroup(("mlp.down_proj",), "mlp.up_proj")
 
 _GATED_MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
+_LLAMA_RESIDUAL = {"residual_writers": ("self_attn.o_proj", "mlp.down_proj"),
+                   "residual_readers": ("input_layernorm", "post_attention_layernorm"), "up_down": ("mlp.up_proj", "mlp.down_proj")}
+_MAMBA_RESIDUAL = {"residual_writers": ("mixer.out_proj",), "residual_readers": ("norm",)}
 _LLAMA_LIKE = (
     _ATTN_QKV,
     _ATTN_O,
@@ -69,14 +78,14 @@ _SSM_KEPT = (
 )
 _MAMBA = ArchSpec(
     "mamba", blocks="backbone.layers", embed="backbone.embeddings", final_norm="backbone.norm_f", kind="ssm",
-    bulk=("mixer.in_proj",),
+    bulk=("mixer.in_proj",), **_MAMBA_RESIDUAL,
     groups=(LinearGroup(("mixer.in_proj",), "norm"), LinearGroup(("mixer.x_proj",)), LinearGroup(("mixer.out_proj",))),
     kept=(*_SSM_KEPT, ("mixer.dt_proj", "not called as a Linear (weight @ dt before softplus); sets the step size of "
                                         "exp(A dt), and is 2% of the block's weights")),
 )
 _MAMBA2 = ArchSpec(
     "mamba2", blocks="backbone.layers", embed="backbone.embeddings", final_norm="backbone.norm_f", kind="ssm",
-    bulk=("mixer.in_proj",),
+    bulk=("mixer.in_proj",), **_MAMBA_RESIDUAL,
     groups=(LinearGroup(("mixer.in_proj",), "norm"), LinearGroup(("mixer.out_proj",), "mixer.norm")),
     kept=_SSM_KEPT,
 )
@@ -92,14 +101,17 @@ _FALCON_H1 = ArchSpec(
     ),
     embed_multiplier="embedding_multiplier", logits_multiplier="lm_head_multiplier",
     bulk=("feed_forward.gate_proj", "feed_forward.up_proj"),
+    # the muP multipliers scale these outputs linearly, so a factor folded into the weights commutes with them
+    residual_writers=("self_attn.o_proj", "mamba.out_proj", "feed_forward.down_proj"),
+    residual_readers=("input_layernorm", "pre_ff_layernorm"), up_down=("feed_forward.up_proj", "feed_forward.down_proj"),
     kept=(("mamba.conv1d", "depthwise causal conv"), ("mamba.A_log, mamba.D, mamba.dt_bias", "the recurrence's parameters")),
 )
 
 REGISTRY: dict[str, ArchSpec] = {
-    "llama": ArchSpec("llama", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN),
-    "mistral": ArchSpec("mistral", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN),
-    "qwen2": ArchSpec("qwen2", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN),
-    "qwen3": ArchSpec("qwen3", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN),
+    "llama": ArchSpec("llama", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN, **_LLAMA_RESIDUAL),
+    "mistral": ArchSpec("mistral", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN, **_LLAMA_RESIDUAL),
+    "qwen2": ArchSpec("qwen2", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN, **_LLAMA_RESIDUAL),
+    "qwen3": ArchSpec("qwen3", groups=_LLAMA_LIKE, bulk=_GATED_MLP_IN, **_LLAMA_RESIDUAL),
     "gemma3_text": ArchSpec(
         "gemma3_text",
         groups=(
@@ -110,6 +122,9 @@ REGISTRY: dict[str, ArchSpec] = {
         ),
         norm_weight_offset=1.0,
         bulk=_GATED_MLP_IN,
+        residual_writers=("post_attention_layernorm", "post_feedforward_layernorm"),  # (1 + w) * norm(sublayer output)
+        residual_readers=("input_layernorm", "pre_feedforward_layernorm"),
+        up_down=("mlp.up_proj", "mlp.down_proj"),
     ),
     "mamba": _MAMBA,
     "mamba2": _MAMBA2,

@@ -191,7 +191,9 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     candidates = ("fp16", *sorted(set(fixed) - {"fp16"})) if fixed else cfg.candidates
     _check_fits(layers, spec, target, candidates, fixed)
     embed_choices, head_choices = cfg.vocab_choices()
-    runner = _runner(model, spec, sens, target, log)
+    if cfg.mode in ("target_size", "blocks_size") and not fixed:  # an unreachable budget costs no sweep
+        _size_budget(model, spec, target, _byte_options(model, spec, target, candidates, embed_choices, head_choices), cfg)
+    runner = _runner(model, spec, sens, target, model_info, log)
     fingerprint = _fingerprint(model_info, sens, cfg)
     journal = cfg.cache_dir / f"sensitivity-{fingerprint[:16]}.jsonl"
     log(f"sensitivity on target {target.name}: {len(layers)} blocks x {len(candidates) - 1} formats, embedding "
@@ -241,15 +243,35 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     return recipe, tensors
 
 
-def _runner(model, spec, sens: np.ndarray, target, log) -> BlockRunner:
-    """The sweep's runner; for an fp16 graph, first check the fp model's activations fit fp16."""
+def _runner(model, spec, sens: np.ndarray, target, model_info: dict, log) -> BlockRunner:
+    """The sweep's runner. For an fp16 graph the fp model's activations must fit fp16: where they do
+    not, the model is rescaled exactly (``qublast.rescale``; the factors go to ``model_info``) and
+    measured again; what rescaling cannot bring within fp16's headroom is refused, by name."""
+    from . import rescale
+
     with PeakRecorder(model) as peaks:
         runner = BlockRunner(model, spec, torch.from_numpy(sens))
-    if target.graph_dtype == "float16":
-        reason = fp16_overflow(peaks.summary())
-        if reason:
-            raise InputError(f"{reason} (target {target.name}); the model cannot be deployed as an fp16 graph")
-        log(f"fp16 range: largest activation {peaks.summary()['max']:.4g} ({peaks.summary()['where']})")
+    if target.graph_dtype != "float16":
+        return runner
+    before = peaks.summary()
+    factors = rescale.choose(peaks.peaks, spec, len(blocks_of(model, spec))) if fp16_overflow(before) else None
+    if factors:
+        del runner
+        rescale.apply(model, spec, factors)
+        with PeakRecorder(model) as peaks:
+            runner = BlockRunner(model, spec, torch.from_numpy(sens))
+        model_info["rescale"] = {**factors, "peak_before": before["max"], "where_before": before["where"],
+                                 "peak_after": peaks.summary()["max"], "where_after": peaks.summary()["where"]}
+        log(f"fp16 range: {before['where']} reaches {before['max']:.4g}; residual stream divided by {factors['residual']:g}"
+            + (f", gated products by {sorted(set(factors['up_down'].values()))} in {len(factors['up_down'])} blocks" if factors["up_down"] else "")
+            + f" (exact: qublast.rescale) -> largest activation {peaks.summary()['max']:.4g} ({peaks.summary()['where']})")
+    reason = fp16_overflow(peaks.summary())
+    if reason:
+        fix = "" if factors else ("" if rescale.supported(spec) else f"; {spec.name} has no rescaling entry in the registry")
+        raise InputError(f"{reason} (target {target.name}{', after rescaling' if factors else ''}){fix}; "
+                         f"the model cannot be deployed as an fp16 graph")
+    if not factors:
+        log(f"fp16 range: largest activation {before['max']:.4g} ({before['where']})")
     return runner
 
 
@@ -350,6 +372,13 @@ def _solve_size(model, spec, target, options, cfg: CalibConfig) -> tuple[Plan, i
 
     ``--target-size`` counts the whole deployed model (knapsack units plus the norms and other
     small tensors); ``--blocks-size`` the block linears alone (the vocabulary unit is pinned)."""
+    units, budget, offset = _size_budget(model, spec, target, options, cfg)
+    return solve_for_size(units, budget - offset), budget
+
+
+def _size_budget(model, spec, target, options, cfg: CalibConfig) -> tuple[list, int, int]:
+    """(units, budget bytes, bytes outside the units) of a size mode; ``BudgetError`` when even the
+    smallest model exceeds the budget (needs only the options' bytes: checked before the sweep too)."""
     if cfg.mode == "blocks_size":
         units = options[:-1] + [options[-1][:1]]
         reference = sum(fp16_bytes(layer.get_submodule(name)) for layer in blocks_of(model, spec) for name in spec.linears)
@@ -362,7 +391,15 @@ def _solve_size(model, spec, target, options, cfg: CalibConfig) -> tuple[Plan, i
     if smallest > budget:
         raise BudgetError(f"size budget {fraction} x fp16 ({budget} bytes, {what}) is below the smallest {what} on target "
                           f"{target.name}: {smallest} bytes = {smallest / reference:.4f} x fp16")
-    return solve_for_size(units, budget - offset), budget
+    return units, budget, offset
+
+
+def _byte_options(model, spec, target, candidates, embed_choices, head_choices) -> list[list[Choice]]:
+    """``_options`` without losses: what each unit's formats cost in bytes (known before any measurement)."""
+    options = [[Choice(f, block_bytes(layer, spec, f, target), 0.0) for f in candidates] for layer in blocks_of(model, spec)]
+    options.append([Choice(vocab_option(e, h), vocab_bytes(model, spec, target, embed=e, head=h), 0.0)
+                    for e in embed_choices for h in head_choices])
+    return options
 
 
 def _costs(costs: dict, table, vocab_table) -> dict:
@@ -397,6 +434,9 @@ JOURNAL_FORMATS = ("fp16", "w8a8", "w8", "w4")
 def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
     digest = hashlib.sha256()
     digest.update(model_info["weight_sha256"].encode())
+    if model_info.get("rescale"):  # the sweep measured the rescaled model
+        rescale = model_info["rescale"]
+        digest.update(repr((rescale["residual"], sorted(rescale["up_down"].items()))).encode())
     digest.update(np.ascontiguousarray(sens).tobytes())
     digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method, cfg.target, JOURNAL_FORMATS, sorted(cfg.quantizers),
                         cfg.act_order, cfg.gptq_windows if "gptq" in cfg.quantizers else None)).encode())

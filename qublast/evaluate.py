@@ -71,8 +71,9 @@ class PeakRecorder:
     """Largest |output| of every sub-module while the context is open (forward hooks).
 
     ``peaks`` maps module path -> max |x| over everything the model computed: what an fp16 graph
-    must hold without overflowing (module outputs: linears, norms, activations, whole blocks,
-    i.e. the residual stream).
+    must hold without overflowing: module outputs (linears, norms, activations, whole blocks, i.e.
+    the residual stream) and, as ``"PATH (input)"``, module inputs (the residual inside a block
+    where a norm reads it, the gated product act(gate) * up where ``down_proj`` reads it).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -82,6 +83,7 @@ class PeakRecorder:
         for name, module in self.model.named_modules():
             if name:
                 self._handles.append(module.register_forward_hook(self._hook(name)))
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(f"{name} (input)")))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -96,6 +98,13 @@ class PeakRecorder:
                 self.peaks[name] = max(self.peaks.get(name, 0.0), float(out.detach().abs().max()))
 
         return hook
+
+    def _input_hook(self, name: str):
+        def pre_hook(_module, args):
+            if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and args[0].numel():
+                self.peaks[name] = max(self.peaks.get(name, 0.0), float(args[0].detach().abs().max()))
+
+        return pre_hook
 
     def summary(self, *, top: int = 5) -> dict:
         """``{"max", "where", "top": [[path, peak], ...]}`` for the recipe."""

@@ -142,8 +142,20 @@ def _peaks(recipe: dict) -> list[str]:
     peaks = recipe["calibration"].get("activation_peaks") or {}
     if not peaks:
         return []
-    return [f"Largest activation of the deployed model on calibration text: {peaks['max']:.4g} at {peaks['where']} "
-            f"(fp16 holds up to 65504; an fp16 graph is refused above half of it).", ""]
+    lines = [f"Largest activation of the deployed model on calibration text: {peaks['max']:.4g} at {peaks['where']} "
+             f"(fp16 holds up to 65504; an fp16 graph is refused above half of it).", ""]
+    factors = recipe["model"].get("rescale")
+    if factors:
+        up = factors.get("up_down") or {}
+        lines[-1:-1] = [
+            f"Rescaled for fp16 (exact, `qublast.rescale`): the fp model reached {factors['peak_before']:.4g} at "
+            f"{factors['where_before']}; the residual stream is divided by {factors['residual']:g} (embedding, residual "
+            f"writers, tied head; norm epsilons / {factors['residual'] ** 2:g})"
+            + (f", and act(gate) * up by {', '.join(f'{t:g} in block {b}' for b, t in sorted(up.items(), key=lambda kv: int(kv[0])))} "
+               f"(moved into down_proj)" if up else "")
+            + f". Largest fp activation after: {factors['peak_after']:.4g} at {factors['where_after']}, "
+            f"{65504 / factors['peak_after']:.1f}x below fp16's largest value."]
+    return lines
 
 
 def _vocab_lines(recipe: dict) -> list[str]:
