@@ -20,6 +20,7 @@ import torch
 from qublast.apply import fold_recipe, recipe_codes
 from qublast.errors import GraphError
 from qublast.evaluate import fp16_overflow
+from qublast.files import naming
 from qublast.formats import block_size_for, embed_format
 from qublast.quant import quantize_with_scale
 from qublast.recipe import block_linears, quantized_linears
@@ -52,20 +53,16 @@ def export_bundle_graph(model, spec, recipe: dict, tensors: dict, work: Path, ta
         f"{'inputs_embeds' if outside else 'input_ids'})")
     want = _TORCH_FLOAT[target.graph_dtype]
     graph_model = copy.deepcopy(model).to(want) if next(model.parameters()).dtype != want else model
-    try:
+    with naming(raw / "model.onnx"):  # the exporter's writer names no file on a failed write
         proto = onnx_export.export_onnx(graph_model, raw / "model.onnx", embeds=outside, kind=spec.kind)
-    except OSError as exc:  # the exporter's writer names no file: name the graph it was writing
-        raise OSError(exc.errno, exc.strerror or str(exc), exc.filename or str(raw / "model.onnx")) from exc
     del graph_model
     node_modules = onnx_export.linear_modules(proto)
     final = _qdq(model, spec, recipe, tensors, raw / "model.onnx", node_modules, target, tied_in_graph=not outside)
     if target.engine == "tensorrt":
         check_trt_legal(final, graph_dtype=target.graph_dtype)
-    try:
+    with naming(work / "model.onnx"):
         onnx.save(final, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                   location="model.onnx.data")
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror or str(exc), exc.filename or str(work / "model.onnx")) from exc
     onnx.checker.check_model(str(work / "model.onnx"))
     shutil.rmtree(raw)
     saved = onnx.load(str(work / "model.onnx"), load_external_data=False)

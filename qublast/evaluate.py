@@ -65,6 +65,7 @@ def ce_shift(after: np.ndarray, before: np.ndarray) -> Shift:
 
 FP16_MAX = 65504.0
 FP16_HEADROOM = 2.0  # an fp16 graph is refused when a calibration peak exceeds FP16_MAX / FP16_HEADROOM
+INPUT = " (input)"  # PeakRecorder's suffix for a module's input
 
 
 class PeakRecorder:
@@ -83,7 +84,7 @@ class PeakRecorder:
         for name, module in self.model.named_modules():
             if name:
                 self._handles.append(module.register_forward_hook(self._hook(name)))
-                self._handles.append(module.register_forward_pre_hook(self._input_hook(f"{name} (input)")))
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(f"{name}{INPUT}")))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,7 +31,7 @@ import torch
 
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
-from .evaluate import FP16_HEADROOM, FP16_MAX
+from .evaluate import FP16_HEADROOM, FP16_MAX, INPUT
 
 LIMIT = FP16_MAX / FP16_HEADROOM
 _APPLIED = "_qublast_rescale"  # set on a model once its factors are folded: applying twice would rescale twice
@@ -55,9 +55,6 @@ def residual_peak(peaks: dict[str, float], spec: ArchSpec, num_blocks: int) -> t
     names += [f"{r}{INPUT}" for r in readers]
     found = [(peaks[n], n) for n in names if n in peaks]
     return max(found) if found else (0.0, None)
-
-
-INPUT = " (input)"  # PeakRecorder's suffix for a module's input
 
 
 def choose(peaks: dict[str, float], spec: ArchSpec, num_blocks: int) -> dict | None:
@@ -106,11 +103,6 @@ def apply(model: torch.nn.Module, spec: ArchSpec, factors: dict | None) -> None:
     setattr(model, _APPLIED, dict(factors))
 
 
-def applied(model: torch.nn.Module) -> dict | None:
-    """The factors folded into ``model`` (None: not rescaled)."""
-    return getattr(model, _APPLIED, None)
-
-
 def _scale_output(root: torch.nn.Module, path: str, factor: float, offset: float) -> None:
     """Multiply the output of the linear or norm at ``path`` under ``root`` by ``factor``.
 
@@ -142,7 +134,7 @@ class GainNorm(torch.nn.Module):
 
     @classmethod
     def of(cls, norm: torch.nn.Module, factor: float, offset: float) -> GainNorm:
-        eps = next(getattr(norm, a) for a in ("variance_epsilon", "eps", "epsilon") if isinstance(getattr(norm, a, None), float))
+        eps = getattr(norm, _eps_attr(norm))
         gain = (norm.weight.detach().float() + offset) * factor
         return cls(gain.to(norm.weight.dtype), eps)
 
@@ -153,8 +145,13 @@ class GainNorm(torch.nn.Module):
 
 
 def _scale_eps(norm: torch.nn.Module, factor: float) -> None:
+    attr = _eps_attr(norm)
+    setattr(norm, attr, getattr(norm, attr) * factor)
+
+
+def _eps_attr(norm: torch.nn.Module) -> str:
+    """The name under which a norm module keeps its epsilon (transformers' families differ)."""
     for attr in ("variance_epsilon", "eps", "epsilon"):
         if isinstance(getattr(norm, attr, None), float):
-            setattr(norm, attr, getattr(norm, attr) * factor)
-            return
+            return attr
     raise TypeError(f"{type(norm).__name__} has no epsilon attribute to rescale")

@@ -314,9 +314,9 @@ def _read_journal(path: Path, fingerprint: str) -> dict[tuple[int, str], Sensiti
 
 
 def _write(log, record: dict) -> None:
-    try:
+    from .files import naming
+
+    with naming(log.name):  # a full disk: name the journal (a line cut short is dropped on resume)
         log.write(json.dumps(record) + "\n")
         log.flush()
         os.fsync(log.fileno())
-    except OSError as exc:  # a full disk: name the journal (a line cut short is dropped on resume)
-        raise OSError(exc.errno, exc.strerror, log.name) from exc
