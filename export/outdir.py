@@ -73,21 +73,53 @@ def occupant(out: Path) -> str | None:
         return None
     if not out.is_dir():
         return "is a file, not a bundle folder"
-    entries = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
-    if not entries and not any(out.iterdir()):
-        return None
+    try:
+        if not any(out.iterdir()):
+            return None
+    except OSError as exc:
+        return f"is a folder this process cannot read ({exc.strerror})"
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         listed = manifest_names(manifest) if manifest.get("format") == BUNDLE_FORMAT else None
     except (OSError, ValueError, AttributeError, TypeError):
         listed = None
     if listed is None:
-        return f"is a folder that is not a QuBLAST bundle ({len(entries)} files)"
+        return f"is a folder that is not a QuBLAST bundle ({_count_files(out)})"
+    entries = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
     extra = [e for e in entries if e != MANIFEST and e not in listed and not device_built(e)]
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         return f"is a bundle holding files its manifest does not list ({shown})"
     return None
+
+
+def _count_files(folder: Path, limit: int = 1000) -> str:
+    """"N files", counting no further than ``limit`` (a home folder is not walked to the end)."""
+    count = 0
+    for _root, _dirs, files in os.walk(folder):
+        count += len(files)
+        if count > limit:
+            return f"over {limit} files"
+    return f"{count} files"
+
+
+def new_parents(out: Path) -> list[Path]:
+    """The folders above ``out`` that do not exist yet, nearest first (``stage`` makes them)."""
+    missing = []
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def remove_new_parents(made: list[Path]) -> None:
+    """Remove the folders ``new_parents`` listed, when a failed run left them empty."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else wrote there) or gone: leave it
+            return
 
 
 def stage(out: Path) -> Path:

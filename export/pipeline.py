@@ -24,7 +24,7 @@ from qublast.arch import arch_for
 from qublast.calibrate import CalibConfig, calibrate
 from qublast.device import placed, torch_dtype
 from qublast.errors import GraphError, InputError
-from qublast.files import atomic_write_text, remove_stale_temps
+from qublast.files import atomic_write_text, remove_stale_temps, safetensors_loads
 from qublast.formats import get_target
 from qublast.models import (
     ModelSource,
@@ -46,11 +46,13 @@ from qublast.recipe import (
 from runtime.bundle import MANIFEST, manifest_for
 from runtime.embedding import FILE as TABLE_FILE
 from runtime.embedding import EmbeddingTable
+from runtime.generate import check_threads
 from runtime.session import OrtModel
 from runtime.targets import TARGETS
 
 from . import engine, graph, outdir, sizes
 
+DEFAULT_CONTEXT = 2048
 RUN_RECORD = "run.json"  # wall times and memory of the run that made the bundle (differ run to run)
 
 
@@ -69,7 +71,7 @@ class ExportConfig:
     eval_dataset: str | None = None
     seqlen: int = 512
     max_eval_windows: int | None = None
-    context: int = 2048
+    context: int | None = None  # the TensorRT profiles' longest sequence (None: DEFAULT_CONTEXT or the positions)
     threads: int | None = None
     trust_remote_code: bool = False
     overwrite: bool = False  # --out may replace a file or a folder that is not a bundle
@@ -84,10 +86,12 @@ class ExportConfig:
             raise InputError(f"--seqlen must be >= 2, got {self.seqlen}")
         if self.max_eval_windows is not None and self.max_eval_windows < 1:
             raise InputError(f"--max-eval-windows must be >= 1, got {self.max_eval_windows}")
-        if self.context < 2:
+        if self.context is not None and self.context < 2:
             raise InputError(f"--context must be >= 2, got {self.context}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {self.threads}")
+        try:
+            check_threads(self.threads)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class Inputs:
     eval_src: qtext.TextSource
     calib_src: qtext.TextSource | None  # None: the recipe decides
     recipe: dict | None
+    context: int  # the TensorRT profiles' longest sequence
 
 
 def log(message: str) -> None:
@@ -115,13 +120,18 @@ def run(cfg: ExportConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     for line in outdir.recover(inputs.out):
         log(line)
-    staged = outdir.stage(inputs.out)
+    made = outdir.new_parents(inputs.out)
     try:
-        _build(cfg, inputs, staged)
-        staged.chmod(0o755)
-        outdir.swap_into_place(staged, inputs.out)
+        staged = outdir.stage(inputs.out)
+        try:
+            _build(cfg, inputs, staged)
+            staged.chmod(0o755)
+            outdir.swap_into_place(staged, inputs.out)
+        except BaseException:
+            outdir.remove(staged)
+            raise
     except BaseException:
-        outdir.remove(staged)
+        outdir.remove_new_parents(made)
         raise
     log(f"bundle written: {inputs.out}")
     return inputs.out
@@ -137,27 +147,45 @@ def preflight(cfg: ExportConfig) -> Inputs:
     positions = max_positions(config)
     target = get_target(cfg.target)
     lengths = [("--seqlen", cfg.seqlen)] + ([] if cfg.recipe else [("--calib-seqlen", cfg.calib.seqlen)])
-    lengths += [("--context", cfg.context)] if target.engine == "tensorrt" else []
+    lengths += [("--context", cfg.context)] if cfg.context is not None else []
     for flag, value in lengths:
         if positions is not None and value > positions:
             raise InputError(f"{flag} {value} is beyond the model's {positions} positions")
     local = {"model": (Path(source.path) / source.gguf_file) if source.is_gguf else
              (Path(source.path) if Path(source.path).is_dir() else None),
-             "recipe": cfg.recipe, "calibration text": cfg.calib_text, "evaluation text": cfg.eval_text,
-             "cache": cfg.calib.cache_dir}
+             "recipe": cfg.recipe, "recipe's scales": Path(cfg.recipe).with_name("scales.safetensors") if cfg.recipe else None,
+             "calibration text": cfg.calib_text, "evaluation text": cfg.eval_text,
+             "embedded texts": qtext.embedded_folder(), "cache": cfg.calib.cache_dir}
     out = outdir.check_out(cfg.out, overwrite=cfg.overwrite, inputs=local)
+    blocks = getattr(config, "num_hidden_layers", None)
     recipe = None
     if cfg.recipe:
         recipe = read_recipe(cfg.recipe)
         check_target(recipe, target)
-        if not Path(cfg.recipe).with_name("scales.safetensors").is_file():
+        made_for = recipe["model"]
+        if (blocks, getattr(config, "model_type", None)) != (made_for.get("num_blocks"), made_for.get("model_type")):
+            raise InputError(f"--recipe {cfg.recipe} is for a {made_for.get('model_type')} model of "
+                             f"{made_for.get('num_blocks')} blocks; this one is {config.model_type} with {blocks}")
+        scales = Path(cfg.recipe).with_name("scales.safetensors")
+        if not scales.is_file():
             raise InputError(f"--recipe {cfg.recipe}: scales.safetensors is not beside it")
+        if not safetensors_loads(scales):
+            raise InputError(f"--recipe {cfg.recipe}: {scales} is damaged (it does not load)")
+    elif blocks is not None:
+        cfg.calib.fixed_formats(blocks)  # --formats: one per block
     eval_src = qtext.eval_text(path=cfg.eval_text, dataset=cfg.eval_dataset)
+    qtext.check_length(eval_src, "evaluation text", 1, cfg.seqlen, "one window of --seqlen")
     calib_src = None if cfg.recipe else qtext.calib_text(path=cfg.calib_text, dataset=cfg.calib_dataset)
-    if calib_src is not None and not cfg.allow_test_calibration:
-        qtext.check_disjoint(calib_src, eval_src)
+    if calib_src is not None:
+        counts = [("--calib-windows", cfg.calib.sens_windows), ("--holdout-windows", cfg.calib.holdout_windows)]
+        counts += [("--gptq-windows", cfg.calib.gptq_windows)] if "gptq" in cfg.calib.quantizers else []
+        qtext.check_length(calib_src, "calibration text", sum(n for _, n in counts), cfg.calib.seqlen,
+                           " + ".join(f"{flag} {n}" for flag, n in counts) + " of --calib-seqlen")
+        if not cfg.allow_test_calibration:
+            qtext.check_disjoint(calib_src, eval_src)
     _check_cache(cfg.calib.cache_dir)
-    return Inputs(out, source, positions, eval_src, calib_src, recipe)
+    context = cfg.context or min(DEFAULT_CONTEXT, positions or DEFAULT_CONTEXT)
+    return Inputs(out, source, positions, eval_src, calib_src, recipe, context)
 
 
 def _check_cache(cache: Path) -> None:
@@ -204,7 +232,7 @@ def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
     record["timings"] = timings
     recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": len(windows),
                             "graph_optimization_level": "ORT_ENABLE_ALL", "ort_session": dict(target.ort_session)}
-    _write_bundle(cfg, work, recipe, scales, tokenizer, record)
+    _write_bundle(cfg, inputs, work, recipe, scales, tokenizer, record)
 
 
 def _recipe_and_scales(cfg: ExportConfig, inputs: Inputs, model, spec, tokenizer, info) -> tuple[dict, dict]:
@@ -296,7 +324,7 @@ def _cached_fp_ppl(model, windows: np.ndarray, info: dict, cache_dir: Path) -> f
     return ppl
 
 
-def _write_bundle(cfg, work: Path, recipe: dict, scales: dict, tokenizer, record: dict) -> None:
+def _write_bundle(cfg, inputs: Inputs, work: Path, recipe: dict, scales: dict, tokenizer, record: dict) -> None:
     from qublast.report import write_report
 
     from .build_engine import embeds_width, graph_layout, read_graph
@@ -306,11 +334,11 @@ def _write_bundle(cfg, work: Path, recipe: dict, scales: dict, tokenizer, record
     write_tensors(scales, work / "scales.safetensors")
     tokenizer.save_pretrained(str(work / "tokenizer"))
     proto = read_graph(work / "model.onnx")
-    shapes = engine.profiles(graph_layout(proto), context=cfg.context, hidden=embeds_width(proto))
+    shapes = engine.profiles(graph_layout(proto), context=inputs.context, hidden=embeds_width(proto))
     if get_target(cfg.target).engine == "tensorrt":
         script = work / "build_engine.sh"
         script.write_text(engine.build_script(shapes))
-        (work / "engine_profiles.json").write_text(json.dumps({"target": cfg.target, "context": cfg.context, "shapes": shapes}, indent=1))
+        (work / "engine_profiles.json").write_text(json.dumps({"target": cfg.target, "context": inputs.context, "shapes": shapes}, indent=1))
     atomic_write_text(work / RUN_RECORD, json.dumps(record, indent=1) + "\n")
     write_report(recipe, work, run=record)
     (work / MANIFEST).write_text(json.dumps(manifest_for(work, recipe_version=recipe["version"]), indent=1) + "\n")

@@ -127,7 +127,7 @@ class CalibConfig:
         if self.holdout_windows < 2:
             raise InputError(f"--holdout-windows must be >= 2 (the repair bound needs a spread), got {self.holdout_windows}")
         if not 0 < self.safety <= 1:
-            raise InputError(f"safety must be in (0, 1], got {self.safety}")
+            raise InputError(f"--safety must be in (0, 1], got {self.safety}")
 
     @property
     def mode(self) -> str:

@@ -79,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
                                                   "blocks move there one at a time")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="the model's dtype during calibration (default float32; float16 suits the Jetson fp16 graph)")
-    p.add_argument("--context", type=int, default=2048, help="max context for the TensorRT profiles")
+    p.add_argument("--context", type=int, help="longest sequence the TensorRT engine's profiles take "
+                                               "(default: 2048 or the model's positions if fewer)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qublast")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 
         _check_recipe_flags(p, argv, args)
         run(config_from_args(args))
+    except KeyboardInterrupt:
+        _fail(f"interrupted (Ctrl-C); {args.out} is as it was")
+        return 130
     except QublastError as exc:
         _fail(str(exc))
         return 2

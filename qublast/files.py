@@ -25,7 +25,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # e.g. a folder in the way: name the file, not the temporary one
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -68,4 +71,17 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's live process
         return True
+    return True
+
+
+def safetensors_loads(path: str | Path) -> bool:
+    """True when ``path`` is a safetensors file whose every tensor loads (a truncated one does not)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        return False
     return True

@@ -53,6 +53,8 @@ def resolve_source(model: str | None, *, trust_remote_code: bool = False) -> Mod
     """Turn ``--model`` (None, a .gguf file, a local directory or a hub id) into a source."""
     if model is None:
         return default_source()
+    if not model.strip():
+        raise InputError("--model is empty; give a .gguf file, a model folder or a hub id (or leave it out for the default)")
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -60,7 +62,7 @@ def resolve_source(model: str | None, *, trust_remote_code: bool = False) -> Mod
         return ModelSource(model, str(path.resolve().parent), path.name, trust_remote_code)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise InputError(f"{model} is a directory without config.json")
+            raise InputError(f"--model {model} is a folder without config.json")
         return ModelSource(model, str(path.resolve()), None, trust_remote_code)
     if path.exists():
         raise InputError(f"{model} is neither a .gguf file nor a model directory")

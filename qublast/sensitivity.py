@@ -28,6 +28,7 @@ from .blocks import BlockRunner, Score
 from .compensate import gptq_transform
 from .formats import embed_format, get_format
 from .mapsearch import block_error, search_transform
+from .files import safetensors_loads
 from .quant import QuantizedWeight
 from .vocab import VocabTransform, gptq_head, head_importance, score_vocab
 
@@ -282,35 +283,54 @@ def _score(runner: BlockRunner, index: int, hidden, t: BlockTransform) -> Score:
 
 
 def _read_journal(path: Path, fingerprint: str) -> dict[tuple[int, str], Sensitivity]:
-    """Entries of a journal written for ``fingerprint``; another run's journal is set aside."""
+    """Entries of a journal written for ``fingerprint``; another run's journal, or one damaged
+    anywhere (bytes, JSON, field types, a codes file that does not load), is set aside and
+    everything is measured again."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         return {}
-    raw = path.read_text(encoding="utf-8")
-    if raw and not raw.endswith("\n"):  # a line cut by a kill: drop it before appending
-        raw = raw[: raw.rfind("\n") + 1]
-        path.write_text(raw, encoding="utf-8")
-    lines = raw.splitlines()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):  # a line cut by a kill: drop it before appending
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
     try:
+        lines = data.decode("utf-8").splitlines()
         header = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        header = {}
-    if header.get("fingerprint") != fingerprint or header.get("version") != JOURNAL_VERSION:
-        os.replace(path, path.with_suffix(".stale"))
-        path.touch()
-        return {}
-    done = {}
-    try:
+        if not isinstance(header, dict) or header.get("fingerprint") != fingerprint \
+                or header.get("version") != JOURNAL_VERSION:
+            raise ValueError("another run's journal")
+        done = {}
         for line in lines[1:]:
-            entry = Sensitivity(**json.loads(line))
-            if entry.codes_file is None or Path(entry.codes_file).is_file():  # else measure it again
+            entry = _entry(json.loads(line))
+            if entry.codes_file is None or safetensors_loads(entry.codes_file):  # else measure it again
                 done[(entry.block, entry.format)] = entry
-    except (json.JSONDecodeError, TypeError):  # damaged inside: set it aside, measure again
+    except (ValueError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         os.replace(path, path.with_suffix(".stale"))
         path.touch()
         return {}
     return done
+
+
+_NUMBER = (int, float)
+_FIELD_TYPES = {"block": (int, str), "format": str, "dce": _NUMBER, "kl": _NUMBER, "alpha": dict,
+                "block_err": _NUMBER, "block_err_unscaled": (*_NUMBER, type(None)),
+                "dce_unscaled": (*_NUMBER, type(None)), "kl_unscaled": (*_NUMBER, type(None)), "scaled": bool,
+                "smooth": (dict, type(None)), "act_scales": (dict, type(None)), "importance": (dict, type(None)),
+                "quantizer": str, "codes_file": (str, type(None)), "seconds": _NUMBER, "gptq_seconds": _NUMBER}
+
+
+def _entry(obj) -> Sensitivity:
+    """One journal line as a Sensitivity; TypeError when a field is missing, unknown or of the wrong type."""
+    if not isinstance(obj, dict):
+        raise TypeError("journal entry is not an object")
+    for name, value in obj.items():
+        types = _FIELD_TYPES.get(name)
+        if types is None or not isinstance(value, types) or (isinstance(value, bool) and types is _NUMBER):
+            raise TypeError(f"journal field {name!r}")
+    if isinstance(obj["block"], str) and obj["block"] not in VOCAB_UNITS:
+        raise TypeError("journal block")
+    return Sensitivity(**obj)
 
 
 def _write(log, record: dict) -> None:

@@ -97,6 +97,18 @@ def eval_windows(ids: np.ndarray, seqlen: int, *, max_windows: int | None = None
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
+def check_length(src: TextSource, what: str, windows: int, seqlen: int, needed: str) -> None:
+    """Refuse, before any tokenizer runs, a text that cannot give ``windows`` windows of ``seqlen``
+    tokens: a token covers at least one byte (byte-level BPE, SentencePiece byte fallback), so
+    fewer bytes than tokens needed (beside a few added ones) is too short whatever the tokenizer."""
+    size = len(src.text.encode("utf-8"))
+    if not src.text.strip():
+        raise InputError(f"{what} {src.label} is empty")
+    if size + 8 < windows * seqlen:
+        raise InputError(f"{what} {src.label} has {size} bytes, fewer than the {windows * seqlen} tokens "
+                         f"of {needed}")
+
+
 def calib_windows(ids: np.ndarray, seqlen: int, counts: tuple[int, ...], *, seed: int) -> tuple[np.ndarray, ...]:
     """Disjoint sets of seeded random non-overlapping windows, one ``[count, seqlen]`` array per count."""
     slots = len(ids) // seqlen
@@ -122,6 +134,11 @@ def _read(path: str) -> str:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"text file is not UTF-8: {path}") from exc
+
+
+def embedded_folder() -> Path:
+    """The folder of the texts shipped with QuBLAST (an input --out must never replace)."""
+    return Path(str(resources.files("qublast.data")))
 
 
 def _embedded(name: str) -> str:

@@ -63,6 +63,12 @@ def manifest_names(manifest: dict) -> set[str]:
     return set(manifest.get("files", {})) | set(manifest.get("records", []))
 
 
+def _inside(name) -> bool:
+    """A manifest name is a relative path inside the bundle."""
+    parts = Path(name).parts if isinstance(name, str) else ()
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
 def verify(bundle: str | Path) -> dict:
     """Check the manifest against the files; returns the parsed recipe."""
     bundle = Path(bundle)
@@ -72,13 +78,18 @@ def verify(bundle: str | Path) -> dict:
         manifest = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{bundle} has no {MANIFEST}: not a QuBLAST bundle, or written half") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{bundle / MANIFEST} is corrupt: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") not in READABLE_BUNDLE_VERSIONS:
         found = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
         raise BundleError(f"{bundle}: unsupported bundle format {found[0]!r} v{found[1]!r}")
-    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("records", []), list):
+    files, records = manifest.get("files"), manifest.get("records", [])
+    if not isinstance(files, dict) or not isinstance(records, list):
         raise BundleError(f"{bundle / MANIFEST} is corrupt: no file table")
+    bad = [n for n, h in files.items() if not (_inside(n) and isinstance(h, str))]
+    bad += [n for n in records if not isinstance(n, str) or n not in RECORDS]  # a record is never a model file
+    if bad:
+        raise BundleError(f"{bundle / MANIFEST} is corrupt: entry {bad[0]!r}")
     if manifest.get("recipe_version") not in SUPPORTED_RECIPE_VERSIONS:
         raise BundleError(f"{bundle}: recipe version {manifest.get('recipe_version')!r} is not supported by this runtime")
     for name, expected in manifest["files"].items():
@@ -156,6 +167,9 @@ def open_bundle(path: str | Path, *, backend: str = "ort", threads: int | None =
         from .trt_session import TrtModel
 
         plan = path / "model.plan"
+        if not (path / "build_engine.sh").is_file():
+            raise BundleError(f"{path} was made for target {recipe.get('target', {}).get('name')!r}, which runs on "
+                              f"ONNX Runtime: use --backend ort (export with --target jetson for a TensorRT engine)")
         if not plan.is_file():
             raise BundleError(f"{path} has no model.plan: build it on this device with {path / 'build_engine.sh'}")
         model = TrtModel(str(plan), embedding=table)

@@ -6,6 +6,7 @@ prints the continuation as it is produced.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +24,14 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if not (self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1) or not np.isfinite(self.temperature):
-            raise ValueError("temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
 
 
 def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
@@ -32,7 +39,7 @@ def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator)
     if sampling.temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / sampling.temperature
-    if sampling.top_k:
+    if 0 < sampling.top_k < len(z):  # a top-k as large as the vocabulary keeps every token
         kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
         z = np.where(z < kth, -np.inf, z)
     probs = np.exp(z - z.max())
@@ -74,9 +81,14 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
 
 
 def check_threads(threads: int | None) -> None:
-    """``--threads``: None (the runtime's default) or a positive count."""
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    """``--threads``: None (the runtime's default) or a count from 1 to 4 x the machine's CPUs
+    (beyond that each thread's stack and arena only cost memory)."""
+    cpus = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= 4 * cpus:
+        raise ValueError(f"--threads must be from 1 to {4 * cpus} (4 x this machine's {cpus} CPUs), got {threads}")
+
+
+INTERRUPTED = "interrupted (Ctrl-C)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
+    started = False  # text is on stdout: an error starts a line of its own
     try:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -108,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         ids = generate_ids(bundle.model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=(eos,) if eos is not None else ())
         for piece in stream_text(bundle.tokenizer, ids):
             print(piece, end="", flush=True)
+            started = True
         print()
     except (BundleError, ValueError, RuntimeError, OSError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
-        print(f"qublast: error: {exc}", file=sys.stderr)
+        print(f"\nqublast: error: {exc}" if started else f"qublast: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nqublast: error: {INTERRUPTED}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -41,7 +41,10 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> dict:
 
 def wikitext_text(path: str | Path) -> str:
     """The evaluation text of a WikiText raw file (same protocol as qublast.text.eval_text)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"text file is not UTF-8: {path} (byte {exc.start})") from None
     return "\n\n".join("" if not line.strip() else line.rstrip("\n") + "\n" for line in lines)
 
 
@@ -55,7 +58,7 @@ def windows(ids: list[int], seqlen: int, *, max_windows: int | None = None) -> n
 
 def main(argv: list[str] | None = None) -> int:
     from .bundle import BundleError, open_bundle
-    from .generate import check_threads
+    from .generate import INTERRUPTED, check_threads
 
     p = argparse.ArgumentParser(prog="python -m runtime.perplexity", description="Perplexity of a text through a QuBLAST bundle.")
     p.add_argument("--bundle", required=True)
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, ValueError, RuntimeError, OSError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
         print(f"qublast: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"qublast: error: {INTERRUPTED}", file=sys.stderr)
+        return 130
     recorded = bundle.recipe["metrics"].get("ppl_quant_ort")
     print(f"PPL {result['ppl']:.4f} over {result['tokens']} predicted tokens ({result['seconds']:.1f} s, backend {args.backend})")
     if recorded:

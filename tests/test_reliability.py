@@ -65,8 +65,14 @@ def _tiny_gguf(path: Path) -> None:
 
 
 EXPORT_REFUSALS = [
-    (["--threads", "-1"], "--threads must be >= 1, got -1"),
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "-1"], "--threads must be from 1 to"),
+    (["--threads", "0"], "--threads must be from 1 to"),
+    (["--threads", "100000"], "x this machine's"),
+    (["--model", ""], "--model is empty"),
+    (["--safety", "2"], "--safety must be in (0, 1], got 2.0"),
+    (["--formats", "w8,w8,w8"], "--formats gives 3 formats for a model with 2 blocks"),
+    (["--calib-windows", "5000"], "fewer than the"),
+    (["--target", "cpu", "--context", "4096"], "--context 4096 is beyond the model's 256 positions"),
     (["--calib-windows", "0"], "--calib-windows must be >= 1, got 0"),
     (["--target", "jetson", "--context", "0"], "--context must be >= 2, got 0"),
     (["--seqlen", "300"], "--seqlen 300 is beyond the model's 256 positions"),
@@ -83,9 +89,58 @@ EXPORT_REFUSALS = [
 @pytest.mark.parametrize("extra, message", EXPORT_REFUSALS, ids=[" ".join(e) or "empty" for e, _ in EXPORT_REFUSALS])
 def test_bad_flags_refused_before_any_work(tiny_model_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "x"
-    assert main(["--model", str(tiny_model_dir), *ARGS, *extra, "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 2
+    model = [] if "--model" in extra else ["--model", str(tiny_model_dir)]
+    args = ARGS[:-2] if "--formats" in extra else ARGS  # --formats takes the budget's place
+    assert main([*model, *args, *extra, "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 2
     assert message in _error_line(capsys)
     assert not out.exists() and not _strays(tmp_path, "x")
+
+
+def test_bad_files_refused_before_any_work(first, tiny_model_dir, tmp_path, capsys):
+    """Texts and a recipe that cannot serve are refused from the files alone, before the model loads."""
+    empty, short, latin1 = tmp_path / "empty.txt", tmp_path / "short.txt", tmp_path / "latin1.txt"
+    empty.write_text(" \n\n")
+    short.write_text("A few words.\n")
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 500)
+    recipe = tmp_path / "r" / "recipe.json"
+    shutil.copytree(first, recipe.parent)
+    data = json.loads(recipe.read_text())
+    data["model"]["num_blocks"] = 3
+    data["blocks"].append(dict(data["blocks"][-1], index=2))
+    recipe.write_text(json.dumps(data))
+    damaged = tmp_path / "d" / "recipe.json"
+    shutil.copytree(first, damaged.parent)
+    scales = damaged.with_name("scales.safetensors")
+    scales.write_bytes(scales.read_bytes()[:-16])
+    cases = [
+        (["--calib-text", str(empty)], f"calibration text file:{empty} is empty"),
+        (["--eval-text", str(empty)], f"evaluation text file:{empty} is empty"),
+        (["--calib-text", str(short)], f"calibration text file:{short} has 13 bytes, fewer than the"),
+        (["--calib-text", str(latin1)], f"text file is not UTF-8: {latin1}"),
+        (["--recipe", str(recipe)], "is for a llama model of 3 blocks; this one is llama with 2"),
+        (["--recipe", str(damaged)], f"{scales} is damaged (it does not load)"),
+        (["--recipe", str(first / "recipe.json"), "--out", str(first / "scales.safetensors"), "--overwrite"],
+         "is the recipe's scales"),
+    ]
+    for extra, message in cases:
+        flags = ["--target", "cpu", "--seqlen", "32"] if "--recipe" in extra else ARGS
+        out = [] if "--out" in extra else ["--out", str(tmp_path / "x")]
+        assert main(["--model", str(tiny_model_dir), *flags, *extra, *out, "--cache-dir", str(tmp_path / "c")]) == 2, extra
+        assert message in _error_line(capsys), extra
+    assert not (tmp_path / "x").exists() and verify(first)
+
+
+def test_interrupt_is_one_line_and_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from export import pipeline
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_recipe_and_scales", ctrl_c)
+    out = tmp_path / "new" / "deeper" / "b"
+    assert main(["--model", str(tiny_model_dir), *ARGS, "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 130
+    assert f"interrupted (Ctrl-C); {out} is as it was" in _error_line(capsys, before_work=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no staging, no folder made for --out
 
 
 def test_recipe_with_a_budget_flag_is_refused(first, tiny_model_dir, tmp_path, capsys):
@@ -285,15 +340,22 @@ def test_a_swap_cut_between_its_two_renames_is_put_back(tmp_path):
     assert outdir.stage(tmp_path / "c").stat().st_mode & 0o777 == 0o755
 
 
-def test_runtime_bad_input_is_one_line(first, capsys):
+def test_runtime_bad_input_is_one_line(first, tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
     cases = [
         (rgen, ["--prompt", "The", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
         (rgen, ["--prompt", "The", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
         (rgen, ["--prompt", "The", "--max-new-tokens", "41000"], "plus --max-new-tokens 41000 is"),
         (rgen, ["--prompt", "The lobster " * 200], "more than this bundle's context of 256"),
         (rgen, ["--prompt", ""], "the prompt has no tokens"),
-        (rgen, ["--prompt", "The", "--threads", "0"], "--threads must be >= 1, got 0"),
-        (rgen, ["--prompt", "The", "--temperature", "nan"], "temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required"),
+        (rgen, ["--prompt", "The", "--threads", "0"], "--threads must be from 1 to"),
+        (rgen, ["--prompt", "The", "--threads", "100000"], "--threads must be from 1 to"),
+        (rgen, ["--prompt", "The", "--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+        (rgen, ["--prompt", "The", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (rgen, ["--prompt", "The", "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (rgen, ["--prompt", "The", "--backend", "trt"], "which runs on ONNX Runtime: use --backend ort"),
+        (rppl, ["--text", str(latin1)], f"text file is not UTF-8: {latin1}"),
         (rppl, ["--text", TEST_EXCERPT, "--seqlen", "300"], "--seqlen 300 is 300 tokens, more than this bundle's context of 256"),
         (rppl, ["--text", TEST_EXCERPT, "--seqlen", "1"], "--seqlen must be >= 2, got 1"),
         (rppl, ["--text", TEST_EXCERPT, "--max-windows", "0"], "--max-windows must be >= 1, got 0"),

@@ -1,14 +1,16 @@
 """The sensitivity journal: resume, set aside another run's journal, drop a line cut by a kill."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import pytest
 import torch
 
 from qublast.arch import ArchSpec, LinearGroup
 from qublast.blocks import Score
 from qublast.formats import get_target
-from qublast.sensitivity import JOURNAL_VERSION, Sensitivity, _read_journal, sweep
+from qublast.sensitivity import _FIELD_TYPES, JOURNAL_VERSION, Sensitivity, _read_journal, sweep
 
 FP = "fp-abc"
 CPU = get_target("cpu")
@@ -93,6 +95,41 @@ def test_header_cut_by_a_kill_starts_afresh(tmp_path):
     path.write_text(_header()[:10])
     assert _read_journal(path, FP) == {}
     assert path.read_text() == ""
+
+
+@pytest.mark.parametrize("damaged", [
+    b"[1, 2]\n",  # a header that is JSON but not an object
+    b"\xff\xfe not utf-8\n",
+    _header().encode() + b'{"block": "3", "format": "w8", "dce": 0.1, "kl": 0.1}\n',  # a block name no unit has
+    _header().encode() + b'{"block": 0, "format": "w8", "dce": "0.1", "kl": 0.1}\n',  # a number as a string
+    _header().encode() + b'{"block": 0, "format": "w8", "dce": true, "kl": 0.1}\n',
+    _header().encode() + b'{"block": 0, "format": "w8", "dce": 0.1, "kl": 0.1, "extra": 1}\n',
+    _header().encode() + b'{"block": 0, "format": "w8", "dce": 0.1}\n',  # a field missing
+    _header().encode() + b'[0, "w8", 0.1, 0.1]\n',
+])
+def test_damaged_journal_is_set_aside(tmp_path, damaged):
+    path = tmp_path / "sens.jsonl"
+    path.write_bytes(damaged)
+    assert _read_journal(path, FP) == {}
+    assert path.with_suffix(".stale").read_bytes() == damaged and path.read_bytes() == b""
+
+
+def test_every_field_has_a_checked_type():
+    assert {f.name for f in dataclasses.fields(Sensitivity)} == set(_FIELD_TYPES)
+
+
+def test_truncated_codes_file_is_measured_again(tmp_path):
+    from safetensors.torch import save_file
+
+    codes = tmp_path / "sens.codes" / "0-w4.safetensors"
+    codes.parent.mkdir()
+    save_file({"lin.q": torch.zeros(8, 32, dtype=torch.int8), "lin.scale": torch.ones(8, 1)}, str(codes))
+    path = tmp_path / "sens.jsonl"
+    row = {"block": 0, "format": "w4", "dce": 0.1, "kl": 0.1, "quantizer": "gptq", "codes_file": str(codes)}
+    path.write_text(_header() + json.dumps(row) + "\n" + _entry(1, "w4", 0.2, 0.2))
+    assert set(_read_journal(path, FP)) == {(0, "w4"), (1, "w4")}
+    codes.write_bytes(codes.read_bytes()[:-40])  # a kill or a full disk cut it
+    assert set(_read_journal(path, FP)) == {(1, "w4")}  # block 0 is measured again, the rest kept
 
 
 # ---- sweep with a stand-in runner (no model): the journal is written and resumed ----------
