@@ -17,18 +17,17 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from tqdm import tqdm
-
 import torch
+from tqdm import tqdm
 
 from runtime.targets import Target
 
 from .apply import BlockTransform, block_transformed
 from .blocks import BlockRunner, Score
 from .compensate import gptq_transform
+from .files import safetensors_loads
 from .formats import embed_format, get_format
 from .mapsearch import block_error, search_transform
-from .files import safetensors_loads
 from .quant import QuantizedWeight
 from .vocab import VocabTransform, gptq_head, head_importance, score_vocab
 

@@ -10,7 +10,13 @@ import torch
 from qublast.arch import ArchSpec, LinearGroup
 from qublast.blocks import Score
 from qublast.formats import get_target
-from qublast.sensitivity import _FIELD_TYPES, JOURNAL_VERSION, Sensitivity, _read_journal, sweep
+from qublast.sensitivity import (
+    _FIELD_TYPES,
+    JOURNAL_VERSION,
+    Sensitivity,
+    _read_journal,
+    sweep,
+)
 
 FP = "fp-abc"
 CPU = get_target("cpu")
