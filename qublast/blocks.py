@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from .arch import ArchSpec
 
+REF_CACHE_BYTES = 1 << 30  # BlockRunner keeps the fp log-probabilities up to this size
+
 
 def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
     """Sub-module at a dotted path."""
@@ -54,7 +56,11 @@ class BlockRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.first_hidden, self.layer_kwargs = self._capture()
         self.final_hidden = self.run_from(0, self.first_hidden)  # [N, S, H], the fp model's
-        self.ref_logprobs = [torch.log_softmax(logits, dim=-1) for logits in self.logit_chunks(self.final_hidden)]
+        vocab = get_module(model, spec.lm_head).out_features
+        # the fp log-probabilities KL compares with: kept when small, else recomputed per score
+        # (8 windows of 512 over a 152k vocabulary would hold 5 GB)
+        self.ref_logprobs = ([torch.log_softmax(logits, dim=-1) for logits in self.logit_chunks(self.final_hidden)]
+                             if ids.numel() * vocab * 4 <= REF_CACHE_BYTES else None)
         self.fp_score = self.score(self.final_hidden)
 
     @torch.no_grad()
@@ -138,7 +144,8 @@ class BlockRunner:
             targets = self.ids[start : start + logits.shape[0], 1:]  # [c, S-1]
             logprobs = torch.log_softmax(logits, dim=-1)
             ce_sum += F.nll_loss(logprobs[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
-            ref = self.ref_logprobs[k]
+            ref = self.ref_logprobs[k] if self.ref_logprobs is not None else torch.log_softmax(
+                next(self.logit_chunks(self.final_hidden[start : start + self.chunk])), dim=-1)
             kl_sum += (ref.exp() * (ref - logprobs)).sum().item()
             count += targets.numel()
         n_positions = self.ids.numel()

@@ -31,7 +31,7 @@ from .entries import block_entries, target_entry, vocab_entries
 from .reconstruct import WindowCache, reconstruct
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
 from .scaling import ALPHA_GRID, RANGE_METHODS
-from .sensitivity import sweep
+from .sensitivity import ESTIMATES, sweep
 from .sizes import block_bytes, fp16_bytes, predicted_sizes, rest_bytes, vocab_bytes
 from .vocab import VocabTransform, head_importance
 
@@ -78,6 +78,7 @@ class CalibConfig:
     device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
     dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
     spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)
+    sweep: str = "fisher"  # a block's end-to-end loss: fisher (one backward pass, linear in depth) or full (run to the logits)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 
     def __post_init__(self):
@@ -124,6 +125,8 @@ class CalibConfig:
             raise InputError(f"--calib-windows must be >= 1, got {self.sens_windows}")
         if self.seed < 0:
             raise InputError(f"--seed must be >= 0, got {self.seed}")
+        if self.sweep not in ESTIMATES:
+            raise InputError(f"--sweep must be one of {', '.join(ESTIMATES)}, got {self.sweep!r}")
         if self.holdout_windows < 2:
             raise InputError(f"--holdout-windows must be >= 2 (the repair bound needs a spread), got {self.holdout_windows}")
         if not 0 < self.safety <= 1:
@@ -203,7 +206,7 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     table, vocab_table = sweep(runner, target, candidates, journal=journal, fingerprint=fingerprint, scaling=cfg.scaling,
                                range_method=cfg.range_method, vocab={"embed": embed_choices, "lm_head": head_choices},
                                quantizers=cfg.quantizers, act_order=cfg.act_order,
-                               fit=runner.embed(torch.from_numpy(fit[0])) if gptq else None)
+                               fit=runner.embed(torch.from_numpy(fit[0])) if gptq else None, estimate=cfg.sweep, progress=log)
     costs = {"sweep_s": time.perf_counter() - started, "sweep_runs": len(candidates) - 1, "blocks": len(layers)}
     importance = head_importance(runner)
     del runner
@@ -423,6 +426,7 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
         "quantizers": list(cfg.quantizers), "act_order": cfg.act_order, "gptq_windows": cfg.gptq_windows,
         "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps, "device": cfg.device, "dtype": cfg.dtype,
+        "sweep": cfg.sweep,
     }
 
 
@@ -440,4 +444,6 @@ def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
     digest.update(np.ascontiguousarray(sens).tobytes())
     digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method, cfg.target, JOURNAL_FORMATS, sorted(cfg.quantizers),
                         cfg.act_order, cfg.gptq_windows if "gptq" in cfg.quantizers else None)).encode())
+    if cfg.sweep != "full":  # journals of full sweeps keep their fingerprint
+        digest.update(repr(("sweep", cfg.sweep)).encode())
     return digest.hexdigest()

@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--spend-tries", type=int, default=4,
                    help="--max-ppl-increase: measurements spent moving to smaller plans while the held-out bound "
                         "leaves room (two-sided repair; 0 repairs upward only)")
+    p.add_argument("--sweep", default="fisher", choices=("fisher", "full"),
+                   help="how the sensitivity sweep finds a block's end-to-end loss: fisher (default; from one backward "
+                        "pass of the fp model, cost linear in the depth) or full (runs every later block to the logits "
+                        "per measurement, cost quadratic in the depth)")
     p.add_argument("--quantizers", default="rtn,gptq",
                    help="quantizers the sweep tries per block and format, the lower block output error kept: rtn, gptq "
                         "(default both)")
@@ -91,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
 RECIPE_DECIDES = ("max_ppl_increase", "target_size", "blocks_size", "uniform", "formats", "lm_head", "embeddings",
                   "candidates", "calib_text", "calib_dataset", "calib_seqlen", "calib_windows", "holdout_windows", "seed",
                   "safety", "no_scaling", "range_method", "alloc_loss", "spend_tries", "quantizers", "no_act_order",
-                  "gptq_windows", "reconstruct", "reconstruct_steps", "allow_test_calibration")
+                  "gptq_windows", "reconstruct", "reconstruct_steps", "allow_test_calibration", "sweep")
 
 
 def given(p: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
@@ -138,7 +142,7 @@ def config_from_args(args: argparse.Namespace):
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
         quantizers=_names("--quantizers", args.quantizers), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,
         reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps, device=args.device, dtype=args.dtype,
-        spend_tries=args.spend_tries,
+        spend_tries=args.spend_tries, sweep=args.sweep,
     )
     return ExportConfig(
         out=args.out, target=args.target, model=args.model, recipe=args.recipe, calib=calib,

@@ -33,6 +33,7 @@ from .vocab import VocabTransform, gptq_head, head_importance, score_vocab
 
 JOURNAL_VERSION = 5
 VOCAB_UNITS = ("embed", "lm_head")
+ESTIMATES = ("fisher", "full")  # how a block's end-to-end loss is found (sweep's ``estimate``)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Sensitivity:
     codes_file: str | None = None  # gptq: safetensors file with each linear's codes and scales
     seconds: float = field(default=0.0, compare=False)  # wall time of this measurement (search, GPTQ, scoring)
     gptq_seconds: float = field(default=0.0, compare=False)  # of which GPTQ (Hessians and solves)
+    estimated: bool = False  # dCE and KL predicted from output gradients (qublast.fisher), not run to the logits
 
     def transform(self, target: Target) -> BlockTransform:
         """The block transform this row measured, with the format as ``target`` stores it."""
@@ -75,11 +77,15 @@ class Sensitivity:
 def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,
           scaling: bool = True, range_method: str = "mse", vocab: dict[str, tuple[str, ...]] | None = None,
           quantizers: tuple[str, ...] = ("rtn",), act_order: bool = True, fit: torch.Tensor | None = None,
+          estimate: str = "full", progress=None,
           ) -> tuple[list[dict[str, Sensitivity]], dict[str, dict[str, Sensitivity]]]:
     """Measure every (block, candidate) and every (vocab unit, format) of ``vocab``
     (``{"embed": formats, "lm_head": formats}``); returns one ``{format: Sensitivity}`` per block
     and per vocab unit, fp16 rows included. ``fit`` [M, S, H]: block 0's input on GPTQ's windows
-    (needed when ``quantizers`` has "gptq"), advanced through the fp blocks with the sweep."""
+    (needed when ``quantizers`` has "gptq"), advanced through the fp blocks with the sweep.
+    ``estimate``: "full" scores a block's dCE and KL by running every later block to the logits;
+    "fisher" predicts them from the output gradients of one backward pass (``qublast.fisher``),
+    so the sweep's cost grows linearly with the depth."""
     if "gptq" in quantizers and fit is None:
         raise ValueError("GPTQ needs its calibration windows (fit)")
     done = _read_journal(journal, fingerprint)
@@ -87,6 +93,16 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
     vocab = {unit: tuple(f for f in formats if f != "fp16") for unit, formats in (vocab or {}).items()}
     todo = [(i, f) for i in range(len(layers)) for f in candidates if f != "fp16" and (i, f) not in done]
     todo += [(u, f) for u, formats in vocab.items() for f in formats if (u, f) not in done]
+    if estimate not in ESTIMATES:
+        raise ValueError(f"unknown estimate {estimate!r}; known: {', '.join(ESTIMATES)}")
+    grads = None
+    if estimate == "fisher" and any(isinstance(key[0], int) for key in todo):
+        from .fisher import output_gradients
+
+        started = time.perf_counter()
+        grads = output_gradients(runner)
+        if progress:
+            progress(f"output gradients of the fp model for the estimate: {time.perf_counter() - started:.1f} s")
     bar = tqdm(total=len(todo), desc="sensitivity", unit="run", file=sys.stderr, disable=not todo)
     with open(journal, "a", encoding="utf-8") as log:
         if journal.stat().st_size == 0:
@@ -103,14 +119,17 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
         hidden, fit_index = runner.first_hidden, 0  # fit has gone through blocks < fit_index
         for index in range(len(layers)):
             hessians = _LazyHessians(runner, index, fit)  # one collection serves every format and map of the block
+            pending = any(name != "fp16" and (index, name) not in done for name in candidates)
+            out_fp = runner.run_block(index, hidden) if grads is not None and pending else None
+            scorer = _Estimated(runner, index, hidden, out_fp, grads) if out_fp is not None else None
             for name in candidates:
                 if name != "fp16":
                     record((index, name), lambda: _measure(
                         runner, index, hidden, get_format(name, target), scaling=scaling, range_method=range_method,
                         quantizers=quantizers, act_order=act_order, fit=fit, codes_dir=journal.with_suffix(".codes"),
-                        hessians=hessians))
+                        hessians=hessians, scorer=scorer))
             if _needs_later(done, index + 1, len(layers), candidates):  # else nothing reads the later hidden states
-                hidden = runner.run_block(index, hidden)
+                hidden = out_fp if out_fp is not None else runner.run_block(index, hidden)
                 if fit is not None and "gptq" in quantizers:
                     fit, fit_index = runner.run_block_chunked(index, fit), index + 1
         importance = head_importance(runner) if vocab.get("lm_head") else None
@@ -124,6 +143,19 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
                                                             codes_dir=journal.with_suffix(".codes")))
     bar.close()
     return _table(done, len(layers), candidates), _vocab_table(done, vocab)
+
+
+class _Estimated:
+    """Scores of block ``index`` transformed, predicted from the fp output gradients (``qublast.fisher``)."""
+
+    def __init__(self, runner: BlockRunner, index: int, hidden, out_fp, grads):
+        self.runner, self.index, self.hidden, self.out_fp, self.grads = runner, index, hidden, out_fp, grads
+
+    def __call__(self, t: BlockTransform) -> Score:
+        with block_transformed(self.runner.layers[self.index], self.runner.spec, t):
+            out = self.runner.run_block(self.index, self.hidden)
+        dce, kl = self.grads.estimate(self.index, out - self.out_fp)
+        return Score(ce=self.runner.fp_score.ce + dce, kl=kl)
 
 
 def _needs_later(done: dict, start: int, num_blocks: int, candidates) -> bool:
@@ -199,7 +231,7 @@ class _LazyHessians:
 
 def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, range_method: str,
              quantizers: tuple[str, ...] = ("rtn",), act_order: bool = True, fit=None, codes_dir: Path | None = None,
-             hessians: _LazyHessians | None = None) -> Sensitivity:
+             hessians: _LazyHessians | None = None, scorer=None) -> Sensitivity:
     """Search the map, pick each side's quantizer, score the map and the map off, keep the lower dCE.
 
     Each side (the map's transform, the map off) takes the quantizer of ``quantizers`` with the
@@ -212,9 +244,13 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
         mapped, mapped_err = (off, off_err) if mapped is off or not scaling else _quantizer(
             runner, index, hidden, fit, mapped, quantizers, act_order=act_order, hessians=base)
     gptq_seconds = time.perf_counter() - gptq_start
-    off_score = _score(runner, index, hidden, off)
-    mapped_score = off_score if mapped is off else _score(runner, index, hidden, mapped)
-    scaled = mapped is not off and mapped_score.ce < off_score.ce
+    score = scorer or (lambda t: _score(runner, index, hidden, t))
+    off_score = score(off)
+    mapped_score = off_score if mapped is off else score(mapped)
+    # full scores decide by dCE; estimated ones by KL, which the estimate predicts to second order
+    # (its dCE lacks CE's curvature through the later blocks: qublast.fisher)
+    key = (lambda s: s.kl) if scorer is not None else (lambda s: s.ce)
+    scaled = mapped is not off and key(mapped_score) < key(off_score)
     t, err, score = (mapped, mapped_err, mapped_score) if scaled else (off, off_err, off_score)
     fp_ce = runner.fp_score.ce
     codes_file = _save_codes(t.codes, codes_dir / f"block{index}-{fmt.name}.safetensors") if t.codes else None
@@ -223,7 +259,7 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
         dce_unscaled=off_score.ce - fp_ce, kl_unscaled=off_score.kl, scaled=scaled,
         smooth={k: v.tolist() for k, v in t.smooth.items()}, act_scales=dict(t.act_scales),
         importance={k: v.tolist() for k, v in t.importance.items()}, quantizer=t.quantizer, codes_file=codes_file,
-        gptq_seconds=gptq_seconds,
+        gptq_seconds=gptq_seconds, estimated=scorer is not None,
     )
 
 
@@ -316,7 +352,8 @@ _FIELD_TYPES = {"block": (int, str), "format": str, "dce": _NUMBER, "kl": _NUMBE
                 "block_err": _NUMBER, "block_err_unscaled": (*_NUMBER, type(None)),
                 "dce_unscaled": (*_NUMBER, type(None)), "kl_unscaled": (*_NUMBER, type(None)), "scaled": bool,
                 "smooth": (dict, type(None)), "act_scales": (dict, type(None)), "importance": (dict, type(None)),
-                "quantizer": str, "codes_file": (str, type(None)), "seconds": _NUMBER, "gptq_seconds": _NUMBER}
+                "quantizer": str, "codes_file": (str, type(None)), "seconds": _NUMBER, "gptq_seconds": _NUMBER,
+                "estimated": bool}
 
 
 def _entry(obj) -> Sensitivity:

@@ -1,0 +1,87 @@
+"""The sweep's linear-cost estimate (qublast.fisher): it predicts a block change's end-to-end KL
+and dCE on every architecture, and the sweep using it runs a constant number of block forwards
+per block whatever the depth (the full measurement's count grows with it)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qublast.arch import arch_for
+from qublast.blocks import BlockRunner
+from qublast.fisher import output_gradients
+from qublast.formats import get_target
+from qublast.sensitivity import sweep
+from tests.tiny import VOCAB, tiny_model
+
+ARCHS = ["llama", "qwen2", "gemma3_text", "mamba", "falcon_h1"]
+
+
+def _ids(n=4, seqlen=24, seed=0):
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_estimate_predicts_a_small_block_change(model_type):
+    """A weight of block 0 moved a little: the predicted KL matches running the model, and so does
+    the first-order part of dCE (the symmetric difference of a move and its opposite cancels the
+    curvature of CE, which the estimate's Gauss-Newton term does not hold)."""
+    model = tiny_model(model_type)
+    spec = arch_for(model.config.model_type)
+    runner = BlockRunner(model, spec, _ids())
+    grads = output_gradients(runner, samples=64)
+    linear = runner.layers[0].get_submodule(spec.linears[-1])
+    out_fp = runner.run_block(0, runner.first_hidden)
+    original = linear.weight.clone()
+    noise = torch.randn(original.shape, generator=torch.Generator().manual_seed(1)) * original.std()
+
+    def moved(step):
+        try:
+            linear.weight.add_(noise * step)
+            out = runner.run_block(0, runner.first_hidden)
+            return out - out_fp, runner.score(runner.run_from(1, out))
+        finally:
+            linear.weight.copy_(original)
+
+    delta, full = moved(0.3)
+    _dce, kl = grads.estimate(0, delta)
+    assert full.kl > 1e-6 and kl == pytest.approx(full.kl, rel=0.3)
+    (up, up_full), (down, down_full) = moved(0.05), moved(-0.05)
+    first = (grads.estimate(0, up)[0] - grads.estimate(0, up)[1] - grads.estimate(0, down)[0] + grads.estimate(0, down)[1]) / 2
+    measured = (up_full.ce - down_full.ce) / 2
+    assert abs(measured) > 1e-7 and first == pytest.approx(measured, rel=0.3)
+
+
+def _block_forwards(layers: int, estimate: str, tmp_path) -> int:
+    model = tiny_model("llama", layers=layers)
+    runner = BlockRunner(model, arch_for("llama"), _ids(n=2, seqlen=16))
+    calls = 0
+    forward = runner.block_forward
+
+    def counted(index, hidden):
+        nonlocal calls
+        calls += 1
+        return forward(index, hidden)
+
+    runner.block_forward = counted
+    table, _ = sweep(runner, get_target("cpu"), ("fp16", "w4"), journal=tmp_path / f"{layers}-{estimate}.jsonl",
+                     fingerprint="f", scaling=False, estimate=estimate)
+    assert all(row["w4"].estimated == (estimate == "fisher") for row in table)
+    return calls
+
+
+def test_fisher_sweep_cost_grows_linearly_with_depth(tmp_path):
+    fisher = {n: _block_forwards(n, "fisher", tmp_path) for n in (2, 6)}
+    full = {n: _block_forwards(n, "full", tmp_path) for n in (2, 6)}
+    assert fisher[6] / 6 == pytest.approx(fisher[2] / 2, abs=1)  # the same per block at any depth
+    assert full[6] / 6 > full[2] / 2 + 1  # every measurement runs the later blocks
+
+
+def test_fisher_rows_keep_the_lower_kl_of_map_and_map_off(tmp_path):
+    model = tiny_model("llama")
+    runner = BlockRunner(model, arch_for("llama"), _ids())
+    table, _ = sweep(runner, get_target("cpu"), ("fp16", "w8", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f",
+                     estimate="fisher")
+    for row in table:
+        for kept in (row["w8"], row["w4"]):
+            assert kept.estimated and 0 <= kept.kl <= kept.kl_unscaled  # the estimate decides by KL
+        assert row["w4"].kl > row["w8"].kl  # fewer bits, more loss
