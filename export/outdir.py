@@ -5,7 +5,8 @@ Rules (a user's files are never lost):
 - ``--out`` may name nothing yet, an empty folder, or a QuBLAST bundle (a ``manifest.json`` of
   the bundle format that lists every file the folder holds, engine plans built on the device
   aside). A file, a symbolic link or any other folder is replaced only with ``--overwrite``.
-- Never, not even with ``--overwrite``: the current directory or a folder above it, and any
+- Never, not even with ``--overwrite``: the current directory, the home folder or a folder above
+  either, and any
   input of the run (the model, a recipe, the texts, the cache) or a folder above one.
 - The bundle is assembled in ``.NAME.qublast-PID`` beside ``--out`` (mode 0755) and swapped
   into place in one step (``renameat2(RENAME_EXCHANGE)`` on Linux); what was at ``--out``
@@ -47,16 +48,19 @@ def check_out(out: Path, *, overwrite: bool, inputs: dict[str, str | Path | None
     if not out.name or out == Path(out.anchor):
         raise InputError(f"--out {out} is a file system root; name a folder for the bundle")
     cwd = Path.cwd().resolve()
-    if _within(cwd, out):
+    if within(cwd, out):
         raise InputError(f"--out {out} {'is' if cwd == out else 'holds'} the current directory; name a folder for the bundle")
+    home = Path.home().resolve()
+    if within(home, out):
+        raise InputError(f"--out {out} {'is' if home == out else 'holds'} your home folder; name a folder for the bundle")
     for what, path in inputs.items():
         if path is None:
             continue
         names = {absolute(Path(path)), Path(path).expanduser().resolve()}  # as given, and links followed
-        if any(_within(p, out) for p in names):
+        if any(within(p, out) for p in names):
             raise InputError(f"--out {out} {'is' if out in names else 'holds'} the {what} ({path}); "
                              f"write the bundle elsewhere")
-        if any(n.is_dir() and _within(out, n) for n in names):  # a file of a model folder, or the cache's
+        if any(n.is_dir() and within(out, n) for n in names):  # a file of a model folder, or the cache's
             raise InputError(f"--out {out} is inside the {what} ({path}); write the bundle elsewhere")
     reason = occupant(out)
     if reason and not overwrite:
@@ -178,7 +182,7 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _within(path: Path, folder: Path) -> bool:
+def within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 

@@ -23,12 +23,14 @@ from qublast import text as qtext
 from qublast.arch import arch_for
 from qublast.calibrate import CalibConfig, calibrate
 from qublast.device import placed, torch_dtype
-from qublast.errors import GraphError, InputError
+from qublast.errors import GraphError, InputError, QublastError
 from qublast.files import atomic_write_text, remove_stale_temps, safetensors_loads
 from qublast.formats import get_target
 from qublast.models import (
     ModelSource,
     check_gguf,
+    check_safetensors,
+    hf_home,
     load_config,
     load_model,
     max_positions,
@@ -151,17 +153,31 @@ def preflight(cfg: ExportConfig) -> Inputs:
     for flag, value in lengths:
         if positions is not None and value > positions:
             raise InputError(f"{flag} {value} is beyond the model's {positions} positions")
-    local = {"model": (Path(source.path) / source.gguf_file) if source.is_gguf else
-             (Path(source.path) if Path(source.path).is_dir() else None),
+    if cfg.recipe is not None and not Path(cfg.recipe).is_file():
+        raise InputError(f"--recipe {cfg.recipe} is {'a folder' if Path(cfg.recipe).is_dir() else 'not found'}; "
+                         f"give the recipe.json of a bundle")
+    model_dir = Path(source.path) if not source.is_gguf and Path(source.path).is_dir() else None
+    if model_dir is not None:
+        check_safetensors(model_dir)
+    local = {"model": (Path(source.path) / source.gguf_file) if source.is_gguf else model_dir,
+             "Hugging Face cache": None if source.is_gguf or model_dir is not None else hf_home(),
              "recipe": cfg.recipe, "recipe's scales": Path(cfg.recipe).with_name("scales.safetensors") if cfg.recipe else None,
              "calibration text": cfg.calib_text, "evaluation text": cfg.eval_text,
              "embedded texts": qtext.embedded_folder(), "cache": cfg.calib.cache_dir}
     out = outdir.check_out(cfg.out, overwrite=cfg.overwrite, inputs=local)
+    cache = outdir.absolute(cfg.calib.cache_dir)
+    for what in ("model", "Hugging Face cache", "embedded texts"):
+        if local[what] is not None and outdir.within(cache, outdir.absolute(Path(local[what]))):
+            raise InputError(f"--cache-dir {cfg.calib.cache_dir} is inside the {what} ({local[what]}); "
+                             f"keep the cache elsewhere")
     blocks = getattr(config, "num_hidden_layers", None)
     recipe = None
     if cfg.recipe:
-        recipe = read_recipe(cfg.recipe)
-        check_target(recipe, target)
+        try:
+            recipe = read_recipe(cfg.recipe)
+            check_target(recipe, target)
+        except QublastError as exc:
+            raise InputError(f"--recipe {cfg.recipe}: {exc}") from exc
         made_for = recipe["model"]
         if (blocks, getattr(config, "model_type", None)) != (made_for.get("num_blocks"), made_for.get("model_type")):
             raise InputError(f"--recipe {cfg.recipe} is for a {made_for.get('model_type')} model of "

@@ -108,6 +108,33 @@ def given(p: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
     return out
 
 
+def _check_values(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
+    """Every value written in ``argv`` is non-empty and valid UTF-8; one source per text."""
+    for i, token in enumerate(argv):
+        name, eq, value = token.partition("=")
+        action = p._option_string_actions.get(name) if token.startswith("--") else None
+        if action is None or action.nargs == 0:
+            continue
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        if value is None:
+            continue
+        if not value.strip():
+            raise InputError(f"{name} is empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{name} {value!r} is not valid UTF-8") from None
+    for what in ("calib", "eval"):
+        if getattr(args, f"{what}_text") is not None and getattr(args, f"{what}_dataset") is not None:
+            raise InputError(f"give one of --{what}-text and --{what}-dataset")
+
+
+def _check_target_flags(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
+    if "context" in given(p, argv) and args.target in TARGETS and TARGETS[args.target].engine != "tensorrt":
+        raise InputError(f"--context sets the TensorRT engine's profiles; --target {args.target} builds no engine "
+                         f"(its runtime takes sequences up to the model's positions)")
+
+
 def _check_recipe_flags(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
     if args.recipe is None:
         return
@@ -153,18 +180,38 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+class _Signalled(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so the staging folder is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum, _frame):
+    raise _Signalled(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
     args = p.parse_args(argv)
+    previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         from export.pipeline import run
 
+        _check_values(p, argv, args)
         _check_recipe_flags(p, argv, args)
+        _check_target_flags(p, argv, args)
         run(config_from_args(args))
     except KeyboardInterrupt:
         _fail(f"interrupted (Ctrl-C); {args.out} is as it was")
         return 130
+    except _Signalled as exc:
+        _fail(f"stopped by signal {signal.Signals(exc.signum).name}; {args.out} is as it was")
+        return 128 + exc.signum
     except QublastError as exc:
         _fail(str(exc))
         return 2
@@ -172,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         _fail(f"{exc.strerror or exc}{where}")
         return 2
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 

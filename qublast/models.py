@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,37 @@ def resolve_source(model: str | None, *, trust_remote_code: bool = False) -> Mod
         return ModelSource(model, str(path.resolve()), None, trust_remote_code)
     if path.exists():
         raise InputError(f"{model} is neither a .gguf file nor a model directory")
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise InputError(f"--model {model}: no such file or folder")
     return ModelSource(model, model, None, trust_remote_code)
+
+
+def hf_home() -> Path:
+    """The Hugging Face cache a hub id is read from (an input: --out never replaces it)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME)
+
+
+def check_safetensors(folder: Path) -> None:
+    """Refuse a model folder whose safetensors files are cut short (``InputError``), from their
+    headers alone: the last tensor must end where the file does."""
+    import struct
+
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > size - 8:
+                    raise ValueError
+                header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, struct.error):
+            raise InputError(f"--model {folder}: {path.name} is not a complete safetensors file") from None
+        if 8 + length + end != size:
+            raise InputError(f"--model {folder}: {path.name} is not a complete safetensors file "
+                             f"({size} bytes, its header says {8 + length + end})")
 
 
 def check_gguf(path: Path) -> None:

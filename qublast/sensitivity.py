@@ -88,7 +88,7 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
     so the sweep's cost grows linearly with the depth."""
     if "gptq" in quantizers and fit is None:
         raise ValueError("GPTQ needs its calibration windows (fit)")
-    done = _read_journal(journal, fingerprint)
+    done = _read_journal(journal, fingerprint, progress)
     layers = runner.layers
     vocab = {unit: tuple(f for f in formats if f != "fp16") for unit, formats in (vocab or {}).items()}
     todo = [(i, f) for i in range(len(layers)) for f in candidates if f != "fp16" and (i, f) not in done]
@@ -317,7 +317,7 @@ def _score(runner: BlockRunner, index: int, hidden, t: BlockTransform) -> Score:
     return runner.score(runner.run_from(index + 1, out))
 
 
-def _read_journal(path: Path, fingerprint: str) -> dict[tuple[int, str], Sensitivity]:
+def _read_journal(path: Path, fingerprint: str, log=None) -> dict[tuple[int, str], Sensitivity]:
     """Entries of a journal written for ``fingerprint``; another run's journal, or one damaged
     anywhere (bytes, JSON, field types, a codes file that does not load), is set aside and
     everything is measured again."""
@@ -341,6 +341,9 @@ def _read_journal(path: Path, fingerprint: str) -> dict[tuple[int, str], Sensiti
             if entry.codes_file is None or safetensors_loads(entry.codes_file):  # else measure it again
                 done[(entry.block, entry.format)] = entry
     except (ValueError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        if log:
+            log(f"journal {path} is damaged or another run's: set aside as {path.with_suffix('.stale').name} "
+                f"(replacing an earlier one), measuring again")
         os.replace(path, path.with_suffix(".stale"))
         path.touch()
         return {}

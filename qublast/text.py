@@ -128,6 +128,8 @@ def calib_windows(ids: np.ndarray, seqlen: int, counts: tuple[int, ...], *, seed
 
 def _read(path: str) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"text file {path} is a folder")
     if not p.is_file():
         raise InputError(f"text file not found: {path}")
     try:

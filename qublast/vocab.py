@@ -231,7 +231,7 @@ def score_vocab(runner: BlockRunner, vocab: VocabTransform, *, unit: str) -> Sco
                 table = quantize_table(table, vocab.embed).dequantize()
             elif vocab.side_table(model, spec):
                 table = table.half().float()
-            return runner.score(runner.run_from(0, table[runner.ids]))
+            return runner.score(runner.run_from(0, table[runner.ids].to(runner.first_hidden.dtype)))
         vocab.apply_head(model, spec)
         return runner.score(runner.final_hidden)
 

@@ -110,7 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         check_threads(args.threads)
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("--prompt is not valid UTF-8") from None
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+        sampled = [flag for flag, value, default in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0),
+                                                     ("--seed", args.seed, 0)) if value != default]
+        if sampled and args.temperature == 0:
+            raise ValueError(f"{', '.join(sampled)} {'has' if len(sampled) == 1 else 'have'} no effect on greedy decoding: "
+                             f"give --temperature > 0")
         bundle = open_bundle(args.bundle, backend=args.backend, threads=args.threads)
         prompt = bundle.tokenizer.encode(args.prompt, add_special_tokens=False).ids
         if not prompt:

@@ -74,14 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_windows is not None and args.max_windows < 1:
             raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
         check_threads(args.threads)
-        if not Path(args.text).is_file():
-            raise ValueError(f"text file not found: {args.text}")
+        if not args.text.strip() or not Path(args.text).is_file():
+            raise ValueError(f"--text {args.text!r} is {'a folder' if Path(args.text).is_dir() and args.text.strip() else 'not a file'}")
         bundle = open_bundle(args.bundle, backend=args.backend, threads=args.threads)
         seqlen = args.seqlen or bundle.recipe["metrics"]["seqlen"]
         bundle.check_length(seqlen, f"--seqlen {seqlen}")
         limit = args.max_windows or bundle.recipe.get("evaluation", {}).get("windows")
         ids = bundle.tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
-        result = perplexity(bundle.model, windows(ids, seqlen, max_windows=limit))
+        try:
+            chunks = windows(ids, seqlen, max_windows=limit)
+        except ValueError as exc:
+            raise ValueError(f"--text {args.text}: {exc}") from None
+        result = perplexity(bundle.model, chunks)
     except (BundleError, ValueError, RuntimeError, OSError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
         print(f"qublast: error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Run ``qublast.export`` with a fault injected, for the fault tests (a subprocess each).
 
     python -m tests.faults kill MODULE:FUNCTION N -- EXPORT ARGS...   SIGKILL on the Nth call
+    python -m tests.faults term MODULE:FUNCTION N -- EXPORT ARGS...   SIGTERM on the Nth call
     python -m tests.faults fsize BYTES -- EXPORT ARGS...              no file may grow past BYTES
 
 ``kill`` replaces the function in its module, so the point is reached exactly as in a real run
@@ -17,7 +18,7 @@ import signal
 import sys
 
 
-def _kill_at(target: str, nth: int) -> None:
+def _kill_at(target: str, nth: int, signum: int = signal.SIGKILL) -> None:
     module_name, name = target.split(":")
     module = importlib.import_module(module_name)
     original = getattr(module, name)
@@ -27,7 +28,7 @@ def _kill_at(target: str, nth: int) -> None:
     def wrapper(*args, **kwargs):
         calls[0] += 1
         if calls[0] >= nth:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
         return original(*args, **kwargs)
 
     setattr(module, name, wrapper)
@@ -36,8 +37,8 @@ def _kill_at(target: str, nth: int) -> None:
 def main(argv: list[str]) -> int:
     split = argv.index("--")
     fault, args = argv[:split], argv[split + 1:]
-    if fault[0] == "kill":
-        _kill_at(fault[1], int(fault[2]))
+    if fault[0] in ("kill", "term"):
+        _kill_at(fault[1], int(fault[2]), signal.SIGKILL if fault[0] == "kill" else signal.SIGTERM)
     elif fault[0] == "fsize":
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(fault[1]), int(fault[1])))

@@ -13,7 +13,7 @@ from qublast.recipe import read_recipe
 from tests.tiny import VOCAB, tiny_model
 
 FAST = ["--calib-seqlen", "32", "--calib-windows", "2", "--holdout-windows", "2", "--seqlen", "32",
-        "--max-eval-windows", "3", "--context", "64", "--gptq-windows", "4"]
+        "--max-eval-windows", "3", "--gptq-windows", "4"]
 
 
 def test_placement_on_cpu_changes_nothing():
@@ -35,9 +35,11 @@ def test_unusable_device_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_float16_calibration_gives_a_verified_bundle(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("mode", [["--uniform", "w4"], ["--max-ppl-increase", "0.05"]], ids=["uniform", "budget"])
+def test_float16_calibration_gives_a_verified_bundle(tiny_model_dir, tmp_path, mode):
+    """Both a fixed plan and a budget (its sweep scores the embedding table in the model's dtype)."""
     out = tmp_path / "h"
-    assert main(["--model", str(tiny_model_dir), "--target", "jetson", *FAST, "--uniform", "w4", "--dtype", "float16",
+    assert main(["--model", str(tiny_model_dir), "--target", "jetson", *FAST, *mode, "--dtype", "float16",
                  "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     recipe = read_recipe(out / "recipe.json")
     assert recipe["calibration"]["dtype"] == "float16"

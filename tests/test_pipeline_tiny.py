@@ -14,10 +14,10 @@ from qublast.export import main
 from qublast.recipe import read_recipe
 
 COMMON = ["--calib-seqlen", "32", "--calib-windows", "2", "--holdout-windows", "2",
-          "--seqlen", "32", "--max-eval-windows", "3", "--context", "64"]
+          "--seqlen", "32", "--max-eval-windows", "3"]
 FAST = ["--target", "cpu", *COMMON]
 JETSON = ["--target", "jetson", *COMMON]
-REPLAY = ["--target", "cpu", "--seqlen", "32", "--max-eval-windows", "3", "--context", "64"]  # with --recipe: no calibration flags
+REPLAY = ["--target", "cpu", "--seqlen", "32", "--max-eval-windows", "3"]  # with --recipe: no calibration flags
 DEPLOYED = ("model.onnx", "model.onnx.data", "embedding.safetensors")
 
 

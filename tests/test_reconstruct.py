@@ -81,3 +81,24 @@ def test_reconstructed_bundle_replays_exactly(tiny_model_dir, tmp_path):
     assert f"cross-block reconstruction {costs['reconstruction_s']:.0f} s (1 plan reconstructed)" in (out / "report.md").read_text()
     m = recipe["metrics"]
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 1e-4
+
+
+def test_repair_reconstructs_only_the_plan_it_keeps(tiny_model_dir, tmp_path):
+    """Under a PPL bound, repair compares plans as quantized; the kept plan is reconstructed and
+    measured again (and repaired again only if that left it over the bound): one reconstruction per
+    reconstructed measurement, and the deployed plan is the last one measured."""
+    from qublast.export import main
+    from qublast.recipe import read_recipe
+
+    out = tmp_path / "r"
+    assert main(["--model", str(tiny_model_dir), "--target", "cpu", "--calib-seqlen", "32", "--calib-windows", "2",
+                 "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--max-ppl-increase", "0.05",
+                 "--reconstruct", "2", "--reconstruct-steps", "5", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    recipe = read_recipe(out / "recipe.json")
+    history = recipe["allocation"]["repair"]
+    tuned = [step for step in history if step["action"].startswith("reconstructed")]
+    costs = json.loads((out / "run.json").read_text())["calibration_costs"]
+    assert tuned and costs["reconstructions"] == len(tuned)
+    assert tuned[-1]["measured"] <= recipe["allocation"]["repair_target_dce"]
+    deployed = [b["format"] for b in recipe["blocks"]]
+    assert tuned[-1]["formats"][:-1] == deployed

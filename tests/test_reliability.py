@@ -72,7 +72,7 @@ EXPORT_REFUSALS = [
     (["--safety", "2"], "--safety must be in (0, 1], got 2.0"),
     (["--formats", "w8,w8,w8"], "--formats gives 3 formats for a model with 2 blocks"),
     (["--calib-windows", "5000"], "fewer than the"),
-    (["--target", "cpu", "--context", "4096"], "--context 4096 is beyond the model's 256 positions"),
+    (["--target", "cpu", "--context", "64"], "--target cpu builds no engine"),
     (["--calib-windows", "0"], "--calib-windows must be >= 1, got 0"),
     (["--target", "jetson", "--context", "0"], "--context must be >= 2, got 0"),
     (["--seqlen", "300"], "--seqlen 300 is beyond the model's 256 positions"),
@@ -128,6 +128,68 @@ def test_bad_files_refused_before_any_work(first, tiny_model_dir, tmp_path, caps
         assert main(["--model", str(tiny_model_dir), *flags, *extra, *out, "--cache-dir", str(tmp_path / "c")]) == 2, extra
         assert message in _error_line(capsys), extra
     assert not (tmp_path / "x").exists() and verify(first)
+
+
+def test_probe_rerun_cases_are_refused_before_any_work(first, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The second probe's findings: empty and non-UTF-8 values, a recipe that is a folder, the cache
+    inside the model, a model file cut short, two sources for one text, the home folder as --out."""
+    cut = tmp_path / "cut-model"
+    shutil.copytree(tiny_model_dir, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    cases = [
+        (["--cache-dir", ""], "--cache-dir is empty"),
+        (["--eval-dataset", ""], "--eval-dataset is empty"),
+        (["--recipe", "", "--target", "cpu"], "--recipe is empty"),
+        (["--cache-dir", str(tmp_path / "c\udcff")], "is not valid UTF-8"),
+        (["--eval-dataset", "wikitext2", "--eval-text", TEST_EXCERPT], "give one of --eval-text and --eval-dataset"),
+        (["--cache-dir", str(tiny_model_dir / "cache")], f"is inside the model ({tiny_model_dir})"),
+        (["--model", str(cut)], f"--model {cut}: model.safetensors is not a complete safetensors file"),
+        (["--model", str(tmp_path / "nope")], f"--model {tmp_path / 'nope'}: no such file or folder"),
+        (["--calib-text", str(folder)], f"text file {folder} is a folder"),
+        (["--out", str(home), "--overwrite"], f"--out {home} is your home folder"),
+    ]
+    for extra, message in cases:
+        model = [] if "--model" in extra else ["--model", str(tiny_model_dir)]
+        out = [] if "--out" in extra else ["--out", str(tmp_path / "x")]
+        cache = [] if "--cache-dir" in extra else ["--cache-dir", str(tmp_path / "c")]
+        assert main([*model, *ARGS, *extra, *out, *cache]) == 2, extra
+        assert message in _error_line(capsys), extra
+    assert main(["--model", str(tiny_model_dir), "--target", "cpu", "--seqlen", "32", "--recipe", str(tmp_path),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert f"--recipe {tmp_path} is a folder" in _error_line(capsys)
+    assert (home / ".ssh").is_dir() and not (tmp_path / "x").exists() and not (tiny_model_dir / "cache").exists()
+
+
+def test_hub_models_cache_is_never_the_output(tiny_model_dir, tmp_path):
+    """A model given by hub id is read from the Hugging Face cache: --out may not go there."""
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    for out, overwrite in ((snapshot / "bundle", []), (tmp_path / "hf", ["--overwrite"])):
+        run = subprocess.run([sys.executable, "-m", "qublast.export", "--model", "org/tiny", *ARGS, "--out", str(out),
+                              "--cache-dir", str(tmp_path / "c"), *overwrite], env=env, capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+        assert run.returncode == 2, run.stderr
+        assert "the Hugging Face cache" in run.stderr.strip().splitlines()[-1], run.stderr
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
+
+
+def test_sigterm_is_one_line_and_leaves_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "new" / "deeper" / "b"
+    run = subprocess.run([sys.executable, "-m", "tests.faults", "term", "qublast.sensitivity:_measure", "1", "--",
+                          "--model", str(tiny_model_dir), *ARGS, "--out", str(out), "--cache-dir", str(tmp_path / "c")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"qublast: error: stopped by signal SIGTERM; {out} is as it was"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
 def test_interrupt_is_one_line_and_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -288,7 +350,7 @@ def test_identical_inputs_identical_bytes(first, tiny_model_dir, tmp_path):
 
 
 KILL_POINTS = [  # (where, function replaced, the call that dies)
-    ("sweep", "qublast.sensitivity:_score", 4),
+    ("sweep", "qublast.sensitivity:_measure", 2),
     ("gptq", "qublast.gptq:_solve", 2),
     ("export", "export.graph:_qdq", 1),
     ("verify", "runtime.perplexity:perplexity", 1),
@@ -356,6 +418,9 @@ def test_runtime_bad_input_is_one_line(first, tmp_path, capsys):
         (rgen, ["--prompt", "The", "--seed", "-1"], "--seed must be >= 0, got -1"),
         (rgen, ["--prompt", "The", "--backend", "trt"], "which runs on ONNX Runtime: use --backend ort"),
         (rppl, ["--text", str(latin1)], f"text file is not UTF-8: {latin1}"),
+        (rgen, ["--prompt", "a\udcffb"], "--prompt is not valid UTF-8"),
+        (rgen, ["--prompt", "The", "--top-k", "5"], "--top-k has no effect on greedy decoding: give --temperature > 0"),
+        (rppl, ["--text", str(first)], f"--text '{first}' is a folder"),
         (rppl, ["--text", TEST_EXCERPT, "--seqlen", "300"], "--seqlen 300 is 300 tokens, more than this bundle's context of 256"),
         (rppl, ["--text", TEST_EXCERPT, "--seqlen", "1"], "--seqlen must be >= 2, got 1"),
         (rppl, ["--text", TEST_EXCERPT, "--max-windows", "0"], "--max-windows must be >= 1, got 0"),

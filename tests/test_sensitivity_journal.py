@@ -116,7 +116,10 @@ def test_header_cut_by_a_kill_starts_afresh(tmp_path):
 def test_damaged_journal_is_set_aside(tmp_path, damaged):
     path = tmp_path / "sens.jsonl"
     path.write_bytes(damaged)
-    assert _read_journal(path, FP) == {}
+    said = []
+    assert _read_journal(path, FP, said.append) == {}
+    assert said == [f"journal {path} is damaged or another run's: set aside as sens.stale (replacing an earlier one), "
+                    f"measuring again"]
     assert path.with_suffix(".stale").read_bytes() == damaged and path.read_bytes() == b""
 
 

@@ -21,7 +21,7 @@ from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
 
 FAMILIES = ["mamba", "mamba2", "falcon_h1"]
 FAST = ["--calib-seqlen", "32", "--calib-windows", "2", "--holdout-windows", "2", "--seqlen", "32",
-        "--max-eval-windows", "3", "--context", "64", "--gptq-windows", "4", "--reconstruct-steps", "5"]
+        "--max-eval-windows", "3", "--gptq-windows", "4", "--reconstruct-steps", "5"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
