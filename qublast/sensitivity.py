@@ -206,12 +206,12 @@ def _head_error(runner: BlockRunner, vocab: VocabTransform) -> float:
     from .mapsearch import SEARCH_TOKENS
     from .vocab import head_inputs, vocab_restored
 
-    x = head_inputs(runner)[: max(1, SEARCH_TOKENS // runner.ids.shape[1])]
     head = runner.model.get_submodule(runner.spec.lm_head)
-    ref = head(x)
+    x = head_inputs(runner)[: max(1, SEARCH_TOKENS // runner.ids.shape[1])].to(head.weight.dtype)
+    ref = head(x).float()
     with vocab_restored(runner.model, runner.spec):
         vocab.apply_head(runner.model, runner.spec)
-        out = runner.model.get_submodule(runner.spec.lm_head)(x)
+        out = runner.model.get_submodule(runner.spec.lm_head)(x).float()
     return float((out - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12))
 
 
