@@ -129,6 +129,36 @@ def _check_values(p: argparse.ArgumentParser, argv: list[str], args: argparse.Na
             raise InputError(f"give one of --{what}-text and --{what}-dataset")
 
 
+def _check_unused(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
+    """A flag the run would ignore is refused, naming why (a user who sets it expects an effect)."""
+    if args.recipe is not None:
+        return  # _check_recipe_flags: the recipe decides
+    flags = given(p, argv)
+    fixed = "--uniform" if args.uniform else ("--formats" if args.formats else None)
+    sized = "--target-size" if args.target_size is not None else ("--blocks-size" if args.blocks_size is not None else None)
+    names = _names("--quantizers", args.quantizers) or ()
+    if fixed:
+        candidates = {args.uniform} if args.uniform else set(_names("--formats", args.formats) or ())
+    else:
+        candidates = set(_names("--candidates", args.candidates) or TARGETS[args.target].candidates
+                         if args.target in TARGETS else ())
+    why = {
+        "candidates": fixed and f"with {fixed} (the formats are fixed)",
+        "alloc_loss": fixed and f"with {fixed} (nothing is allocated)",
+        "spend_tries": (fixed or sized) and f"with {fixed or sized} (only --max-ppl-increase repairs)",
+        "safety": (fixed or sized) and f"with {fixed or sized} (only --max-ppl-increase repairs)",
+        "range_method": "w8a8" not in candidates and "without w8a8 among the formats (only w8a8 has activation ranges)",
+        "no_act_order": "gptq" not in names and "without gptq in --quantizers",
+        "gptq_windows": "gptq" not in names and "without gptq in --quantizers",
+        "reconstruct_steps": args.reconstruct == 0 and "with --reconstruct 0",
+    }
+    for dest, flag in flags.items():
+        if why.get(dest):
+            raise InputError(f"{flag} has no effect {why[dest]}; drop it")
+    if args.reconstruct_steps > 10_000:
+        raise InputError(f"--reconstruct-steps must be at most 10000, got {args.reconstruct_steps}")
+
+
 def _check_target_flags(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
     if "context" in given(p, argv) and args.target in TARGETS and TARGETS[args.target].engine != "tensorrt":
         raise InputError(f"--context sets the TensorRT engine's profiles; --target {args.target} builds no engine "
@@ -205,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_values(p, argv, args)
         _check_recipe_flags(p, argv, args)
         _check_target_flags(p, argv, args)
+        _check_unused(p, argv, args)
         run(config_from_args(args))
     except KeyboardInterrupt:
         _fail(f"interrupted (Ctrl-C); {args.out} is as it was")

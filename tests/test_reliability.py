@@ -73,6 +73,11 @@ EXPORT_REFUSALS = [
     (["--formats", "w8,w8,w8"], "--formats gives 3 formats for a model with 2 blocks"),
     (["--calib-windows", "5000"], "fewer than the"),
     (["--target", "cpu", "--context", "64"], "--target cpu builds no engine"),
+    (["--range-method", "percentile"], "--range-method has no effect without w8a8 among the formats"),
+    (["--quantizers", "rtn", "--no-act-order"], "--no-act-order has no effect without gptq in --quantizers"),
+    (["--quantizers", "rtn", "--gptq-windows", "8"], "--gptq-windows has no effect without gptq in --quantizers"),
+    (["--reconstruct", "0", "--reconstruct-steps", "9"], "--reconstruct-steps has no effect with --reconstruct 0"),
+    (["--reconstruct-steps", "99999999999"], "--reconstruct-steps must be at most 10000"),
     (["--calib-windows", "0"], "--calib-windows must be >= 1, got 0"),
     (["--target", "jetson", "--context", "0"], "--context must be >= 2, got 0"),
     (["--seqlen", "300"], "--seqlen 300 is beyond the model's 256 positions"),
@@ -94,6 +99,20 @@ def test_bad_flags_refused_before_any_work(tiny_model_dir, tmp_path, capsys, ext
     assert main([*model, *args, *extra, "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 2
     assert message in _error_line(capsys)
     assert not out.exists() and not _strays(tmp_path, "x")
+
+
+def test_flags_a_mode_ignores_are_refused(tiny_model_dir, tmp_path, capsys):
+    base = ["--model", str(tiny_model_dir), *ARGS[:-2], "--out", str(tmp_path / "x"), "--cache-dir", str(tmp_path / "c")]
+    cases = [
+        (["--uniform", "w8", "--candidates", "fp16,w8"], "--candidates has no effect with --uniform (the formats are fixed)"),
+        (["--uniform", "w8", "--alloc-loss", "dce"], "--alloc-loss has no effect with --uniform"),
+        (["--formats", "w8,w4", "--spend-tries", "5"], "--spend-tries has no effect with --formats"),
+        (["--target-size", "0.5", "--safety", "0.5"], "--safety has no effect with --target-size"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert message in _error_line(capsys), extra
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_files_refused_before_any_work(first, tiny_model_dir, tmp_path, capsys):
