@@ -53,7 +53,7 @@ def block_entries(model, spec: ArchSpec, target: Target, formats: list[str], qwe
             "smooth": sorted(chosen.smooth or {}),
             "bytes": sum(e["bytes"] for e in linears), "bytes_fp16": block_bytes(layer, spec, "fp16", target),
             "sensitivity": {f: {"dce": s.dce, "kl": s.kl, "alpha": s.alpha, "map": s.scaled, "dce_map_off": s.dce_unscaled,
-                                "quantizer": s.quantizer}
+                                "kl_map_off": s.kl_unscaled, "estimated": s.estimated, "quantizer": s.quantizer}
                             for f, s in table[index].items()},
             "linears": linears,
         })

@@ -39,8 +39,10 @@ def test_cli_on_real_model(assets, tmp_path):
         assert not any("act_scale" in lin for lin in block["linears"])
         if block["format"] == "w4m":
             assert {lin["name"] for lin in block["linears"] if lin["format"] == "w4"} == {"mlp.gate_proj", "mlp.up_proj"}
-        for row in block["sensitivity"].values():  # the map is kept only where it measured lower dCE than off
-            assert row["dce"] <= row["dce_map_off"] and row["map"] == (row["dce"] < row["dce_map_off"])
+        for name, row in block["sensitivity"].items():  # the map is kept only where it lowered the loss (KL when estimated)
+            if name != "fp16":
+                loss, off = ("kl", "kl_map_off") if row["estimated"] else ("dce", "dce_map_off")
+                assert row[loss] <= row[off] and row["map"] == (row[loss] < row[off])
     w4 = [lin for b in recipe["blocks"] for lin in b["linears"] if lin["format"] == "w4"]
     assert all(lin["block_size"] == (128 if lin["shape"][1] % 128 == 0 else 64) for lin in w4)
     assert "Caveat" in (out / "report.md").read_text()

@@ -120,7 +120,7 @@ def test_calib_text_from_file(tmp_path):
 def test_read_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
         _read(str(tmp_path / "missing.txt"))
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match="is a folder"):
         _read(str(tmp_path))
     with pytest.raises(InputError, match="not found"):
         eval_text(path=str(tmp_path / "missing.raw"))
