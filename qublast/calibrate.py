@@ -220,15 +220,20 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
         formats, allocation = _allocate(model, spec, options, holdout, cfg, builder, log)
         costs["allocation_s"] = time.perf_counter() - started - builder.seconds
     block_formats, embed, head = split_plan(formats)
-    transforms, vocab, records = builder.build(formats)
+    transforms, vocab, records = builder.build(formats, reconstructed=allocation.get("reconstructed", True))
     if records:
         allocation["reconstruction"] = records
+    if builder.count:
         costs.update(reconstruction_s=builder.seconds, reconstructions=builder.count)
-    with transforms_applied(model, spec, transforms, vocab) as qweights, PeakRecorder(model) as peaks:
-        allocation["heldout_ce_quant"] = float(window_ce(model, holdout).mean())
+    peaks = allocation.pop("peaks", None)
+    with transforms_applied(model, spec, transforms, vocab) as qweights:
+        if peaks is None:  # not measured by the repair: a fixed or size-budget plan
+            with PeakRecorder(model) as recorder:
+                allocation["heldout_ce_quant"] = float(window_ce(model, holdout).mean())
+            peaks = recorder.summary()
     recipe = {
         "format": RECIPE_FORMAT, "version": RECIPE_VERSION, "model": model_info, "target": target_entry(target),
-        "calibration": {**_calibration_entry(cfg, calib_label, candidates, peaks.summary()), "costs": _costs(costs, table, vocab_table)},
+        "calibration": {**_calibration_entry(cfg, calib_label, candidates, peaks), "costs": _costs(costs, table, vocab_table)},
         "constraint": {"mode": cfg.mode, "value": cfg.mode_value},
         "blocks": block_entries(model, spec, target, block_formats, qweights, table, scaling=cfg.scaling,
                                 quantizers=[t.quantizer for t in transforms]),
@@ -353,34 +358,42 @@ def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder
     max_loss = math.log1p(cfg.max_ppl_increase)
     plan: Plan = solve_for_loss(options, cfg.safety * max_loss)
     info.update(max_dce=max_loss, repair_target_dce=cfg.safety * max_loss, z_upper=Z_UPPER, predicted_loss=plan.loss)
-    shifts = {}
+    shifts, peaks = {}, {}
 
     def measure(formats: list[str], reconstructed: bool = False) -> float:
         """The upper bound on the held-out dCE that repair compares with the target."""
         transforms, vocab, _ = builder.build(formats, reconstructed=reconstructed)
-        with transforms_applied(model, spec, transforms, vocab):
-            shift = ce_shift(window_ce(model, holdout), fp_windows)
-        shifts[(tuple(formats), reconstructed)] = shift
-        return shift.upper(Z_UPPER)
+        with transforms_applied(model, spec, transforms, vocab), PeakRecorder(model) as recorder:
+            windows = window_ce(model, holdout)
+        key = (tuple(formats), reconstructed)
+        shifts[key], peaks[key] = ce_shift(windows, fp_windows), (float(windows.mean()), recorder.summary())
+        return shifts[key].upper(Z_UPPER)
 
-    # Repair compares plans as quantized (reconstruction lowers every plan's loss a little and
-    # costs minutes a plan); the plan it keeps is then reconstructed and measured again, and only
-    # if reconstruction left it over the bound is it repaired again, measuring reconstructed plans.
+    # Repair compares plans as quantized (reconstruction lowers most plans' loss a little and
+    # costs minutes a plan); the plan it keeps is then reconstructed and measured again. The
+    # reconstruction is kept only if it lowered the measured bound (it fits the sensitivity
+    # windows, and can fit them at the held-out text's expense); if it was kept and left the
+    # plan over the bound, repair goes on measuring reconstructed plans.
     target = cfg.safety * max_loss
     formats, history = repair(plan, options, max_loss=target, measure=measure, log=log, spend_tries=cfg.spend_tries)
+    reconstructed = False
     if cfg.reconstruct:
         kept = history[-1] if history[-1]["formats"] == formats else next(s for s in history if s["formats"] == formats)
         tuned = measure(formats, reconstructed=True)
-        log(f"repair: the kept plan reconstructed measures {tuned:.5f} (before {kept['measured']:.5f}; bound {target:.5f})")
-        history.append({**kept, "measured": tuned, "action": "reconstructed"})
-        if tuned > target:
+        reconstructed = tuned < kept["measured"]
+        log(f"repair: the kept plan reconstructed measures {tuned:.5f} (before {kept['measured']:.5f}; bound {target:.5f}): "
+            + ("reconstruction kept" if reconstructed else "reconstruction dropped, it did not lower the held-out loss"))
+        history.append({**kept, "measured": tuned, "action": "reconstructed" if reconstructed else "reconstruction dropped"})
+        if reconstructed and tuned > target:
             formats, more = repair(Plan(tuple(formats), kept["bytes"], kept["predicted"]), options, max_loss=target,
                                    measure=lambda f: measure(f, reconstructed=True), log=log)
             history += [{**step, "action": f"reconstructed {step['action']}"} for step in more[1:]]
     for step in history:
-        shift = shifts[(tuple(step["formats"]), step["action"].startswith("reconstructed"))]
+        shift = shifts[(tuple(step["formats"]), step["action"].startswith("reconstruct"))]
         step.update(dce=shift.mean, stderr=shift.stderr)
     info["repair"] = history
+    info["reconstructed"] = reconstructed
+    info["heldout_ce_quant"], info["peaks"] = peaks[(tuple(formats), reconstructed)]
     return formats, info
 
 

@@ -18,7 +18,8 @@ refused with a message to calibrate again)::
                  "sensitivity": {format: {"dce", "kl", "alpha", "map", "dce_map_off"}},
                  "linears": [{"name", "path", "format", "bits", "block_size", "act", "shape", "bytes", "error"}]}],
      "allocation": {"predicted_loss" (sum of the units' alloc_loss), "heldout_ce_fp", "heldout_ce_quant",
-                    "repair": [...]},
+                    "repair": [...], "reconstructed" (the deployed plan is the reconstructed one: kept only
+                    where it lowered the held-out bound), "reconstruction": [...]},
      "metrics": {"ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes" (the deployed
                  files), "size_files": {file: bytes}, "size_bytes_blocks_fp16", "size_bytes_blocks" (block
                  linears' initializers in the graph), "size_bytes_predicted", "eval_tokens", "seqlen", ...}}

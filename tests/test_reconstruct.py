@@ -95,10 +95,39 @@ def test_repair_reconstructs_only_the_plan_it_keeps(tiny_model_dir, tmp_path):
                  "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--max-ppl-increase", "0.05",
                  "--reconstruct", "2", "--reconstruct-steps", "5", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     recipe = read_recipe(out / "recipe.json")
-    history = recipe["allocation"]["repair"]
-    tuned = [step for step in history if step["action"].startswith("reconstructed")]
+    allocation = recipe["allocation"]
+    history = allocation["repair"]
+    tuned = [step for step in history if step["action"].startswith("reconstruct")]
     costs = json.loads((out / "run.json").read_text())["calibration_costs"]
     assert tuned and costs["reconstructions"] == len(tuned)
-    assert tuned[-1]["measured"] <= recipe["allocation"]["repair_target_dce"]
     deployed = [b["format"] for b in recipe["blocks"]]
-    assert tuned[-1]["formats"][:-1] == deployed
+    quantized = [b for b in recipe["blocks"] if b["format"] != "fp16"]
+    if allocation["reconstructed"]:  # kept: it lowered the bound, and repair went on until it fit
+        assert tuned[0]["action"] == "reconstructed" and tuned[-1]["measured"] <= allocation["repair_target_dce"]
+        assert tuned[-1]["formats"][:-1] == deployed
+        assert all(b["quantizer"].endswith("+cbq") for b in quantized)
+    else:  # dropped: the plan repair kept is deployed as quantized
+        assert [step["action"] for step in tuned] == ["reconstruction dropped"]
+        kept = next(step for step in history if step["action"] in ("kept", "plan", "up", "jump")
+                    and step["formats"] == tuned[0]["formats"])
+        assert tuned[0]["measured"] >= kept["measured"] and tuned[0]["formats"][:-1] == deployed
+        assert not any(b["quantizer"].endswith("+cbq") for b in quantized)
+
+
+def test_reconstruction_that_does_not_lower_the_heldout_loss_is_dropped(tiny_model_dir, tmp_path, monkeypatch):
+    """A reconstruction that leaves the held-out bound where it was (here: one that changes
+    nothing) is not deployed: the bundle carries the plan as quantized, and the recipe says why."""
+    import qublast.calibrate as calibrate
+    from qublast.export import main
+    from qublast.recipe import read_recipe
+
+    monkeypatch.setattr(calibrate, "reconstruct", lambda model, spec, transforms, *a, **k: (transforms, [{"before": 1.0, "after": 1.0}]))
+    out = tmp_path / "r"
+    assert main(["--model", str(tiny_model_dir), "--target", "cpu", "--calib-seqlen", "32", "--calib-windows", "2",
+                 "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--max-ppl-increase", "0.05",
+                 "--reconstruct", "2", "--reconstruct-steps", "5", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    recipe = read_recipe(out / "recipe.json")
+    allocation = recipe["allocation"]
+    assert allocation["reconstructed"] is False and "reconstruction" not in allocation
+    assert [s["action"] for s in allocation["repair"]].count("reconstruction dropped") == 1
+    assert not any(b["quantizer"].endswith("+cbq") for b in recipe["blocks"])
