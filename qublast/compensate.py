@@ -22,26 +22,37 @@ from .gptq import gptq_quantize, hessian
 
 
 @torch.no_grad()
-def block_hessians(runner: BlockRunner, index: int, hidden: torch.Tensor, t: BlockTransform) -> dict[str, torch.Tensor]:
-    """``{linear: H [in, in]}`` of block ``index``'s linears on ``hidden`` [M, S, H], with ``t``'s folds applied."""
+def block_hessians(runner: BlockRunner, index: int, hidden: torch.Tensor, t: BlockTransform, *,
+                   with_output: bool = False):
+    """``{linear: H [in, in]}`` of block ``index``'s linears on ``hidden`` [M, S, H], with ``t``'s folds
+    applied; with ``with_output``, ``(hessians, block output)`` (the fp output when ``t`` folds nothing,
+    so the caller need not run the block again). Linears that read the same tensor (q/k/v, gate/up)
+    share one product; each chunk's X^T X is computed in fp32 and the chunks summed in float64."""
     block, spec = runner.layers[index], runner.spec
     sums: dict[str, torch.Tensor] = {}
+    last: list = [None, None]  # (the input tensor, its X^T X) of the linear before: q, k, v read one tensor
     handles = []
     for name in spec.linears:
         def hook(_module, args, name=name):
-            x = args[0].detach().float()
-            sums[name] = sums.get(name, 0) + hessian(x) * x[..., 0].numel()  # summed, normalised below
+            x = args[0]
+            if x is not last[0]:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                flat = flat.float()
+                last[0], last[1] = x, (flat.T @ flat).double()
+            sums[name] = sums[name] + last[1] if name in sums else last[1]
 
         handles.append(get_module(block, name).register_forward_pre_hook(hook))
     try:
         with restored(block):
             fold_block(block, spec, t.smooth)
-            runner.run_block_chunked(index, hidden)
+            output = runner.run_block_chunked(index, hidden)
     finally:
         for handle in handles:
             handle.remove()
+        last[0] = last[1] = None
     tokens = hidden.shape[0] * hidden.shape[1]
-    return {name: total / tokens for name, total in sums.items()}
+    hessians = {name: (total * (2.0 / tokens)).float() for name, total in sums.items()}
+    return (hessians, output) if with_output else hessians
 
 
 def folded_hessians(spec, base: dict[str, torch.Tensor], smooth: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

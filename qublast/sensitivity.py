@@ -131,7 +131,7 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
             if _needs_later(done, index + 1, len(layers), candidates):  # else nothing reads the later hidden states
                 hidden = out_fp if out_fp is not None else runner.run_block(index, hidden)
                 if fit is not None and "gptq" in quantizers:
-                    fit, fit_index = runner.run_block_chunked(index, fit), index + 1
+                    fit, fit_index = hessians.output if hessians.output is not None else runner.run_block_chunked(index, fit), index + 1
         importance = head_importance(runner) if vocab.get("lm_head") else None
         if "gptq" in quantizers and any(("lm_head", f) not in done for f in vocab.get("lm_head", ())):
             for index in range(fit_index, len(layers)):  # GPTQ's windows through the rest of the fp model
@@ -216,16 +216,17 @@ def _head_error(runner: BlockRunner, vocab: VocabTransform) -> float:
 
 
 class _LazyHessians:
-    """Block ``index``'s unfolded Hessians on the fit windows, collected on first use."""
+    """Block ``index``'s unfolded Hessians on the fit windows, collected on first use; ``output``:
+    the block's fp output on them once collected (the fit windows' input to the next block)."""
 
     def __init__(self, runner: BlockRunner, index: int, fit):
-        self.runner, self.index, self.fit, self.value = runner, index, fit, None
+        self.runner, self.index, self.fit, self.value, self.output = runner, index, fit, None, None
 
     def get(self, fmt) -> dict:
         if self.value is None:
             from .compensate import block_hessians
 
-            self.value = block_hessians(self.runner, self.index, self.fit, BlockTransform(fmt))
+            self.value, self.output = block_hessians(self.runner, self.index, self.fit, BlockTransform(fmt), with_output=True)
         return self.value
 
 

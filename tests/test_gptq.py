@@ -94,3 +94,33 @@ def test_gptq_recipe_replays_exactly(tiny_model_dir, tmp_path):
             assert np.array_equal(scale, tensors[f"{lin['path']}.scale"].numpy().T)
     m = recipe["metrics"]
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_block_hessians_are_each_linears_input_gram_and_the_output_is_the_fp_block(model_type):
+    """Shared inputs (q/k/v, gate/up) share one product and chunks are summed: the result is still
+    2 X^T X / n of each linear's own input over every window, and the output the fp block's."""
+    from tests.tiny import VOCAB, tiny_model
+
+    from qublast.apply import BlockTransform
+    from qublast.arch import arch_for
+    from qublast.blocks import BlockRunner, get_module
+    from qublast.compensate import block_hessians
+    from qublast.formats import get_format, get_target
+
+    model = tiny_model(model_type)
+    spec = arch_for(model.config.model_type)
+    runner = BlockRunner(model, spec, torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)))
+    fit = runner.embed(torch.randint(0, VOCAB, (5, 16), generator=torch.Generator().manual_seed(1)))  # 3 chunks of 2
+    seen: dict[str, list] = {name: [] for name in spec.linears}
+    handles = [get_module(runner.layers[0], name).register_forward_pre_hook(
+        lambda _m, args, name=name: seen[name].append(args[0].reshape(-1, args[0].shape[-1]).double())) for name in spec.linears]
+    expected_out = runner.run_block_chunked(0, fit)
+    for handle in handles:
+        handle.remove()
+    hessians, out = block_hessians(runner, 0, fit, BlockTransform(get_format("w4", get_target("cpu"))), with_output=True)
+    assert set(hessians) == set(spec.linears)
+    for name, chunks in seen.items():
+        x = torch.cat(chunks)
+        torch.testing.assert_close(hessians[name], (2.0 / x.shape[0] * x.T @ x).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
