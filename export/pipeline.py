@@ -45,6 +45,8 @@ from qublast.recipe import (
     write_recipe,
     write_tensors,
 )
+from runtime import engine
+from runtime.build_engine import BuildError, embeds_width, graph_layout, read_graph
 from runtime.bundle import MANIFEST, manifest_for
 from runtime.embedding import FILE as TABLE_FILE
 from runtime.embedding import EmbeddingTable
@@ -52,7 +54,7 @@ from runtime.generate import check_threads
 from runtime.session import OrtModel
 from runtime.targets import TARGETS
 
-from . import engine, graph, outdir, sizes
+from . import graph, outdir, sizes
 
 DEFAULT_CONTEXT = 2048
 RUN_RECORD = "run.json"  # wall times and memory of the run that made the bundle (differ run to run)
@@ -343,14 +345,15 @@ def _cached_fp_ppl(model, windows: np.ndarray, info: dict, cache_dir: Path) -> f
 def _write_bundle(cfg, inputs: Inputs, work: Path, recipe: dict, scales: dict, tokenizer, record: dict) -> None:
     from qublast.report import write_report
 
-    from .build_engine import embeds_width, graph_layout, read_graph
-
     log(f"writing the bundle's files into {work.name}")
     write_recipe(recipe, work / "recipe.json")
     write_tensors(scales, work / "scales.safetensors")
     tokenizer.save_pretrained(str(work / "tokenizer"))
-    proto = read_graph(work / "model.onnx")
-    shapes = engine.profiles(graph_layout(proto), context=inputs.context, hidden=embeds_width(proto))
+    try:
+        onnx_inputs = read_graph(work / "model.onnx").shapes
+        shapes = engine.profiles(graph_layout(onnx_inputs), context=inputs.context, hidden=embeds_width(onnx_inputs))
+    except BuildError as exc:
+        raise GraphError(f"the exported graph: {exc}") from exc
     if get_target(cfg.target).engine == "tensorrt":
         script = work / "build_engine.sh"
         script.write_text(engine.build_script(shapes))

@@ -19,7 +19,7 @@ BUNDLE_VERSION = 2
 READABLE_BUNDLE_VERSIONS = (1, 2)
 SUPPORTED_RECIPE_VERSIONS = (3,)
 RECORDS = ("report.md", "run.json")  # what a run measured of itself: listed, not hashed
-ENGINE_SUFFIXES = (".plan", ".plan.tmp")  # built on the device after export (build_engine.sh, export.build_engine)
+ENGINE_SUFFIXES = (".plan", ".plan.tmp")  # built on the device after export (build_engine.sh, runtime.build_engine)
 
 
 class BundleError(Exception):

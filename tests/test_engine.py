@@ -6,8 +6,7 @@ import subprocess
 
 import pytest
 
-from export import engine
-from runtime import io_spec
+from runtime import engine, io_spec
 
 LAYERS, KV_HEADS, HEAD_DIM, CONTEXT = 3, 2, 16, 256
 

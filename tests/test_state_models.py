@@ -8,13 +8,13 @@ import onnx
 import pytest
 import torch
 
-from export import engine, onnx_export
-from export.build_engine import graph_layout
+from export import onnx_export
 from export.legality import violations
 from qublast.arch import arch_for
 from qublast.export import main
 from qublast.recipe import read_recipe
-from runtime import io_spec
+from runtime import engine, io_spec
+from runtime.build_engine import graph_layout, read_graph
 from runtime.generate import generate_ids
 from runtime.session import OrtModel
 from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
@@ -102,7 +102,7 @@ def test_mixed_recipe_through_the_cli(model_dirs, tmp_path, family, target, form
     m = recipe["metrics"]
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    layout = graph_layout(proto)
+    layout = graph_layout(read_graph(out / "model.onnx").shapes)
     assert layout.family == arch_for(family).kind
     if target == "jetson":
         assert violations(proto) == []

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import build_engine, engine
-from qublast.errors import InputError
-from runtime import io_spec
+from runtime import build_engine, engine, io_spec
+from runtime.build_engine import BuildError
 from runtime.io_spec import Layout, layout_from_shapes
 from runtime.session import OrtModel
 from runtime.trt_session import BackendUnavailable, TrtModel
@@ -122,16 +121,17 @@ def test_profile_dims_parses_engine_profiles():
 @pytest.mark.parametrize("points", [("1x1", "1x2"), ("1x1", "1xa", "1x4"), ("1x1", "1x2x3", "1x4"),
                                     ("1x4", "1x2", "1x3"), ("1x-1", "1x1", "1x2"), "1x1"])
 def test_profile_dims_rejects_malformed(points):
-    with pytest.raises(InputError, match="input_ids"):
+    with pytest.raises(BuildError, match="input_ids"):
         build_engine.profile_dims({"input_ids": points})
 
 
 def test_layout_from_the_onnx_inputs(tmp_path):
-    proto = build_engine.read_graph(tiny_graph(tmp_path / "m.onnx"))
-    assert build_engine.graph_layout(proto) == Layout("attention", LAYERS, KV_HEADS, HEAD_DIM, {}, step_only=False)
-    assert build_engine.missing_external_data(proto, tmp_path) == []
+    graph = build_engine.read_graph(tiny_graph(tmp_path / "m.onnx"))
+    assert build_engine.graph_layout(graph.shapes) == Layout("attention", LAYERS, KV_HEADS, HEAD_DIM, {}, step_only=False)
+    assert build_engine.embeds_width(graph.shapes) is None
+    assert graph.missing(tmp_path) == []
     (tmp_path / "m.onnx.data").unlink()
-    assert build_engine.missing_external_data(proto, tmp_path) == ["m.onnx.data"]
+    assert graph.missing(tmp_path) == ["m.onnx.data"]
 
 
 def test_layout_from_engine_shapes():
@@ -159,8 +159,9 @@ def test_cli_missing_bundle(tmp_path, capsys):
     assert "bundle not found" in _one_error_line(capsys)
 
 
-def test_cli_runs_as_a_module(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "export.build_engine", "--bundle", str(tmp_path / "nope")],
+@pytest.mark.parametrize("module", ["runtime.build_engine", "export.build_engine"])  # export's: the old name
+def test_cli_runs_as_a_module(tmp_path, module):
+    out = subprocess.run([sys.executable, "-m", module, "--bundle", str(tmp_path / "nope")],
                          check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"qublast: error: bundle not found: {tmp_path / 'nope'}"]

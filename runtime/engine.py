@@ -3,11 +3,13 @@
 Engines are tied to the GPU and the TensorRT version, so the bundle carries a script that
 builds ``model.plan`` on the Jetson itself with ``trtexec --stronglyTyped`` (precision comes
 from the graph's Q/DQ nodes; ``--fp16/--int8/--best`` are incompatible with it). The build
-needs about 3-4x the ONNX model's size in host memory.
+needs about 3-4x the ONNX model's size in host memory. Export writes the script and
+``engine_profiles.json`` from these shapes; ``runtime.build_engine`` builds from the same shapes
+with TensorRT's Python API, on the device, with the runtime alone.
 """
 from __future__ import annotations
 
-from runtime import io_spec
+from . import io_spec
 
 
 def profiles(layout: io_spec.Layout, *, context: int, hidden: int | None = None) -> dict[str, tuple[str, str, str]]:
