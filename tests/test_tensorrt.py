@@ -26,7 +26,7 @@ from runtime.trt_session import BackendUnavailable, TrtModel
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile.jetson"
 ENTRYPOINT = ROOT / "docker" / "jetson-entrypoint.sh"
-REQUIREMENTS = ROOT / "docker" / "requirements-runtime.txt"
+RUNTIME_PROJECT = ROOT / "runtime" / "pyproject.toml"
 LAYERS, KV_HEADS, HEAD_DIM, VOCAB, CONTEXT = 2, 2, 4, 11, 16
 
 
@@ -523,20 +523,23 @@ def test_jetson_dockerfile_copies_only_existing_paths():
         for source in sources:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
     copied = {s.rstrip("/") for args in copies for s in args[:-1]}
-    assert {"runtime", "docker/jetson-entrypoint.sh", "docker/requirements-runtime.txt"} <= copied
-    assert not copied & {"qublast", "export", "tests"}  # the device image is torch-free
+    assert {"runtime", "docker/jetson-entrypoint.sh"} <= copied
+    assert not copied & {"qublast", "export", "tests", "pyproject.toml"}  # the device image is torch-free
 
 
-def test_jetson_dockerfile_installs_the_runtime_requirements():
+def test_jetson_dockerfile_installs_the_runtime_project():
+    """The image installs ./runtime (its own pyproject: numpy, onnxruntime, safetensors, tokenizers) as
+    the README does, plus cuda-python; nothing torch-side."""
     instructions = _dockerfile_instructions()
     assert instructions[0][0] == "FROM" and "l4t" in instructions[0][1]
     pip = [args for word, args in instructions if word == "RUN" and "pip install" in args]
-    assert any("-r docker/requirements-runtime.txt" in args for args in pip)
-    assert not any("torch" in args for args in pip)
+    assert any(" ./runtime " in f" {args} " and "cuda-python" in args for args in pip)
+    assert not any(word in args for args in pip for word in ("torch", "transformers", "onnx-graphsurgeon", " . "))
     tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python >= 3.11")
-    lines = [l.strip() for l in REQUIREMENTS.read_text().splitlines() if l.strip() and not l.startswith("#")]
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["runtime"]
-    assert lines == extra
+    project = tomllib.loads(RUNTIME_PROJECT.read_text())
+    assert project["project"]["dependencies"] == ["numpy", "onnxruntime>=1.20", "safetensors", "tokenizers"]
+    assert project["tool"]["setuptools"] == {"packages": ["runtime"], "package-dir": {"runtime": "."}}
+    assert "runtime" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     entry = [args for word, args in instructions if word == "ENTRYPOINT"]
     assert entry and json.loads(entry[0])[0] == "/usr/local/bin/qublast-jetson"
     assert any(word == "COPY" and args.split() == ["docker/jetson-entrypoint.sh", "/usr/local/bin/qublast-jetson"]
