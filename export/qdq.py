@@ -29,6 +29,7 @@ import torch
 
 from qublast.errors import GraphError
 from qublast.quant import quantize_with_scale
+from runtime.embedding import pack_int4_rows
 
 
 def share_tied_table(graph: gs.Graph, *, lm_head_node: str) -> gs.Graph:
@@ -88,8 +89,8 @@ def gather_from_head_codes(graph: gs.Graph, *, lm_head_node: str, module: str, q
         raise GraphError(f"{module}: cannot gather {bits}-bit rows of block {block_size} from the tied table {table.shape}")
     blocks = width // block_size
     codes = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(vocab, blocks, block_size)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    if bits == 4:  # unsigned nibbles (zero point 8), the same order
+        codes = pack_int4_rows(codes.reshape(vocab, width)).reshape(vocab, blocks, block_size // 2)
     codes_c = gs.Constant(f"{module}.qweight", np.ascontiguousarray(codes))
     scale_c = gs.Constant(f"{module}.scale", np.ascontiguousarray(scale.astype(float_dtype)))  # [V, blocks]
     x = head.inputs[0]
@@ -199,8 +200,7 @@ def pack_int4(name: str, q: np.ndarray) -> onnx.TensorProto:
     flat = q.astype(np.int8).reshape(-1)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    nibbles = flat.view(np.uint8) & 0x0F
-    packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+    packed = pack_int4_rows(flat[None, :])[0]
     tensor = onnx.TensorProto()
     tensor.name = name
     tensor.data_type = onnx.TensorProto.INT4

@@ -27,14 +27,19 @@ refused with a message to calibrate again)::
 ``scales.safetensors`` holds, for every quantized linear (full module path ``P``, ``lm_head``
 included) and a quantized embedding table (its module path), the fp32 tensor ``P.scale`` of
 shape [out, in // block_size], and for every folded producer ``N`` of the scaling map its
-per-channel scales ``N.smooth`` [in]. Integer codes are not stored: they are
+per-channel scales ``N.smooth`` [in]. Round-to-nearest codes are not stored: they are
 ``clamp(round(w / scale))`` of the checkpoint's weight after the folds (for the table: of the
-embedding module's output rows), which export recomputes exactly.
+embedding module's output rows), which export recomputes exactly. Codes that are not (GPTQ's,
+reconstruction's) are stored in their integer width: ``P.qweight_int4`` (uint8 [out, in / 2], two
+codes per byte, element 2k in the low nibble) where they fit 4 bits, else ``P.qweight`` (int8);
+files written before this stored ``P.qweight`` as float32 and read the same.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
 
 from .errors import RecipeError
 from .files import atomic_write_bytes, atomic_write_text
@@ -142,25 +147,54 @@ def check_target(recipe: dict, target) -> None:
                       f"calibrate again with --target {target.name}")
 
 
+CODES, PACKED = ".qweight", ".qweight_int4"  # a linear's stored codes: int8, or two per byte
+
+
 def write_tensors(tensors: dict, path: str | Path) -> None:
-    """Write ``scales.safetensors`` atomically: ``{path}.scale`` weight scales, ``{norm}.smooth`` map scales."""
+    """Write ``scales.safetensors`` atomically: ``{path}.scale`` weight scales, ``{norm}.smooth`` map
+    scales (fp32), and stored codes in their integer width: ``{path}.qweight_int4`` two per byte
+    (uint8 [out, in / 2], ``runtime.embedding.pack_int4_rows``) where they fit 4 bits, else
+    ``{path}.qweight`` int8."""
     from safetensors.torch import save
 
+    from runtime.embedding import pack_int4_rows
     from runtime.stfile import canonical
 
-    data = {name: t.contiguous().float() for name, t in sorted(tensors.items())}
+    data = {}
+    for name, t in sorted(tensors.items()):
+        if name.endswith(CODES):
+            codes = t.to(torch.int8).contiguous()
+            fits = codes.dim() == 2 and codes.shape[1] % 2 == 0 and (not codes.numel() or (int(codes.min()) >= -8 and int(codes.max()) <= 7))
+            if fits:
+                data[name[: -len(CODES)] + PACKED] = torch.from_numpy(pack_int4_rows(codes.numpy()))
+            else:
+                data[name] = codes
+        else:
+            data[name] = t.contiguous().float()
     atomic_write_bytes(path, canonical(save(data, metadata={"format": RECIPE_FORMAT, "version": str(RECIPE_VERSION)})))
 
 
 def read_tensors(path: str | Path) -> dict:
-    """The tensors of ``scales.safetensors`` by name."""
+    """The tensors of ``scales.safetensors`` by name, codes as int8 ``{path}.qweight`` (packed ones
+    unpacked; files before 0.1.0's packing stored them as float32, which reads as before)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from runtime.embedding import unpack_int4_rows
+
     try:
-        return load_file(str(path))
+        loaded = load_file(str(path))
     except (OSError, SafetensorError) as exc:
         raise RecipeError(f"cannot read scales {path}: {exc}") from exc
+    out = {}
+    for name, t in loaded.items():
+        if name.endswith(PACKED):
+            if t.dtype != torch.uint8 or t.dim() != 2:
+                raise RecipeError(f"scales {path}: {name} is {t.dtype} {tuple(t.shape)}, not packed uint8 codes")
+            out[name[: -len(PACKED)] + CODES] = torch.from_numpy(unpack_int4_rows(t.numpy()))
+        else:
+            out[name] = t
+    return out
 
 
 def block_linears(recipe: dict) -> dict[str, dict]:

@@ -34,7 +34,8 @@ class EmbeddingError(ValueError):
 
 
 def pack_int4_rows(codes: np.ndarray) -> np.ndarray:
-    """int8 codes [V, H] in [-8, 7] (H even) -> uint8 [V, H / 2], element 2k in the low nibble."""
+    """Codes [V, H] in [-8, 7] (or unsigned in [0, 15]; H even) -> uint8 [V, H / 2], element 2k in the
+    low nibble: the one INT4 packing (ONNX INT4, MatMulNBits, the table file, ``scales.safetensors``)."""
     nibbles = codes.astype(np.int8).view(np.uint8) & 0x0F
     return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
 

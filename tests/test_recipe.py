@@ -244,3 +244,25 @@ def test_round_trip_does_not_mutate_input(tmp_path):
     before = copy.deepcopy(recipe)
     write_recipe(recipe, tmp_path / "r.json")
     assert recipe == before
+
+
+def test_scales_store_codes_in_their_integer_width(tmp_path):
+    """4-bit codes two per byte, 8-bit codes as int8, scales fp32: read back exactly, a fraction of
+    float32 codes' bytes; a file of float32 codes (written before packing) reads the same."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.qweight": torch.randint(-8, 8, (64, 256), generator=g).to(torch.int8),
+               "b.qweight": torch.randint(-128, 128, (32, 128), generator=g).to(torch.int8),
+               "a.scale": torch.rand(64, 2, generator=g), "n.smooth": torch.rand(256, generator=g)}
+    path = tmp_path / "scales.safetensors"
+    write_tensors(tensors, path)
+    back = read_tensors(path)
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+    float_codes = 64 * 256 * 4 + 32 * 128 * 4
+    assert path.stat().st_size < float_codes / 5  # 8 KiB + 4 KiB of codes instead of 80 KiB
+    old = tmp_path / "old.safetensors"
+    save_file({name: t.float() for name, t in tensors.items()}, str(old))
+    assert all(torch.equal(read_tensors(old)[name].to(t.dtype), t) for name, t in tensors.items())
