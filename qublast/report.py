@@ -332,14 +332,11 @@ def _chosen_bytes(recipe: dict) -> list[int]:
 
 
 def _vocab_bytes(recipe: dict, embed: str, head: str, target) -> int:
-    from .formats import embed_format, get_format, linear_bytes, table_bytes
+    from .sizes import vocab_unit_bytes
 
     emb, lin = recipe["embedding"], recipe["lm_head"]["linears"][0]
-    rows, width = emb["shape"]
-    if emb["tied"] and embed == "fp16" and head == "fp16":
-        return target.float_bytes * rows * width
-    return table_bytes(embed_format(embed), rows, width) + linear_bytes(get_format(head, target), *lin["shape"], target=target,
-                                                                        has_bias=lin.get("bias", False))
+    return vocab_unit_bytes(target, embed=embed, head=head, tied=emb["tied"], table_shape=tuple(emb["shape"]),
+                            head_shape=tuple(lin["shape"]), head_bias=lin.get("bias", False))
 
 
 def _alloc_loss(recipe: dict) -> str:

@@ -46,15 +46,22 @@ def linear_entry(linear: torch.nn.Linear, *, name: str, path: str, fmt_name: str
 
 
 def vocab_bytes(model: torch.nn.Module, spec: ArchSpec, target: Target, *, embed: str, head: str) -> int:
-    """Bytes of the embedding table and lm_head as deployed: one in-graph copy of a tied table
-    kept in the graph (both unquantized, or lm_head's codes on a target that gathers from them),
-    else the host table plus the graph's lm_head."""
+    """Bytes of the embedding table and lm_head as deployed (``vocab_unit_bytes``)."""
     head_module = get_module(model, spec.lm_head)
-    tied = is_tied(model, spec)
+    return vocab_unit_bytes(target, embed=embed, head=head, tied=is_tied(model, spec),
+                            table_shape=tuple(get_module(model, spec.embed).weight.shape),
+                            head_shape=tuple(head_module.weight.shape), head_bias=head_module.bias is not None)
+
+
+def vocab_unit_bytes(target: Target, *, embed: str, head: str, tied: bool, table_shape: tuple[int, int],
+                     head_shape: tuple[int, int], head_bias: bool = False) -> int:
+    """The vocabulary unit's bytes from shapes (what calibration prices and the report re-prices):
+    one in-graph copy of a tied table kept in the graph (both unquantized, or lm_head's codes on a
+    target that gathers from them), else the host table plus the graph's lm_head."""
+    head_bytes = linear_bytes(get_format(head, target), *head_shape, target=target, has_bias=head_bias)
     if not side_table(tied=tied, embed=embed, head=head, shared_quantized=target.shared_quantized_table):
-        return linear_bytes_in(head_module, head, target)
-    rows, width = get_module(model, spec.embed).weight.shape
-    return table_bytes(embed_format(embed), rows, width) + linear_bytes_in(head_module, head, target)
+        return head_bytes
+    return table_bytes(embed_format(embed), *table_shape) + head_bytes
 
 
 def fp16_bytes(model: torch.nn.Module) -> int:

@@ -266,3 +266,26 @@ def test_scales_store_codes_in_their_integer_width(tmp_path):
     old = tmp_path / "old.safetensors"
     save_file({name: t.float() for name, t in tensors.items()}, str(old))
     assert all(torch.equal(read_tensors(old)[name].to(t.dtype), t) for name, t in tensors.items())
+
+
+@pytest.mark.parametrize("target_name", ["cpu", "jetson"])
+def test_report_prices_the_vocabulary_as_calibration_does(target_name):
+    """The report re-prices every embedding/lm_head pair from the recipe's shapes with the same
+    accounting as calibration (a tied pair quantized alike is one table on the CPU target)."""
+    from qublast.arch import arch_for
+    from qublast.blocks import get_module
+    from qublast.report import _vocab_bytes
+    from qublast.sizes import vocab_bytes
+    from qublast.vocab import is_tied
+    from tests.tiny import tiny_model
+
+    target = get_target(target_name)
+    model = tiny_model("qwen2")  # tied
+    spec = arch_for("qwen2")
+    head = get_module(model, spec.lm_head)
+    recipe = {"embedding": {"tied": is_tied(model, spec), "shape": list(get_module(model, spec.embed).weight.shape)},
+              "lm_head": {"linears": [{"shape": list(head.weight.shape), "bias": head.bias is not None}]}}
+    assert recipe["embedding"]["tied"]
+    for embed in ("fp16", "w8", "w4"):
+        for head_format in ("fp16", "w4"):
+            assert _vocab_bytes(recipe, embed, head_format, target) == vocab_bytes(model, spec, target, embed=embed, head=head_format)
