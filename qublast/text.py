@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.perplexity import wikitext_rows_to_text
+from runtime.perplexity import windows as text_windows
+
 from .errors import InputError
 
 WIKITEXT_DATASETS = {
@@ -28,12 +31,6 @@ class TextSource:
 
     label: str
     text: str
-
-
-def wikitext_rows_to_text(lines: list[str]) -> str:
-    """Rows as the HF loader gives them (blank -> "", else line + "\\n"), joined with "\\n\\n"."""
-    rows = ["" if not line.strip() else line.rstrip("\n") + "\n" for line in lines]
-    return "\n\n".join(rows)
 
 
 def eval_text(*, path: str | None = None, dataset: str | None = None) -> TextSource:
@@ -89,12 +86,10 @@ def tokenize(tokenizer, text: str) -> np.ndarray:
 
 def eval_windows(ids: np.ndarray, seqlen: int, *, max_windows: int | None = None) -> np.ndarray:
     """Non-overlapping windows from the start: int64 [N, seqlen]; the short tail is dropped."""
-    n = len(ids) // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise InputError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}")
-    return ids[: n * seqlen].reshape(n, seqlen)
+    try:
+        return text_windows(ids, seqlen, max_windows=max_windows)
+    except ValueError:
+        raise InputError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}") from None
 
 
 def check_length(src: TextSource, what: str, windows: int, seqlen: int, needed: str) -> None:

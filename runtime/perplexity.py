@@ -39,17 +39,24 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> dict:
     return {"ppl": math.exp(nll_sum / tokens), "nll_sum": nll_sum, "tokens": tokens, "seconds": time.perf_counter() - start}
 
 
+def wikitext_rows_to_text(lines: list[str]) -> str:
+    """The WikiText protocol's text (the one implementation; ``qublast.text`` uses it): rows as the
+    HF loader gives them (blank -> "", else line + "\\n"), joined with "\\n\\n"."""
+    return "\n\n".join("" if not line.strip() else line.rstrip("\n") + "\n" for line in lines)
+
+
 def wikitext_text(path: str | Path) -> str:
-    """The evaluation text of a WikiText raw file (same protocol as qublast.text.eval_text)."""
+    """The evaluation text of a WikiText raw file (``wikitext_rows_to_text`` of its lines)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
     except UnicodeDecodeError as exc:
         raise ValueError(f"text file is not UTF-8: {path} (byte {exc.start})") from None
-    return "\n\n".join("" if not line.strip() else line.rstrip("\n") + "\n" for line in lines)
+    return wikitext_rows_to_text(lines)
 
 
 def windows(ids: list[int], seqlen: int, *, max_windows: int | None = None) -> np.ndarray:
-    """Non-overlapping windows from the start: int64 [N, seqlen]."""
+    """Non-overlapping windows from the start: int64 [N, seqlen]; the short tail is dropped (the
+    one implementation; ``qublast.text.eval_windows`` uses it)."""
     n = len(ids) // seqlen if max_windows is None else min(len(ids) // seqlen, max_windows)
     if n == 0:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}")
