@@ -21,7 +21,7 @@ import numpy as np
 
 from qublast import text as qtext
 from qublast.arch import arch_for
-from qublast.calibrate import CalibConfig, calibrate
+from qublast.calibrate import DEFAULTS, CalibConfig, calibrate
 from qublast.device import placed, torch_dtype
 from qublast.errors import GraphError, InputError, QublastError
 from qublast.files import atomic_write_text, remove_stale_temps, safetensors_loads
@@ -65,7 +65,7 @@ class ExportConfig:
     """One export run; the CLI only parses flags into this."""
 
     out: Path
-    target: str = "jetson"
+    target: str = DEFAULTS.target
     model: str | None = None
     recipe: Path | None = None
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -73,7 +73,7 @@ class ExportConfig:
     calib_dataset: str | None = None
     eval_text: str | None = None
     eval_dataset: str | None = None
-    seqlen: int = 512
+    seqlen: int = qtext.EVAL_SEQLEN
     max_eval_windows: int | None = None
     context: int | None = None  # the TensorRT profiles' longest sequence (None: DEFAULT_CONTEXT or the positions)
     threads: int | None = None
@@ -150,7 +150,7 @@ def preflight(cfg: ExportConfig) -> Inputs:
     arch_for(getattr(config, "model_type", "") or "")
     positions = max_positions(config)
     target = get_target(cfg.target)
-    lengths = [("--seqlen", cfg.seqlen)] + ([] if cfg.recipe else [("--calib-seqlen", cfg.calib.seqlen)])
+    lengths = [("--seqlen", cfg.seqlen)] + ([] if cfg.recipe else [("--calib-seqlen", cfg.calib.calib_seqlen)])
     lengths += [("--context", cfg.context)] if cfg.context is not None else []
     for flag, value in lengths:
         if positions is not None and value > positions:
@@ -197,7 +197,7 @@ def preflight(cfg: ExportConfig) -> Inputs:
     if calib_src is not None:
         counts = [("--calib-windows", cfg.calib.sens_windows), ("--holdout-windows", cfg.calib.holdout_windows)]
         counts += [("--gptq-windows", cfg.calib.gptq_windows)] if "gptq" in cfg.calib.quantizers else []
-        qtext.check_length(calib_src, "calibration text", sum(n for _, n in counts), cfg.calib.seqlen,
+        qtext.check_length(calib_src, "calibration text", sum(n for _, n in counts), cfg.calib.calib_seqlen,
                            " + ".join(f"{flag} {n}" for flag, n in counts) + " of --calib-seqlen")
         if not cfg.allow_test_calibration:
             qtext.check_disjoint(calib_src, eval_src)

@@ -60,7 +60,7 @@ class CalibConfig:
     lm_head: str = AUTO
     embeddings: str = AUTO
     candidates: tuple[str, ...] | None = None  # None: the target's default candidates
-    seqlen: int = 512
+    calib_seqlen: int = 512  # calibration window length (the export's --seqlen is the evaluation's)
     sens_windows: int = 8
     holdout_windows: int = 16
     seed: int = 0
@@ -119,8 +119,8 @@ class CalibConfig:
         torch_dtype(self.dtype)
         if self.spend_tries < 0:
             raise InputError(f"--spend-tries must be >= 0, got {self.spend_tries}")
-        if self.seqlen < 2:
-            raise InputError(f"--calib-seqlen must be >= 2, got {self.seqlen}")
+        if self.calib_seqlen < 2:
+            raise InputError(f"--calib-seqlen must be >= 2, got {self.calib_seqlen}")
         if self.sens_windows < 1:
             raise InputError(f"--calib-windows must be >= 1, got {self.sens_windows}")
         if self.seed < 0:
@@ -168,6 +168,8 @@ class CalibConfig:
         return embed, head
 
 
+DEFAULTS = CalibConfig()  # every calibration default, as the CLI shows it (qublast.export reads them here)
+
 def vocab_option(embed: str, head: str) -> str:
     """Name of the vocabulary unit's option in a plan: ``"<embedding>/<lm_head>"``."""
     return f"{embed}/{head}"
@@ -187,7 +189,7 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
 
     target = get_target(cfg.target)
     gptq = "gptq" in cfg.quantizers
-    sens, holdout, *fit = calib_windows(calib_ids, cfg.seqlen, (cfg.sens_windows, cfg.holdout_windows)
+    sens, holdout, *fit = calib_windows(calib_ids, cfg.calib_seqlen, (cfg.sens_windows, cfg.holdout_windows)
                                         + ((cfg.gptq_windows,) if gptq else ()), seed=cfg.seed)
     layers = blocks_of(model, spec)
     fixed = cfg.fixed_formats(len(layers))
@@ -446,7 +448,7 @@ def _costs(costs: dict, table, vocab_table) -> dict:
 
 def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: dict) -> dict:
     return {
-        "text": calib_label, "seqlen": cfg.seqlen, "sens_windows": cfg.sens_windows,
+        "text": calib_label, "seqlen": cfg.calib_seqlen, "sens_windows": cfg.sens_windows,
         "holdout_windows": cfg.holdout_windows, "seed": cfg.seed, "candidates": list(candidates),
         "clip_grid": list(CLIP_GRID), "safety": cfg.safety, "scaling": cfg.scaling,
         "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,

@@ -11,14 +11,17 @@ from pathlib import Path
 
 from runtime.targets import EMBED_FORMATS, TARGETS
 
-from .calibrate import ALLOC_LOSSES, AUTO, CalibConfig
+from .calibrate import ALLOC_LOSSES, AUTO, DEFAULTS, CalibConfig
 from .errors import InputError, QublastError
 from .formats import ALL_FORMATS
+from .scaling import RANGE_METHODS
+from .sensitivity import ESTIMATES
+from .text import EVAL_SEQLEN
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qublast.export", description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--target", default="jetson",
+    p.add_argument("--target", default=DEFAULTS.target,
                    help="; ".join(f"{t.name}: {t.description}, formats {'/'.join(t.formats)}" for t in TARGETS.values()))
     p.add_argument("--model", help="hub id, local HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", type=Path, default=Path("bundle"),
@@ -48,40 +51,40 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-dataset", help="calibration dataset name (wikitext2), validation split")
     p.add_argument("--eval-text", help="evaluation file in WikiText raw layout (e.g. wiki.test.raw)")
     p.add_argument("--eval-dataset", help="evaluation dataset name (wikitext2, wikitext103), test split")
-    p.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default 512)")
+    p.add_argument("--seqlen", type=int, default=EVAL_SEQLEN, help="evaluation window length (default %(default)s)")
     p.add_argument("--max-eval-windows", type=int, help="evaluate only the first N windows")
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--calib-windows", type=int, default=8, help="windows for the sensitivity sweep")
-    p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows for measured repair")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--safety", type=float, default=0.9,
-                   help="repair until held-out dCE + 2 stderr <= safety * ln(1+P) (default 0.9: a margin for "
+    p.add_argument("--calib-seqlen", type=int, default=DEFAULTS.calib_seqlen, help="calibration window length (default %(default)s)")
+    p.add_argument("--calib-windows", type=int, default=DEFAULTS.sens_windows, help="windows for the sensitivity sweep (default %(default)s)")
+    p.add_argument("--holdout-windows", type=int, default=DEFAULTS.holdout_windows, help="held-out windows for measured repair (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--safety", type=float, default=DEFAULTS.safety,
+                   help="repair until held-out dCE + 2 stderr <= safety * ln(1+P) (default %(default)s: a margin for "
                    "the shift from calibration text to other text)")
     p.add_argument("--no-scaling", action="store_true", help="turn the activation scaling map off (ablation)")
-    p.add_argument("--range-method", default="mse", choices=("absmax", "percentile", "mse"),
-                   help="static INT8 activation range estimator for w8a8 (default mse)")
-    p.add_argument("--alloc-loss", default="kl", choices=ALLOC_LOSSES,
+    p.add_argument("--range-method", default=DEFAULTS.range_method, choices=RANGE_METHODS,
+                   help="static INT8 activation range estimator for w8a8 (default %(default)s)")
+    p.add_argument("--alloc-loss", default=DEFAULTS.alloc_loss, choices=ALLOC_LOSSES,
                    help="what allocation sums per block: kl (default; stable on few windows) or dce "
                         "(needs many --calib-windows)")
-    p.add_argument("--spend-tries", type=int, default=4,
+    p.add_argument("--spend-tries", type=int, default=DEFAULTS.spend_tries,
                    help="--max-ppl-increase: measurements spent moving to smaller plans while the held-out bound "
                         "leaves room (two-sided repair; 0 repairs upward only)")
-    p.add_argument("--sweep", default="fisher", choices=("fisher", "full"),
+    p.add_argument("--sweep", default=DEFAULTS.sweep, choices=ESTIMATES,
                    help="how the sensitivity sweep finds a block's end-to-end loss: fisher (default; from one backward "
                         "pass of the fp model, cost linear in the depth) or full (runs every later block to the logits "
                         "per measurement, cost quadratic in the depth)")
-    p.add_argument("--quantizers", default="rtn,gptq",
+    p.add_argument("--quantizers", default=",".join(DEFAULTS.quantizers),
                    help="quantizers the sweep tries per block and format, the lower block output error kept: rtn, gptq "
                         "(default both)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ visits columns in order (default: by decreasing input power)")
-    p.add_argument("--gptq-windows", type=int, default=32, help="GPTQ's own calibration windows of --calib-seqlen (default 32)")
-    p.add_argument("--reconstruct", type=int, default=2,
+    p.add_argument("--gptq-windows", type=int, default=DEFAULTS.gptq_windows, help="GPTQ's own calibration windows of --calib-seqlen (default %(default)s)")
+    p.add_argument("--reconstruct", type=int, default=DEFAULTS.reconstruct,
                    help="cross-block reconstruction: tune the scales of this many consecutive blocks at a time to match "
-                        "the fp model's output (default 2; 0 turns it off; docs/results.md)")
-    p.add_argument("--reconstruct-steps", type=int, default=40, help="optimizer steps per reconstruction window (default 40)")
-    p.add_argument("--device", default="cpu", help="where calibration computes: cpu (default), cuda or cuda:N; "
+                        "the fp model's output (default %(default)s; 0 turns it off; docs/results.md)")
+    p.add_argument("--reconstruct-steps", type=int, default=DEFAULTS.reconstruct_steps, help="optimizer steps per reconstruction window (default %(default)s)")
+    p.add_argument("--device", default=DEFAULTS.device, help="where calibration computes: cpu (default), cuda or cuda:N; "
                                                   "blocks move there one at a time")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+    p.add_argument("--dtype", default=DEFAULTS.dtype, choices=("float32", "float16", "bfloat16"),
                    help="the model's dtype during calibration (default float32; float16 suits the Jetson fp16 graph)")
     p.add_argument("--context", type=int, help="longest sequence the TensorRT engine's profiles take "
                                                "(default: 2048 or the model's positions if fewer)")
@@ -194,7 +197,7 @@ def config_from_args(args: argparse.Namespace):
         formats=_names("--formats", args.formats),
         lm_head=args.lm_head, embeddings=args.embeddings,
         candidates=_names("--candidates", args.candidates),
-        seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
+        calib_seqlen=args.calib_seqlen, sens_windows=args.calib_windows, holdout_windows=args.holdout_windows,
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
         quantizers=_names("--quantizers", args.quantizers), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,

@@ -77,8 +77,8 @@ def _window_key(transforms: list[BlockTransform], vocab, last: int, settings: tu
     return (vocab.embed.name, vocab.head.name, settings, fmts)
 
 
-def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, ids: torch.Tensor, *, window: int = 2,
-                steps: int = 60, lr: float = 2e-3, batch: int = 2, log=print,
+def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, ids: torch.Tensor, *, window: int,
+                steps: int, lr: float = 2e-3, batch: int = 2, log=print,
                 cache: WindowCache | None = None) -> tuple[list[BlockTransform], list[dict]]:
     """Tune every quantized block's scales, ``window`` blocks at a time, on token windows ``ids`` [N, S].
 

@@ -76,8 +76,8 @@ class Sensitivity:
 
 def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, journal: Path, fingerprint: str,
           scaling: bool = True, range_method: str = "mse", vocab: dict[str, tuple[str, ...]] | None = None,
-          quantizers: tuple[str, ...] = ("rtn",), act_order: bool = True, fit: torch.Tensor | None = None,
-          estimate: str = "full", progress=None,
+          quantizers: tuple[str, ...], act_order: bool = True, fit: torch.Tensor | None = None,
+          estimate: str, progress=None,
           ) -> tuple[list[dict[str, Sensitivity]], dict[str, dict[str, Sensitivity]]]:
     """Measure every (block, candidate) and every (vocab unit, format) of ``vocab``
     (``{"embed": formats, "lm_head": formats}``); returns one ``{format: Sensitivity}`` per block

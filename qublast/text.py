@@ -17,6 +17,7 @@ from runtime.perplexity import windows as text_windows
 
 from .errors import InputError
 
+EVAL_SEQLEN = 512  # the evaluation's window length (DESIGN.md protocol; --seqlen)
 WIKITEXT_DATASETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
     "wikitext103": ("wikitext", "wikitext-103-raw-v1"),

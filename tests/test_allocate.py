@@ -299,7 +299,7 @@ def test_calibrate_allocates_on_the_chosen_loss(tmp_path, monkeypatch, loss):
     layers, cpu = model.model.layers, get_target("cpu")
     one_w4 = ((block_bytes(layers[0], spec, "w4", cpu) + block_bytes(layers[1], spec, "w8", cpu))
               / sum(p.numel() * 2 for layer in layers for n in spec.linears for p in layer.get_submodule(n).parameters()))
-    cfg = CalibConfig(target="cpu", candidates=("fp16", "w8", "w4"), blocks_size=one_w4 + 1e-6, alloc_loss=loss, seqlen=16, sens_windows=2, holdout_windows=2, quantizers=("rtn",),
+    cfg = CalibConfig(target="cpu", candidates=("fp16", "w8", "w4"), blocks_size=one_w4 + 1e-6, alloc_loss=loss, calib_seqlen=16, sens_windows=2, holdout_windows=2, quantizers=("rtn",),
                       cache_dir=tmp_path)
     ids = torch.randint(0, VOCAB, (16 * 4,), generator=torch.Generator().manual_seed(0)).numpy()
     recipe, _ = calibrate(model, spec, model_info={"weight_sha256": "x"}, calib_ids=ids, calib_label="t", cfg=cfg, log=lambda _m: None)

@@ -102,7 +102,7 @@ def test_sweep_keeps_the_map_only_where_it_lowers_dce(tmp_path, monkeypatch, map
         return Score(score.ce + map_shift, score.kl) if is_map else score
 
     monkeypatch.setattr(sens, "_score", shifted)
-    table, _ = sens.sweep(runner, JETSON, ("fp16", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f")
+    table, _ = sens.sweep(runner, JETSON, ("fp16", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f", quantizers=("rtn",), estimate="full")
     for row in table:
         kept = row["w4"]
         if map_shift > 0:
@@ -125,7 +125,7 @@ def test_sweep_keeps_the_lower_of_map_and_map_off(tmp_path, target, formats):
     spec = arch_for(model.config.model_type)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     runner = BlockRunner(model, spec, ids)
-    table, _ = sweep(runner, target, ("fp16", *formats), journal=tmp_path / "j.jsonl", fingerprint="f")
+    table, _ = sweep(runner, target, ("fp16", *formats), journal=tmp_path / "j.jsonl", fingerprint="f", quantizers=("rtn",), estimate="full")
     hidden = runner.first_hidden
     for index, row in enumerate(table):
         for kept in (row[f] for f in formats):

@@ -20,7 +20,7 @@ def test_embedded_texts_serve_the_default_flags():
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     cfg = CalibConfig(target="jetson")
     ids = tokenize(tokenizer, calib_text().text)
-    sens, holdout, fit = calib_windows(ids, cfg.seqlen, (cfg.sens_windows, cfg.holdout_windows, cfg.gptq_windows),
+    sens, holdout, fit = calib_windows(ids, cfg.calib_seqlen, (cfg.sens_windows, cfg.holdout_windows, cfg.gptq_windows),
                                        seed=cfg.seed)
     assert len(sens) + len(holdout) + len(fit) == cfg.sens_windows + cfg.holdout_windows + cfg.gptq_windows
     check_disjoint(calib_text(), eval_text())  # calibration never reads the evaluation text

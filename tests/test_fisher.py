@@ -64,7 +64,7 @@ def _block_forwards(layers: int, estimate: str, tmp_path) -> int:
 
     runner.block_forward = counted
     table, _ = sweep(runner, get_target("cpu"), ("fp16", "w4"), journal=tmp_path / f"{layers}-{estimate}.jsonl",
-                     fingerprint="f", scaling=False, estimate=estimate)
+                     fingerprint="f", scaling=False, estimate=estimate, quantizers=("rtn",))
     assert all(row["w4"].estimated == (estimate == "fisher") for row in table)
     return calls
 
@@ -80,7 +80,7 @@ def test_fisher_rows_keep_the_lower_kl_of_map_and_map_off(tmp_path):
     model = tiny_model("llama")
     runner = BlockRunner(model, arch_for("llama"), _ids())
     table, _ = sweep(runner, get_target("cpu"), ("fp16", "w8", "w4"), journal=tmp_path / "j.jsonl", fingerprint="f",
-                     estimate="fisher")
+                     estimate="fisher", quantizers=("rtn",))
     for row in table:
         for kept in (row["w8"], row["w4"]):
             assert kept.estimated and 0 <= kept.kl <= kept.kl_unscaled  # the estimate decides by KL

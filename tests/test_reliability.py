@@ -237,7 +237,7 @@ def test_test_split_calibration_only_when_asked(tiny_model_dir, tmp_path):
     from qublast.calibrate import CalibConfig
 
     cfg = {"model": str(tiny_model_dir), "out": tmp_path / "x", "target": "cpu", "calib_text": TEST_EXCERPT, "seqlen": 32,
-           "calib": CalibConfig(target="cpu", cache_dir=tmp_path / "c", seqlen=32)}
+           "calib": CalibConfig(target="cpu", cache_dir=tmp_path / "c", calib_seqlen=32)}
     with pytest.raises(InputError, match="--allow-test-calibration"):
         preflight(ExportConfig(**cfg))
     inputs = preflight(ExportConfig(**cfg, allow_test_calibration=True))

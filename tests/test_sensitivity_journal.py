@@ -185,7 +185,7 @@ def _reference(runner, table, fmt_names):
 def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
     runner = FakeRunner()
     path = tmp_path / "sens.jsonl"
-    table = sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint=FP)[0]
+    table = sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint=FP, quantizers=("rtn",), estimate="full")[0]
     ref = _reference(runner, table, ("w8", "w4"))
     assert len(table) == 3
     for i, row in enumerate(table):
@@ -210,14 +210,14 @@ def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sens, "_measure", counting)
-    assert sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint=FP)[0] == table
+    assert sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint=FP, quantizers=("rtn",), estimate="full")[0] == table
     assert calls == []
     assert len(path.read_text().splitlines()) == 7
 
     # a cut last line: only that run is measured again
     text = path.read_text()
     path.write_text(text[: text.rstrip("\n").rfind("\n") + 1] + lines[-1][:9])
-    assert sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint=FP)[0] == table
+    assert sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint=FP, quantizers=("rtn",), estimate="full")[0] == table
     assert len(calls) == 1
 
     def without_times(journal_text):
@@ -229,7 +229,7 @@ def test_sweep_writes_and_resumes_journal(tmp_path, monkeypatch):
 
     # another fingerprint: everything measured again, old journal kept as .stale
     calls.clear()
-    assert sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint="new")[0] == table
+    assert sweep(runner, CPU, ("fp16", "w8", "w4"), journal=path, fingerprint="new", quantizers=("rtn",), estimate="full")[0] == table
     assert len(calls) == 6
     assert path.with_suffix(".stale").read_text() == text
     assert json.loads(path.read_text().splitlines()[0])["fingerprint"] == "new"
