@@ -80,6 +80,7 @@ class ExportConfig:
     trust_remote_code: bool = False
     overwrite: bool = False  # --out may replace a file or a folder that is not a bundle
     allow_test_calibration: bool = False  # calibration text may share paragraphs with the evaluation text
+    calibrate_only: bool = False  # python -m qublast.calibrate: write the recipe folder, export nothing
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -105,7 +106,7 @@ class Inputs:
     out: Path
     source: ModelSource
     max_positions: int | None
-    eval_src: qtext.TextSource
+    eval_src: qtext.TextSource | None  # None: calibration only
     calib_src: qtext.TextSource | None  # None: the recipe decides
     recipe: dict | None
     context: int  # the TensorRT profiles' longest sequence
@@ -137,7 +138,7 @@ def run(cfg: ExportConfig) -> Path:
     except BaseException:
         outdir.remove_new_parents(made)
         raise
-    log(f"bundle written: {inputs.out}")
+    log(f"{'recipe' if cfg.calibrate_only else 'bundle'} written: {inputs.out}")
     return inputs.out
 
 
@@ -150,7 +151,7 @@ def preflight(cfg: ExportConfig) -> Inputs:
     arch_for(getattr(config, "model_type", "") or "")
     positions = max_positions(config)
     target = get_target(cfg.target)
-    lengths = [("--seqlen", cfg.seqlen)] + ([] if cfg.recipe else [("--calib-seqlen", cfg.calib.calib_seqlen)])
+    lengths = ([] if cfg.calibrate_only else [("--seqlen", cfg.seqlen)]) + ([] if cfg.recipe else [("--calib-seqlen", cfg.calib.calib_seqlen)])
     lengths += [("--context", cfg.context)] if cfg.context is not None else []
     for flag, value in lengths:
         if positions is not None and value > positions:
@@ -191,15 +192,16 @@ def preflight(cfg: ExportConfig) -> Inputs:
             raise InputError(f"--recipe {cfg.recipe}: {scales} is damaged (it does not load)")
     elif blocks is not None:
         cfg.calib.fixed_formats(blocks)  # --formats: one per block
-    eval_src = qtext.eval_text(path=cfg.eval_text, dataset=cfg.eval_dataset)
-    qtext.check_length(eval_src, "evaluation text", 1, cfg.seqlen, "one window of --seqlen")
+    eval_src = None if cfg.calibrate_only else qtext.eval_text(path=cfg.eval_text, dataset=cfg.eval_dataset)
+    if eval_src is not None:
+        qtext.check_length(eval_src, "evaluation text", 1, cfg.seqlen, "one window of --seqlen")
     calib_src = None if cfg.recipe else qtext.calib_text(path=cfg.calib_text, dataset=cfg.calib_dataset)
     if calib_src is not None:
         counts = [("--calib-windows", cfg.calib.sens_windows), ("--holdout-windows", cfg.calib.holdout_windows)]
         counts += [("--gptq-windows", cfg.calib.gptq_windows)] if "gptq" in cfg.calib.quantizers else []
         qtext.check_length(calib_src, "calibration text", sum(n for _, n in counts), cfg.calib.calib_seqlen,
                            " + ".join(f"{flag} {n}" for flag, n in counts) + " of --calib-seqlen")
-        if not cfg.allow_test_calibration:
+        if eval_src is not None and not cfg.allow_test_calibration:
             qtext.check_disjoint(calib_src, eval_src)
     _check_cache(cfg.calib.cache_dir)
     context = cfg.context or min(DEFAULT_CONTEXT, positions or DEFAULT_CONTEXT)
@@ -227,6 +229,9 @@ def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
             "num_blocks": model.config.num_hidden_layers, "gguf": source.gguf_file, "max_positions": inputs.max_positions}
     timings["load_s"] = time.perf_counter() - t0
 
+    if cfg.calibrate_only:
+        _calibrate_only(cfg, inputs, work, model, spec, tokenizer, info, timings)
+        return
     eval_src = inputs.eval_src
     windows = qtext.eval_windows(qtext.tokenize(tokenizer, eval_src.text), cfg.seqlen, max_windows=cfg.max_eval_windows)
     log(f"evaluation: {eval_src.label}, {len(windows)} windows of {cfg.seqlen}")
@@ -247,10 +252,27 @@ def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
 
     recipe["metrics"].update(_sizes(work, recipe, exported))
     recipe["metrics"].update(_verify(cfg, model, spec, recipe, scales, windows, work, target, ppl_fp=ppl_fp, timings=timings))
+    recipe["stage"] = "exported"
     record["timings"] = timings
     recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": len(windows),
                             "graph_optimization_level": "ORT_ENABLE_ALL", "ort_session": dict(target.ort_session)}
     _write_bundle(cfg, inputs, work, recipe, scales, tokenizer, record)
+
+
+def _calibrate_only(cfg: ExportConfig, inputs: Inputs, work: Path, model, spec, tokenizer, info: dict, timings: dict) -> None:
+    """``python -m qublast.calibrate``: the recipe folder (recipe.json, scales.safetensors, run.json,
+    manifest.json), which ``python -m qublast.export --recipe`` applies; nothing is exported."""
+    t0 = time.perf_counter()
+    with placed(model, spec, cfg.calib.device):
+        recipe, scales = _recipe_and_scales(cfg, inputs, model, spec, tokenizer, info)
+    timings["calibration_s"] = time.perf_counter() - t0
+    record = {"calibration_costs": recipe["calibration"].pop("costs", {}), "recipe": None, "timings": timings}
+    log(f"writing the recipe's files into {work.name}")
+    write_recipe(recipe, work / "recipe.json")
+    write_tensors(scales, work / "scales.safetensors")
+    atomic_write_text(work / RUN_RECORD, json.dumps(record, indent=1) + "\n")
+    (work / MANIFEST).write_text(json.dumps(manifest_for(work, recipe_version=recipe["version"]), indent=1) + "\n")
+    _make_readable(work)
 
 
 def _recipe_and_scales(cfg: ExportConfig, inputs: Inputs, model, spec, tokenizer, info) -> tuple[dict, dict]:

@@ -234,7 +234,7 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
                 allocation["heldout_ce_quant"] = float(window_ce(model, holdout).mean())
             peaks = recorder.summary()
     recipe = {
-        "format": RECIPE_FORMAT, "version": RECIPE_VERSION, "model": model_info, "target": target_entry(target),
+        "format": RECIPE_FORMAT, "version": RECIPE_VERSION, "stage": "calibrated", "model": model_info, "target": target_entry(target),
         "calibration": {**_calibration_entry(cfg, calib_label, candidates, peaks), "costs": _costs(costs, table, vocab_table)},
         "constraint": {"mode": cfg.mode, "value": cfg.mode_value},
         "blocks": block_entries(model, spec, target, block_formats, qweights, table, scaling=cfg.scaling,
@@ -476,3 +476,11 @@ def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
     if cfg.sweep != "full":  # journals of full sweeps keep their fingerprint
         digest.update(repr(("sweep", cfg.sweep)).encode())
     return digest.hexdigest()
+
+
+if __name__ == "__main__":  # python -m qublast.calibrate: the CLI of qublast.export, stopping at the recipe
+    import sys
+
+    from qublast.export import main
+
+    sys.exit(main(calibrate_only=True))

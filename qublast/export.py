@@ -19,14 +19,23 @@ from .sensitivity import ESTIMATES
 from .text import EVAL_SEQLEN
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qublast.export", description=__doc__.splitlines()[0], allow_abbrev=False)
+CALIBRATE_DESCRIPTION = ("calibrate only: decide the recipe (recipe.json + scales.safetensors in --out) without exporting; "
+                         "python -m qublast.export --recipe OUT/recipe.json applies it")
+# What only the export and its verification use: refused by ``python -m qublast.calibrate``.
+EXPORT_ONLY = ("recipe", "eval_text", "eval_dataset", "seqlen", "max_eval_windows", "context")
+
+
+def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qublast.calibrate" if calibrate_only else "python -m qublast.export",
+                                description=CALIBRATE_DESCRIPTION if calibrate_only else __doc__.splitlines()[0],
+                                allow_abbrev=False)
     p.add_argument("--target", default=DEFAULTS.target,
                    help="; ".join(f"{t.name}: {t.description}, formats {'/'.join(t.formats)}" for t in TARGETS.values()))
     p.add_argument("--model", help="hub id, local HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", type=Path, default=Path("bundle"),
-                   help="bundle folder (default: ./bundle); may be new, empty or an earlier bundle, which is replaced "
-                        "once the new one is complete")
+    what = "recipe" if calibrate_only else "bundle"
+    p.add_argument("--out", type=Path, default=Path(what),
+                   help=f"{what} folder (default: ./{what}); may be new, empty or an earlier bundle or recipe folder, which "
+                        f"is replaced once the new one is complete")
     p.add_argument("--overwrite", action="store_true",
                    help="let --out replace a file or a folder that is not a bundle (never the model, the other inputs, "
                         "the cache or the current directory)")
@@ -168,6 +177,13 @@ def _check_target_flags(p: argparse.ArgumentParser, argv: list[str], args: argpa
                          f"(its runtime takes sequences up to the model's positions)")
 
 
+def _check_calibrate_flags(p: argparse.ArgumentParser, argv: list[str], *, calibrate_only: bool) -> None:
+    clash = [flag for dest, flag in given(p, argv).items() if dest in EXPORT_ONLY] if calibrate_only else []
+    if clash:
+        raise InputError(f"{', '.join(clash)} {'is' if len(clash) == 1 else 'are'} for the export; python -m qublast.calibrate "
+                         f"writes only the recipe (drop {'it' if len(clash) == 1 else 'them'}, or run python -m qublast.export)")
+
+
 def _check_recipe_flags(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
     if args.recipe is None:
         return
@@ -187,7 +203,7 @@ def _names(flag: str, value: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, *, calibrate_only: bool = False):
     """Flags -> ``ExportConfig`` (validation happens in the config classes)."""
     from export.pipeline import ExportConfig
 
@@ -209,7 +225,7 @@ def config_from_args(args: argparse.Namespace):
         calib_text=args.calib_text, calib_dataset=args.calib_dataset, eval_text=args.eval_text,
         eval_dataset=args.eval_dataset, seqlen=args.seqlen, max_eval_windows=args.max_eval_windows,
         context=args.context, threads=args.threads, trust_remote_code=args.trust_remote_code,
-        overwrite=args.overwrite, allow_test_calibration=args.allow_test_calibration,
+        overwrite=args.overwrite, allow_test_calibration=args.allow_test_calibration, calibrate_only=calibrate_only,
     )
 
 
@@ -225,21 +241,23 @@ def _raise_signalled(signum, _frame):
     raise _Signalled(signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, calibrate_only: bool = False) -> int:
+    """The CLI; with ``calibrate_only`` (``python -m qublast.calibrate``) the run stops at the recipe."""
     import signal
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = parser()
+    p = parser(calibrate_only=calibrate_only)
     args = p.parse_args(argv)
     previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         from export.pipeline import run
 
         _check_values(p, argv, args)
+        _check_calibrate_flags(p, argv, calibrate_only=calibrate_only)
         _check_recipe_flags(p, argv, args)
         _check_target_flags(p, argv, args)
         _check_unused(p, argv, args)
-        run(config_from_args(args))
+        run(config_from_args(args, calibrate_only=calibrate_only))
     except KeyboardInterrupt:
         _fail(f"interrupted (Ctrl-C); {args.out} is as it was")
         return 130

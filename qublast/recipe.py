@@ -24,6 +24,10 @@ refused with a message to calibrate again)::
                  files), "size_files": {file: bytes}, "size_bytes_blocks_fp16", "size_bytes_blocks" (block
                  linears' initializers in the graph), "size_bytes_predicted", "eval_tokens", "seqlen", ...}}
 
+``"stage"``: "calibrated" (``python -m qublast.calibrate``'s recipe folder: decisions and what
+calibration measured, sizes predicted) or "exported" (a bundle's: metrics measured through the
+deployed graph); absent in recipes written before it, which were all exported.
+
 ``scales.safetensors`` holds, for every quantized linear (full module path ``P``, ``lm_head``
 included) and a quantized embedding table (its module path), the fp32 tensor ``P.scale`` of
 shape [out, in // block_size], and for every folded producer ``N`` of the scaling map its
@@ -53,6 +57,12 @@ REQUIRED_METRICS = (
     "ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes",
     "size_bytes_blocks_fp16", "size_bytes_blocks", "eval_tokens", "seqlen",
 )
+
+
+# "calibrated": written by python -m qublast.calibrate, its metrics only predicted; "exported": a
+# bundle's, measured through the deployed graph.
+STAGES = ("calibrated", "exported")
+CALIBRATED_METRICS = ("size_bytes_predicted", "size_bytes_fp16")
 
 
 def write_recipe(recipe: dict, path: str | Path) -> None:
@@ -92,7 +102,10 @@ def _validate(recipe: dict) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in recipe]
     if missing:
         raise RecipeError(f"recipe lacks {', '.join(missing)}")
-    missing = [k for k in REQUIRED_METRICS if k not in recipe["metrics"]]
+    stage = recipe.get("stage", "exported")  # recipes before calibrate-only folders were all exported
+    if stage not in STAGES:
+        raise RecipeError(f"recipe stage {stage!r} is not one of {', '.join(STAGES)}")
+    missing = [k for k in (REQUIRED_METRICS if stage == "exported" else CALIBRATED_METRICS) if k not in recipe["metrics"]]
     if missing:
         raise RecipeError(f"recipe metrics lack {', '.join(missing)}")
     blocks = recipe["blocks"]
