@@ -30,8 +30,8 @@ from qublast import text as qtext  # noqa: E402
 from qublast.apply import act_quantizers, quantize_linear, set_act_quant  # noqa: E402
 from qublast.blocks import blocks_of, get_module  # noqa: E402
 from qublast.evaluate import perplexity  # noqa: E402
-from qublast.gptq import gptq_quantize, hessian  # noqa: E402
 from qublast.formats import get_format, get_target  # noqa: E402
+from qublast.gptq import gptq_quantize, hessian  # noqa: E402
 from qublast.models import load_model, resolve_source  # noqa: E402
 from qublast.quant import quantize_weight  # noqa: E402
 

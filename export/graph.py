@@ -49,7 +49,8 @@ def export_bundle_graph(model, spec, recipe: dict, tensors: dict, work: Path, ta
         _write_table(model, spec, recipe, tensors, work / TABLE_FILE)
     raw = work / "raw"
     raw.mkdir()
-    log(f"exporting ONNX (opset {onnx_export.OPSET}, {target.graph_dtype}, {'KV cache' if spec.kind == 'attention' else 'recurrent state, one token a step'}, "
+    state = "KV cache" if spec.kind == "attention" else "recurrent state, one token a step"
+    log(f"exporting ONNX (opset {onnx_export.OPSET}, {target.graph_dtype}, {state}, "
         f"{'inputs_embeds' if outside else 'input_ids'})")
     want = _TORCH_FLOAT[target.graph_dtype]
     graph_model = copy.deepcopy(model).to(want) if next(model.parameters()).dtype != want else model

@@ -7,7 +7,8 @@ and SSM state (and, for hybrids, key/value cache) in and out; transformers' sing
 recurrent path (``has_previous_state``) is what traces to a dynamic graph for all three (the
 reference Mamba scan is a Python loop over the sequence, and Mamba2's chunked scan traces to a
 dynamic length only from some trace lengths), and stepping from the zero state reproduces the
-full forward, so a prefill runs the step once per token. Names follow ``runtime.io_spec``. The graph's float type is the model's dtype at export (fp16 for Jetson:
+full forward, so a prefill runs the step once per token. Names follow ``runtime.io_spec``. The
+graph's float type is the model's dtype at export (fp16 for Jetson:
 weights, activations, KV cache; transformers' RMSNorm and rotary tables still compute in
 fp32 inside, softmax too, see ``export.attention``). Its first input is ``input_ids``, or
 ``inputs_embeds`` when the embedding table is looked up on the host. The dynamo exporter

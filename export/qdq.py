@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 import torch
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qublast.errors import GraphError
 from qublast.quant import quantize_with_scale

@@ -120,7 +120,8 @@ def clear_act_quant(module: torch.nn.Module) -> None:
             delattr(sub, _HOOKS)
 
 
-def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *, clip_grid: tuple[float, ...] = CLIP_GRID) -> dict[str, QuantizedWeight]:
+def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *,
+                    clip_grid: tuple[float, ...] = CLIP_GRID) -> dict[str, QuantizedWeight]:
     """Fold, quantize weights and set activation quantization for one block, in place."""
     fold_block(block, spec, t.smooth)
     out = {}

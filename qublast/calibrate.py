@@ -23,13 +23,13 @@ from .apply import transforms_applied
 from .arch import ArchSpec
 from .blocks import BlockRunner, blocks_of
 from .device import check_device, torch_dtype
+from .entries import block_entries, target_entry, vocab_entries
 from .errors import BudgetError, InputError
 from .evaluate import PeakRecorder, ce_shift, fp16_overflow, window_ce
 from .formats import fits, get_format, get_target, linear_format
 from .quant import CLIP_GRID
-from .entries import block_entries, target_entry, vocab_entries
-from .reconstruct import WindowCache, reconstruct
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
+from .reconstruct import WindowCache, reconstruct
 from .scaling import ALPHA_GRID, RANGE_METHODS
 from .sensitivity import ESTIMATES, sweep
 from .sizes import block_bytes, fp16_bytes, predicted_sizes, rest_bytes, vocab_bytes

@@ -18,7 +18,7 @@ import torch
 from .apply import BlockTransform, fold_block, restored
 from .blocks import BlockRunner, get_module
 from .formats import block_size_for
-from .gptq import gptq_quantize, hessian
+from .gptq import gptq_quantize
 
 
 @torch.no_grad()

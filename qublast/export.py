@@ -18,7 +18,6 @@ from .scaling import RANGE_METHODS
 from .sensitivity import ESTIMATES
 from .text import EVAL_SEQLEN
 
-
 CALIBRATE_DESCRIPTION = ("calibrate only: decide the recipe (recipe.json + scales.safetensors in --out) without exporting; "
                          "python -m qublast.export --recipe OUT/recipe.json applies it")
 # What only the export and its verification use: refused by ``python -m qublast.calibrate``.
@@ -86,11 +85,13 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
                    help="quantizers the sweep tries per block and format, the lower block output error kept: rtn, gptq "
                         "(default both)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ visits columns in order (default: by decreasing input power)")
-    p.add_argument("--gptq-windows", type=int, default=DEFAULTS.gptq_windows, help="GPTQ's own calibration windows of --calib-seqlen (default %(default)s)")
+    p.add_argument("--gptq-windows", type=int, default=DEFAULTS.gptq_windows,
+                   help="GPTQ's own calibration windows of --calib-seqlen (default %(default)s)")
     p.add_argument("--reconstruct", type=int, default=DEFAULTS.reconstruct,
                    help="cross-block reconstruction: tune the scales of this many consecutive blocks at a time to match "
                         "the fp model's output (default %(default)s; 0 turns it off; docs/results.md)")
-    p.add_argument("--reconstruct-steps", type=int, default=DEFAULTS.reconstruct_steps, help="optimizer steps per reconstruction window (default %(default)s)")
+    p.add_argument("--reconstruct-steps", type=int, default=DEFAULTS.reconstruct_steps,
+                   help="optimizer steps per reconstruction window (default %(default)s)")
     p.add_argument("--device", default=DEFAULTS.device, help="where calibration computes: cpu (default), cuda or cuda:N; "
                                                   "blocks move there one at a time")
     p.add_argument("--dtype", default=DEFAULTS.dtype, choices=("float32", "float16", "bfloat16"),

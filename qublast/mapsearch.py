@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from runtime.targets import WeightFormat
+
 from .apply import BlockTransform, block_transformed, fold_block, restored
 from .arch import ArchSpec
 from .blocks import BlockRunner, foldable, get_module
-from runtime.targets import WeightFormat
-
 from .scaling import ALPHA_GRID, act_range, act_scale, smooth_scales
 
 SEARCH_TOKENS = 1024
@@ -42,7 +42,8 @@ def input_samples(runner: BlockRunner, index: int, hidden: torch.Tensor, names: 
     return seen
 
 
-def group_smoothing(spec: ArchSpec, block: torch.nn.Module, inputs: dict[str, torch.Tensor], alpha: float, *, act_aware: bool) -> dict[str, torch.Tensor]:
+def group_smoothing(spec: ArchSpec, block: torch.nn.Module, inputs: dict[str, torch.Tensor], alpha: float, *,
+                    act_aware: bool) -> dict[str, torch.Tensor]:
     """``{producer: s [in]}`` for every foldable group at ``alpha`` (empty at alpha 0)."""
     if alpha == 0:
         return {}

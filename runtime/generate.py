@@ -54,7 +54,8 @@ def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator)
     return int(rng.choice(len(probs), p=probs))
 
 
-def generate_ids(model, prompt_ids: list[int], *, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
+def generate_ids(model, prompt_ids: list[int], *, max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
     """Yield new token ids: one prefill of the prompt, then one decode step per token through the KV cache."""
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")

@@ -37,7 +37,7 @@ def _all_plans(options):
 
 
 def _brute_frontier(options) -> set[tuple[int, float]]:
-    points = {(b, l) for _, b, l in _all_plans(options)}
+    points = {(b, loss) for _, b, loss in _all_plans(options)}
     return {
         p for p in points
         if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points)
@@ -70,7 +70,7 @@ def test_solve_for_size_matches_brute_force(seed):
     largest = max(b for _, b, _ in plans)
     for budget in range(smallest, largest + 2):
         plan = solve_for_size(options, budget)
-        best = min(l for _, b, l in plans if b <= budget)
+        best = min(loss for _, b, loss in plans if b <= budget)
         assert plan.bytes <= budget
         assert plan.loss == best
         assert _totals(options, plan.formats) == (plan.bytes, plan.loss)
@@ -80,14 +80,14 @@ def test_solve_for_size_matches_brute_force(seed):
 def test_solve_for_loss_matches_brute_force(seed):
     options = _instance(seed)
     plans = list(_all_plans(options))
-    losses = sorted({l for _, _, l in plans})
+    losses = sorted({loss for _, _, loss in plans})
     for max_loss in losses[:: max(1, len(losses) // 25)] + [losses[-1] + 1.0]:
         plan = solve_for_loss(options, max_loss)
-        fewest = min(b for _, b, l in plans if l <= max_loss)
+        fewest = min(b for _, b, loss in plans if loss <= max_loss)
         assert plan.loss <= max_loss
         assert plan.bytes == fewest
         # among the fewest-byte plans it has the least loss
-        assert plan.loss == min(l for _, b, l in plans if b == fewest and l <= max_loss)
+        assert plan.loss == min(loss for _, b, loss in plans if b == fewest and loss <= max_loss)
         assert _totals(options, plan.formats) == (plan.bytes, plan.loss)
 
 
@@ -98,7 +98,7 @@ def test_budget_errors(seed):
     with pytest.raises(BudgetError, match=str(smallest)):
         solve_for_size(options, smallest - 1)
     assert solve_for_size(options, smallest).bytes == smallest
-    least = min(l for _, _, l in _all_plans(options))
+    least = min(loss for _, _, loss in _all_plans(options))
     with pytest.raises(BudgetError):
         solve_for_loss(options, least - 0.125)
     assert solve_for_loss(options, least).loss == least
@@ -299,8 +299,8 @@ def test_calibrate_allocates_on_the_chosen_loss(tmp_path, monkeypatch, loss):
     layers, cpu = model.model.layers, get_target("cpu")
     one_w4 = ((block_bytes(layers[0], spec, "w4", cpu) + block_bytes(layers[1], spec, "w8", cpu))
               / sum(p.numel() * 2 for layer in layers for n in spec.linears for p in layer.get_submodule(n).parameters()))
-    cfg = CalibConfig(target="cpu", candidates=("fp16", "w8", "w4"), blocks_size=one_w4 + 1e-6, alloc_loss=loss, calib_seqlen=16, sens_windows=2, holdout_windows=2, quantizers=("rtn",),
-                      cache_dir=tmp_path)
+    cfg = CalibConfig(target="cpu", candidates=("fp16", "w8", "w4"), blocks_size=one_w4 + 1e-6, alloc_loss=loss, calib_seqlen=16,
+                      sens_windows=2, holdout_windows=2, quantizers=("rtn",), cache_dir=tmp_path)
     ids = torch.randint(0, VOCAB, (16 * 4,), generator=torch.Generator().manual_seed(0)).numpy()
     recipe, _ = calibrate(model, spec, model_info={"weight_sha256": "x"}, calib_ids=ids, calib_label="t", cfg=cfg, log=lambda _m: None)
     formats = [b["format"] for b in recipe["blocks"]]

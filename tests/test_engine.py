@@ -80,7 +80,7 @@ def test_build_script_shape_lists():
     shapes = _profiles()
     script = engine.build_script(shapes)
     for flag, index in (("--minShapes=", 0), ("--optShapes=", 1), ("--maxShapes=", 2)):
-        line = next(l for l in script.splitlines() if flag in l)
+        line = next(row for row in script.splitlines() if flag in row)
         value = line.split(flag, 1)[1].split()[0]
         assert value == ",".join(f"{name}:{dims[index]}" for name, dims in shapes.items())
         assert f"past_key_values.{LAYERS - 1}.value:" in value

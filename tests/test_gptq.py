@@ -100,13 +100,12 @@ def test_gptq_recipe_replays_exactly(tiny_model_dir, tmp_path):
 def test_block_hessians_are_each_linears_input_gram_and_the_output_is_the_fp_block(model_type):
     """Shared inputs (q/k/v, gate/up) share one product and chunks are summed: the result is still
     2 X^T X / n of each linear's own input over every window, and the output the fp block's."""
-    from tests.tiny import VOCAB, tiny_model
-
     from qublast.apply import BlockTransform
     from qublast.arch import arch_for
     from qublast.blocks import BlockRunner, get_module
     from qublast.compensate import block_hessians
     from qublast.formats import get_format, get_target
+    from tests.tiny import VOCAB, tiny_model
 
     model = tiny_model(model_type)
     spec = arch_for(model.config.model_type)

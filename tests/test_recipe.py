@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from qublast.errors import RecipeError
 from qublast.entries import target_entry
+from qublast.errors import RecipeError
 from qublast.formats import get_target
 from qublast.recipe import (
     RECIPE_FORMAT,

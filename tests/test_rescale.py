@@ -126,11 +126,12 @@ def test_vocabulary_heavy_gemma_on_jetson_takes_a_host_table(tmp_path):
     """A tied Gemma 3 whose table is 78% of its weights (Gemma-3-270M's is 63%): with a size
     budget the allocation picks what NVIDIA's edge stack deploys, a host-side INT4 table and an
     INT4 ``lm_head`` in the graph, and the bundle's files hold it."""
+    from transformers import AutoModelForCausalLM
+
     from qublast.export import main
     from qublast.recipe import read_recipe
     from qublast.text import calib_text
     from tests.tiny import tiny_config, tiny_tokenizer
-    from transformers import AutoModelForCausalLM
 
     config = tiny_config("gemma3_text")
     config.vocab_size = 4096  # rows beyond the tokenizer's are never looked up, but count as they would

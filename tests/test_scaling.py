@@ -8,7 +8,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qublast.scaling import (
-    absmax_range, act_range, act_scale, fake_quant, fold_into_norm, mse_range, percentile_range, scale_columns, smooth_scales,
+    absmax_range,
+    act_range,
+    act_scale,
+    fake_quant,
+    fold_into_norm,
+    mse_range,
+    percentile_range,
+    scale_columns,
+    smooth_scales,
 )
 
 

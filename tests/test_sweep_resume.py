@@ -21,7 +21,8 @@ def _runner():
 
 def test_sweep_resumes_after_kill(tmp_path, monkeypatch):
     runner, journal = _runner(), tmp_path / "sens.jsonl"
-    full = sensitivity.sweep(runner, CPU, ("fp16", "w8", "w4"), journal=journal, fingerprint="abc", vocab=VOCAB_UNITS, quantizers=("rtn",), estimate="full")
+    full = sensitivity.sweep(runner, CPU, ("fp16", "w8", "w4"), journal=journal, fingerprint="abc", vocab=VOCAB_UNITS,
+                             quantizers=("rtn",), estimate="full")
     lines = journal.read_text().splitlines()
     assert len(lines) == 1 + 2 * 2 + 2  # header + blocks x quantized formats + embedding w8 + lm_head w4
     journal.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # killed mid-line after two entries
@@ -38,7 +39,8 @@ def test_sweep_resumes_after_kill(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sensitivity, "_measure", counting)
     monkeypatch.setattr(sensitivity, "_measure_vocab", counting_vocab)
-    resumed = sensitivity.sweep(runner, CPU, ("fp16", "w8", "w4"), journal=journal, fingerprint="abc", vocab=VOCAB_UNITS, quantizers=("rtn",), estimate="full")
+    resumed = sensitivity.sweep(runner, CPU, ("fp16", "w8", "w4"), journal=journal, fingerprint="abc", vocab=VOCAB_UNITS,
+                                quantizers=("rtn",), estimate="full")
     assert sorted(calls, key=str) == sorted([(1, "w4"), (1, "w8"), ("embed", "w8"), ("lm_head", "w4")], key=str)
     assert resumed == full
     assert len(journal.read_text().splitlines()) == 7

@@ -13,8 +13,7 @@ def tiny_config(model_type: str, *, layers: int = 2):
 
 
 def _tiny_config(model_type: str, layers: int):
-    from transformers import (FalconH1Config, Gemma3TextConfig, LlamaConfig, Mamba2Config, MambaConfig, MistralConfig,
-                              Qwen2Config, Qwen3Config)
+    from transformers import FalconH1Config, Gemma3TextConfig, LlamaConfig, Mamba2Config, MambaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
