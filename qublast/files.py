@@ -5,6 +5,8 @@ writer is no longer alive (a run killed mid-write), and nothing else.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import tempfile
@@ -74,14 +76,42 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def safetensors_loads(path: str | Path) -> bool:
-    """True when ``path`` is a safetensors file whose every tensor loads (a truncated one does not)."""
-    from safetensors import safe_open
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
+
+def safetensors_defect(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, from its header alone (no tensor is read),
+    or None: the header is JSON within the file, every tensor's byte range matches its dtype and
+    shape, and the last one ends where the file does (a truncated or padded file does not)."""
+    import struct
+
+    path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
-        return False
-    return True
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                return f"its header length {length} runs past the file's {size} bytes"
+            header = json.loads(f.read(length))
+        end = 0
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            start, stop = (int(v) for v in t["data_offsets"])
+            count = math.prod(int(d) for d in t["shape"])
+            if stop - start != count * _DTYPE_BYTES[t["dtype"]]:
+                return f"tensor {name} holds {stop - start} bytes, its dtype and shape need {count * _DTYPE_BYTES[t['dtype']]}"
+            end = max(end, stop)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return "its header is not a safetensors header"
+    if 8 + length + end != size:
+        return f"{size} bytes, its header says {8 + length + end}"
+    return None
+
+
+def safetensors_loads(path: str | Path) -> bool:
+    """True when ``path`` is a complete safetensors file (``safetensors_defect``)."""
+    return safetensors_defect(path) is None

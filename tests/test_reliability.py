@@ -467,3 +467,32 @@ def test_runtime_memory_holds_over_200_generations(first):
         seen.append(rss())
     growth = seen[-1] - seen[19]
     assert growth < 8 << 20, f"RSS grew {growth / 2**20:.1f} MiB from generation 20 to 200 ({seen[19] / 2**20:.0f} MiB at 20)"
+
+
+def test_safetensors_defect_reads_the_header_only(tmp_path):
+    """One check for every safetensors file QuBLAST reads (model folders, scales, cached codes):
+    complete files pass; cut, padded, or inconsistent ones are named with the reason."""
+    import json
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    from qublast.files import safetensors_defect, safetensors_loads
+
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.zeros(3, 5), "b": torch.ones(7, dtype=torch.int8)}, str(good))
+    data = good.read_bytes()
+    assert safetensors_defect(good) is None and safetensors_loads(good)
+    cases = {"cut": data[:-3], "padded": data + b"\0", "short header": data[:4], "not json": struct.pack("<Q", 4) + b"abcd"}
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["a"]["shape"] = [3, 6]  # the byte range no longer fits dtype x shape
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    cases["inconsistent"] = data[:8] + text + data[8 + length :]
+    for name, content in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        path.write_bytes(content)
+        assert safetensors_defect(path) is not None and not safetensors_loads(path), name
+    assert "bytes, its header says" in safetensors_defect(tmp_path / "cut.safetensors")
+    assert "tensor a holds 60 bytes" in safetensors_defect(tmp_path / "inconsistent.safetensors")
