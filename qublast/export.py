@@ -111,24 +111,25 @@ RECIPE_DECIDES = ("max_ppl_increase", "target_size", "blocks_size", "uniform", "
                   "gptq_windows", "reconstruct", "reconstruct_steps", "allow_test_calibration", "sweep")
 
 
-def given(p: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
-    """``{dest: flag}`` of the options written in ``argv`` (abbreviations are off, so names are exact)."""
+def given(p: argparse.ArgumentParser, argv: list[str]) -> dict[str, tuple[str, str | None]]:
+    """``{dest: (flag, value)}`` of the options written in ``argv``, the one walk over it (abbreviations
+    are off, so names are exact; ``value`` None for a switch or a flag missing its value)."""
     out = {}
-    for token in argv:
-        action = p._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("--") else None
-        if action is not None:
-            out[action.dest] = token.split("=", 1)[0]
-    return out
-
-
-def _check_values(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
-    """Every value written in ``argv`` is non-empty and valid UTF-8; one source per text."""
     for i, token in enumerate(argv):
         name, eq, value = token.partition("=")
         action = p._option_string_actions.get(name) if token.startswith("--") else None
-        if action is None or action.nargs == 0:
-            continue
-        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        if action is not None:
+            if action.nargs == 0:
+                value = None
+            elif not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else None
+            out[action.dest] = (name, value)
+    return out
+
+
+def _check_values(flags: dict, args: argparse.Namespace) -> None:
+    """Every value written is non-empty and valid UTF-8; one source per text."""
+    for name, value in flags.values():
         if value is None:
             continue
         if not value.strip():
@@ -142,11 +143,10 @@ def _check_values(p: argparse.ArgumentParser, argv: list[str], args: argparse.Na
             raise InputError(f"give one of --{what}-text and --{what}-dataset")
 
 
-def _check_unused(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
+def _check_unused(flags: dict, args: argparse.Namespace) -> None:
     """A flag the run would ignore is refused, naming why (a user who sets it expects an effect)."""
     if args.recipe is not None:
         return  # _check_recipe_flags: the recipe decides
-    flags = given(p, argv)
     fixed = "--uniform" if args.uniform else ("--formats" if args.formats else None)
     sized = "--target-size" if args.target_size is not None else ("--blocks-size" if args.blocks_size is not None else None)
     names = _names("--quantizers", args.quantizers) or ()
@@ -165,30 +165,30 @@ def _check_unused(p: argparse.ArgumentParser, argv: list[str], args: argparse.Na
         "gptq_windows": "gptq" not in names and "without gptq in --quantizers",
         "reconstruct_steps": args.reconstruct == 0 and "with --reconstruct 0",
     }
-    for dest, flag in flags.items():
+    for dest, (flag, _) in flags.items():
         if why.get(dest):
             raise InputError(f"{flag} has no effect {why[dest]}; drop it")
     if args.reconstruct_steps > 10_000:
         raise InputError(f"--reconstruct-steps must be at most 10000, got {args.reconstruct_steps}")
 
 
-def _check_target_flags(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
-    if "context" in given(p, argv) and args.target in TARGETS and TARGETS[args.target].engine != "tensorrt":
+def _check_target_flags(flags: dict, args: argparse.Namespace) -> None:
+    if "context" in flags and args.target in TARGETS and TARGETS[args.target].engine != "tensorrt":
         raise InputError(f"--context sets the TensorRT engine's profiles; --target {args.target} builds no engine "
                          f"(its runtime takes sequences up to the model's positions)")
 
 
-def _check_calibrate_flags(p: argparse.ArgumentParser, argv: list[str], *, calibrate_only: bool) -> None:
-    clash = [flag for dest, flag in given(p, argv).items() if dest in EXPORT_ONLY] if calibrate_only else []
+def _check_calibrate_flags(flags: dict, *, calibrate_only: bool) -> None:
+    clash = [flag for dest, (flag, _) in flags.items() if dest in EXPORT_ONLY] if calibrate_only else []
     if clash:
         raise InputError(f"{', '.join(clash)} {'is' if len(clash) == 1 else 'are'} for the export; python -m qublast.calibrate "
                          f"writes only the recipe (drop {'it' if len(clash) == 1 else 'them'}, or run python -m qublast.export)")
 
 
-def _check_recipe_flags(p: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
+def _check_recipe_flags(flags: dict, args: argparse.Namespace) -> None:
     if args.recipe is None:
         return
-    clash = [flag for dest, flag in given(p, argv).items() if dest in RECIPE_DECIDES]
+    clash = [flag for dest, (flag, _) in flags.items() if dest in RECIPE_DECIDES]
     if clash:
         raise InputError(f"--recipe decides what {', '.join(clash)} would set; drop {'it' if len(clash) == 1 else 'them'} "
                          f"(or calibrate again without --recipe)")
@@ -253,11 +253,12 @@ def main(argv: list[str] | None = None, *, calibrate_only: bool = False) -> int:
     try:
         from export.pipeline import run
 
-        _check_values(p, argv, args)
-        _check_calibrate_flags(p, argv, calibrate_only=calibrate_only)
-        _check_recipe_flags(p, argv, args)
-        _check_target_flags(p, argv, args)
-        _check_unused(p, argv, args)
+        flags = given(p, argv)
+        _check_values(flags, args)
+        _check_calibrate_flags(flags, calibrate_only=calibrate_only)
+        _check_recipe_flags(flags, args)
+        _check_target_flags(flags, args)
+        _check_unused(flags, args)
         run(config_from_args(args, calibrate_only=calibrate_only))
     except KeyboardInterrupt:
         _fail(f"interrupted (Ctrl-C); {args.out} is as it was")

@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         except UnicodeEncodeError:
             raise ValueError("--prompt is not valid UTF-8") from None
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-        sampled = [flag for flag, value, default in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0),
-                                                     ("--seed", args.seed, 0)) if value != default]
+        sampled = [f"--{dest.replace('_', '-')}" for dest in ("top_k", "top_p", "seed")
+                   if getattr(args, dest) != p.get_default(dest)]
         if sampled and args.temperature == 0:
             raise ValueError(f"{', '.join(sampled)} {'has' if len(sampled) == 1 else 'have'} no effect on greedy decoding: "
                              f"give --temperature > 0")
