@@ -95,7 +95,7 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
     tuned, records, keys = list(transforms), [], []
     settings = (window, steps, lr, batch, tuple(ids.shape))
     with transforms_applied(model, spec, transforms, vocab) as qweights:
-        x_q = get_module(model, spec.embed)(ids).detach()  # block 0's input through the deployed table
+        x_q = runner.embed(ids)  # block 0's input through the deployed table (times Falcon-H1's embedding multiplier)
         for start in range(0, len(layers), window):
             blocks = range(start, min(start + window, len(layers)))
             target = targets.pop(blocks[-1])

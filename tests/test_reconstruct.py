@@ -131,3 +131,30 @@ def test_reconstruction_that_does_not_lower_the_heldout_loss_is_dropped(tiny_mod
     assert allocation["reconstructed"] is False and "reconstruction" not in allocation
     assert [s["action"] for s in allocation["repair"]].count("reconstruction dropped") == 1
     assert not any(b["quantizer"].endswith("+cbq") for b in recipe["blocks"])
+
+
+def test_reconstruction_starts_from_the_models_own_block_input(monkeypatch):
+    """Block 0's input is what the model feeds it: the (deployed) table's rows times Falcon-H1's
+    embedding multiplier (1.7 in the tiny config), as the sweep's runner computes it."""
+    import qublast.reconstruct as rec
+    from qublast.blocks import BlockRunner
+
+    model = tiny_model("falcon_h1")
+    spec = arch_for("falcon_h1")
+    target = get_target("cpu")
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    transforms = [BlockTransform(get_format("w8", target)) for _ in range(model.config.num_hidden_layers)]
+    seen = []
+    real = rec._tune_window
+
+    def spy(runner, spec, blocks, qweights, x_q, target, **kwargs):
+        seen.append(x_q.clone())
+        return real(runner, spec, blocks, qweights, x_q, target, **kwargs)
+
+    monkeypatch.setattr(rec, "_tune_window", spy)
+    reconstruct(model, spec, transforms, VocabTransform.of(target, embed="fp16", head="fp16"), ids, window=1, steps=1,
+                log=lambda _m: None)
+    fp = BlockRunner(model, spec, ids).first_hidden
+    # equal up to the fp16 table's rounding (relative 2^-11 a row); without the multiplier it is 1.7x off
+    torch.testing.assert_close(seen[0], fp, rtol=2e-3, atol=1e-3)
+    assert float((seen[0] - fp).norm() / fp.norm()) < 1e-3
