@@ -10,7 +10,7 @@ dynamic length only from some trace lengths), and stepping from the zero state r
 full forward, so a prefill runs the step once per token. Names follow ``runtime.io_spec``. The
 graph's float type is the model's dtype at export (fp16 for Jetson:
 weights, activations, KV cache; transformers' RMSNorm and rotary tables still compute in
-fp32 inside, softmax too, see ``export.attention``). Its first input is ``input_ids``, or
+fp32 inside, softmax too, see ``qublast.attention``). Its first input is ``input_ids``, or
 ``inputs_embeds`` when the embedding table is looked up on the host. The dynamo exporter
 pre-transposes linear weights to ``[in, out]`` constants and keeps each node's module path in
 its metadata: ``linear_modules`` reads that map before any editing (onnx-graphsurgeon drops
@@ -27,7 +27,7 @@ import torch
 
 from runtime import io_spec
 
-from .attention import registered
+from qublast.attention import registered
 
 OPSET = 21
 _LINEAR_NS = re.compile(r"([\w.]+): torch\.nn\.modules\.linear\.Linear")

@@ -277,7 +277,8 @@ def _runner(model, spec, sens: np.ndarray, target, model_info: dict, log) -> Blo
             + f" (exact: qublast.rescale) -> largest activation {peaks.summary()['max']:.4g} ({peaks.summary()['where']})")
     reason = fp16_overflow(peaks.summary())
     if reason:
-        fix = "" if factors else ("" if rescale.supported(spec) else f"; {spec.name} has no rescaling entry in the registry")
+        fix = ("; exact rescaling moves only the residual stream and the gated products" if rescale.supported(spec)
+               else f"; {spec.name} has no rescaling entry in the registry")
         raise InputError(f"{reason} (target {target.name}{', after rescaling' if factors else ''}){fix}; "
                          f"the model cannot be deployed as an fp16 graph")
     if not factors:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .attention import observing
+
 
 @dataclass(frozen=True)
 class PplResult:
@@ -66,6 +68,7 @@ def ce_shift(after: np.ndarray, before: np.ndarray) -> Shift:
 FP16_MAX = 65504.0
 FP16_HEADROOM = 2.0  # an fp16 graph is refused when a calibration peak exceeds FP16_MAX / FP16_HEADROOM
 INPUT = " (input)"  # PeakRecorder's suffix for a module's input
+SCORES = " (q.k^T)"  # PeakRecorder's suffix for an attention module's scores
 
 
 class PeakRecorder:
@@ -74,36 +77,54 @@ class PeakRecorder:
     ``peaks`` maps module path -> max |x| over everything the model computed: what an fp16 graph
     must hold without overflowing: module outputs (linears, norms, activations, whole blocks, i.e.
     the residual stream) and, as ``"PATH (input)"``, module inputs (the residual inside a block
-    where a norm reads it, the gated product act(gate) * up where ``down_proj`` reads it).
+    where a norm reads it, the gated product act(gate) * up where ``down_proj`` reads it) and, as
+    ``"PATH (q.k^T)"``, every attention module's scores as the export's attention stores them
+    (``qublast.attention``: the model attends with it while the context is open). RMSNorm's sum of
+    squares and the softmax are fp32 in the graph (``export.legality.FP32_OPS``): not recorded.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.model, self.peaks, self._handles = model, {}, []
+        self._attention = None
 
     def __enter__(self) -> PeakRecorder:
+        names = {}
         for name, module in self.model.named_modules():
             if name:
+                names[id(module)] = name
                 self._handles.append(module.register_forward_hook(self._hook(name)))
                 self._handles.append(module.register_forward_pre_hook(self._input_hook(f"{name}{INPUT}")))
+        if getattr(self.model.config, "_attn_implementation", None) is not None and _attends(self.model):
+            def scores(module, tensor):
+                self._record(f"{names[id(module)]}{SCORES}", tensor)
+
+            self._attention = observing(self.model, scores)
+            self._attention.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._attention is not None:
+            self._attention.__exit__(None, None, None)
+            self._attention = None
+
+    def _record(self, name: str, tensor: torch.Tensor) -> None:
+        self.peaks[name] = max(self.peaks.get(name, 0.0), float(tensor.detach().abs().max()))
 
     def _hook(self, name: str):
         def hook(_module, _args, output):
             out = output[0] if isinstance(output, tuple) else output
             if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
-                self.peaks[name] = max(self.peaks.get(name, 0.0), float(out.detach().abs().max()))
+                self._record(name, out)
 
         return hook
 
     def _input_hook(self, name: str):
         def pre_hook(_module, args):
             if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and args[0].numel():
-                self.peaks[name] = max(self.peaks.get(name, 0.0), float(args[0].detach().abs().max()))
+                self._record(name, args[0])
 
         return pre_hook
 
@@ -112,6 +133,11 @@ class PeakRecorder:
         ranked = sorted(self.peaks.items(), key=lambda kv: -kv[1])
         return {"max": ranked[0][1] if ranked else 0.0, "where": ranked[0][0] if ranked else None,
                 "top": [[k, v] for k, v in ranked[:top]]}
+
+
+def _attends(model: torch.nn.Module) -> bool:
+    """True when the model has attention modules (transformers' take ``config`` and a ``scaling``)."""
+    return any(hasattr(m, "scaling") and hasattr(m, "config") for m in model.modules())
 
 
 def fp16_overflow(peaks: dict) -> str | None:

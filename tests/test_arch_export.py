@@ -253,7 +253,7 @@ def test_quantized_export_matches_pytorch(model_type, target, formats, head, tol
 def test_grouped_attention_equals_sdpa(model_type):
     """The export's attention (query heads grouped under their KV head, no K/V copies) computes
     what transformers' SDPA does, with and without a cache."""
-    from export.attention import registered
+    from qublast.attention import registered
 
     model = tiny_model(model_type)
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(6))

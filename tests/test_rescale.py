@@ -147,3 +147,51 @@ def test_vocabulary_heavy_gemma_on_jetson_takes_a_host_table(tmp_path):
     assert recipe["lm_head"]["format"] == "w4"
     assert m["size_bytes"] <= 0.6 * m["size_bytes_fp16"]
     assert m["size_files"]["embedding.safetensors"] < 4096 * 64  # under a byte a row entry: INT4 codes and their scales
+
+
+def test_attention_scores_are_recorded_and_an_overflow_there_is_refused_by_name(tmp_path, capsys):
+    """q·kᵀ is a tensor the fp16 graph stores (an fp16 MatMul before the fp32 softmax): its peak is
+    recorded as the export's attention computes it, and where it exceeds fp16's headroom, which no
+    exact rescaling moves, the Jetson target refuses the model naming that tensor."""
+    from qublast.evaluate import SCORES
+    from qublast.export import main
+    from qublast.text import calib_text
+    from tests.tiny import tiny_tokenizer
+
+    model = tiny_model("llama")
+    spec = arch_for(model.config.model_type)
+    attn = blocks_of(model, spec)[1].self_attn
+    seen = []
+    handle = attn.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    peaks = _peaks(model, spec)
+    handle.remove()
+    # the same scores by hand, as transformers' eager attention forms them (before the mask)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    by_hand = 0.0
+    with torch.no_grad():
+        for kwargs in seen:
+            x, (cos, sin) = kwargs["hidden_states"], kwargs["position_embeddings"]
+            shape = (*x.shape[:2], -1, attn.head_dim)
+            q, k = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+            by_hand = max(by_hand, float((q @ k.transpose(-1, -2) * attn.scaling).abs().max()))
+    key = f"{spec.blocks}.1.self_attn{SCORES}"
+    assert peaks[key] == pytest.approx(by_hand, rel=1e-5)
+    boost = (64 * FP16_MAX / peaks[key]) ** 0.5  # scores grow with the product of the two factors
+    with torch.no_grad():
+        attn.q_proj.weight.mul_(boost)
+        attn.k_proj.weight.mul_(boost)
+    after = _peaks(model, spec)
+    assert after[key] == pytest.approx(64 * FP16_MAX, rel=1e-3)
+    assert max(v for k, v in after.items() if not k.endswith(SCORES)) < FP16_MAX / 2  # nothing else is near
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer(calib_text().text).save_pretrained(tmp_path / "m")
+    code = main(["--model", str(tmp_path / "m"), "--target", "jetson", "--calib-seqlen", "32", "--calib-windows", "2",
+                 "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--context", "64",
+                 "--max-ppl-increase", "0.05", "--out", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{spec.blocks}.1.self_attn{SCORES} reaches" in err and "exact rescaling moves only" in err
+    assert not (tmp_path / "b").exists()
