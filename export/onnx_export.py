@@ -25,9 +25,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from runtime import io_spec
-
 from qublast.attention import registered
+from runtime import io_spec
 
 OPSET = 21
 _LINEAR_NS = re.compile(r"([\w.]+): torch\.nn\.modules\.linear\.Linear")
