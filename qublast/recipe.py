@@ -1,28 +1,10 @@
 """The recipe: the versioned, self-describing record of what calibration decided.
 
-``recipe.json`` layout (version 3; recipes of versions 1 and 2, made before targets, are
-refused with a message to calibrate again)::
-
-    {"format": "qublast-recipe", "version": 3,
-     "model": {"id", "model_type", "weight_sha256", "num_blocks"},
-     "target": {"name", "graph_dtype", "formats": {name: {bits, act, per_channel, block_sizes}},
-                "head_formats", "ort_session"},
-     "calibration": {text, seqlen, windows, seed, candidates, "alloc_loss", "activation_peaks", ...},
-     "constraint": {"mode": "max_ppl_increase" | "target_size" | "blocks_size" | "uniform" | "formats", "value"},
-     "embedding": {"format", "tied", "storage": "graph" | "side_table", "path", "shape", "bits", "block_size",
-                   "bytes", "error", "sensitivity": {format: {"dce", "kl"}}},
-     "lm_head": {"format", "tied", "linears": [...], "sensitivity": {format: {"dce", "kl"}}},
-     "blocks": [{"index", "format", "bytes", "bytes_fp16", "alpha": {producer: alpha}, "smooth": [producer],
-                 "map": true | false | null (kept the scaling map; null for fp16 blocks and --no-scaling),
-                 "block_err", "block_err_unscaled",
-                 "sensitivity": {format: {"dce", "kl", "alpha", "map", "dce_map_off"}},
-                 "linears": [{"name", "path", "format", "bits", "block_size", "act", "shape", "bytes", "error"}]}],
-     "allocation": {"predicted_loss" (sum of the units' alloc_loss), "heldout_ce_fp", "heldout_ce_quant",
-                    "repair": [...], "reconstructed" (the deployed plan is the reconstructed one: kept only
-                    where it lowered the held-out bound), "reconstruction": [...]},
-     "metrics": {"ppl_fp", "ppl_quant_torch", "ppl_quant_ort", "size_bytes_fp16", "size_bytes" (the deployed
-                 files), "size_files": {file: bytes}, "size_bytes_blocks_fp16", "size_bytes_blocks" (block
-                 linears' initializers in the graph), "size_bytes_predicted", "eval_tokens", "seqlen", ...}}
+``recipe.json`` (version 3; recipes of versions 1 and 2, made before targets, are refused with a
+message to calibrate again) is one JSON object whose schema is code: ``qublast.schema`` (one
+dataclass per section, every field typed and marked decided / measured / describes).
+``validate`` checks a recipe against it, field by field, and the rules between fields, and
+returns the typed ``Recipe``.
 
 ``"stage"``: "calibrated" (``python -m qublast.calibrate``'s recipe folder: decisions and what
 calibration measured, sizes predicted) or "exported" (a bundle's: metrics measured through the
@@ -48,6 +30,7 @@ import torch
 from .errors import RecipeError
 from .files import atomic_write_bytes, atomic_write_text
 from .formats import ALL_FORMATS
+from .schema import Recipe, parse
 
 RECIPE_FORMAT = "qublast-recipe"
 RECIPE_VERSION = 3
@@ -84,15 +67,10 @@ def read_recipe(path: str | Path) -> dict:
     return recipe
 
 
-def validate(recipe: dict) -> None:
-    """Check the schema: format tag, version, required keys and metrics, known formats, block indices."""
-    try:
-        _validate(recipe)
-    except (AttributeError, TypeError, KeyError) as exc:
-        raise RecipeError(f"recipe structure is malformed ({exc.__class__.__name__}: {exc})") from exc
-
-
-def _validate(recipe: dict) -> None:
+def validate(recipe: dict) -> Recipe:
+    """Check ``recipe`` against the schema (``qublast.schema``: every field's type, at its path) and the
+    rules between fields: format tag, version, the stage's metrics, known formats, block indices.
+    Returns the typed recipe; any defect is a one-line ``RecipeError``."""
     if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
         raise RecipeError("not a QuBLAST recipe (missing format tag)")
     if recipe.get("version") in (1, 2):
@@ -102,32 +80,31 @@ def _validate(recipe: dict) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in recipe]
     if missing:
         raise RecipeError(f"recipe lacks {', '.join(missing)}")
-    stage = recipe.get("stage", "exported")  # recipes before calibrate-only folders were all exported
-    if stage not in STAGES:
-        raise RecipeError(f"recipe stage {stage!r} is not one of {', '.join(STAGES)}")
-    missing = [k for k in (REQUIRED_METRICS if stage == "exported" else CALIBRATED_METRICS) if k not in recipe["metrics"]]
+    typed = parse(recipe)
+    if typed.stage not in STAGES:
+        raise RecipeError(f"recipe stage {typed.stage!r} is not one of {', '.join(STAGES)}")
+    missing = [k for k in (REQUIRED_METRICS if typed.stage == "exported" else CALIBRATED_METRICS) if k not in typed.metrics]
     if missing:
         raise RecipeError(f"recipe metrics lack {', '.join(missing)}")
-    blocks = recipe["blocks"]
-    if [b.get("index") for b in blocks] != list(range(recipe["model"].get("num_blocks", -1))):
+    if [b.index for b in typed.blocks] != list(range(typed.model.num_blocks)):
         raise RecipeError("recipe blocks do not cover the model's blocks in order")
-    formats = recipe["target"].get("formats", {})
-    for block in blocks:
-        for entry in [block] + block.get("linears", []):
-            if entry.get("format") not in ALL_FORMATS:
-                raise RecipeError(f"block {block['index']}: unknown format {entry.get('format')!r}")
-            if entry.get("format") not in formats:
-                raise RecipeError(f"block {block['index']}: format {entry['format']!r} is not one of target "
-                                  f"{recipe['target'].get('name')!r}'s {sorted(formats)}")
-        for entry in block.get("linears", []):
-            mix = formats[entry["format"]].get("mix")
-            if mix:
-                raise RecipeError(f"block {block['index']}: {entry.get('name')} is in the mixed format {entry['format']!r}; "
-                                  f"a linear takes one of its parts {mix}")
-    if recipe["lm_head"].get("format") not in recipe["target"].get("head_formats", ()):
-        raise RecipeError(f"lm_head: format {recipe['lm_head'].get('format')!r} is not one its target allows")
-    if recipe["embedding"].get("format") not in ALL_FORMATS:
-        raise RecipeError(f"embedding: unknown format {recipe['embedding'].get('format')!r}")
+    formats = typed.target.formats
+    for block in typed.blocks:
+        for entry in [block, *block.linears]:
+            if entry.format not in ALL_FORMATS:
+                raise RecipeError(f"block {block.index}: unknown format {entry.format!r}")
+            if entry.format not in formats:
+                raise RecipeError(f"block {block.index}: format {entry.format!r} is not one of target "
+                                  f"{typed.target.name!r}'s {sorted(formats)}")
+        for entry in block.linears:
+            if formats[entry.format].mix:
+                raise RecipeError(f"block {block.index}: {entry.name} is in the mixed format {entry.format!r}; "
+                                  f"a linear takes one of its parts {formats[entry.format].mix}")
+    if typed.lm_head.format not in typed.target.head_formats:
+        raise RecipeError(f"lm_head: format {typed.lm_head.format!r} is not one its target allows")
+    if typed.embedding.format not in ALL_FORMATS:
+        raise RecipeError(f"embedding: unknown format {typed.embedding.format!r}")
+    return typed
 
 
 def check_model(recipe: dict, weight_sha256: str) -> None:

@@ -28,7 +28,7 @@ SHA = "ab" * 32
 
 def _linear(block: int, name: str, fmt: str, bits, block_size) -> dict:
     return {"name": name, "path": f"model.layers.{block}.{name}", "format": fmt, "bits": bits,
-            "block_size": block_size, "shape": [8, 64], "bytes": 100, "error": None}
+            "block_size": block_size, "act": "float", "shape": [8, 64], "bytes": 100, "error": None}
 
 
 def _recipe() -> dict:
@@ -40,8 +40,9 @@ def _recipe() -> dict:
         "target": target_entry(get_target("cpu")),
         "calibration": {"text": "embedded", "seqlen": 16, "windows": 2, "seed": 0, "candidates": ["fp16", "w8", "w4"]},
         "constraint": {"mode": "max_ppl_increase", "value": 0.05},
-        "embedding": {"format": "w8", "tied": True, "storage": "side_table", "shape": [320, 64], "bytes": 20000},
-        "lm_head": {"format": "fp16", "linears": []},
+        "embedding": {"format": "w8", "tied": True, "storage": "side_table", "path": "model.embed_tokens", "shape": [320, 64],
+                      "bits": 8, "block_size": None, "bytes": 20000},
+        "lm_head": {"format": "fp16", "tied": True, "linears": []},
         "blocks": [
             {"index": 0, "format": "w8", "bytes": 100, "bytes_fp16": 200,
              "sensitivity": {"w8": {"dce": 0.001, "kl": 0.002}},
@@ -289,3 +290,65 @@ def test_report_prices_the_vocabulary_as_calibration_does(target_name):
     for embed in ("fp16", "w8", "w4"):
         for head_format in ("fp16", "w4"):
             assert _vocab_bytes(recipe, embed, head_format, target) == vocab_bytes(model, spec, target, embed=embed, head=head_format)
+
+
+# ---------------------------------------------------------------- the schema in code (qublast.schema)
+
+@pytest.mark.parametrize("where,value,message", [
+    (("blocks", 1, "linears", 0, "bits"), "four", r"^blocks\[1\]\.linears\[0\]\.bits: expected int or null, got 'four'$"),
+    (("embedding", "tied"), "yes", r"^embedding\.tied: expected bool, got 'yes'$"),
+    (("model", "num_blocks"), 2.5, r"^model\.num_blocks: expected int, got 2\.5$"),
+    (("target", "formats", "w8", "block_sizes"), 64, r"^target\.formats\.w8\.block_sizes: expected a list, got 64$"),
+    (("blocks", 0, "alpha"), [0.5], r"^blocks\[0\]\.alpha: expected an object, got a list$"),
+    (("lm_head", "linears"), None, r"^lm_head\.linears: expected a list, got null$"),
+])
+def test_a_wrong_type_is_one_line_naming_its_path(where, value, message):
+    r = _recipe()
+    r["blocks"][0]["alpha"] = {"input_layernorm": 0.5}
+    node = r
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    with pytest.raises(RecipeError, match=message):
+        validate(r)
+
+
+def test_a_missing_field_is_named_with_its_section():
+    r = _recipe()
+    del r["blocks"][1]["linears"][0]["path"]
+    with pytest.raises(RecipeError, match=r"^blocks\[1\]\.linears\[0\]: lacks path$"):
+        validate(r)
+
+
+def test_typed_recipe_round_trips_to_the_same_json_and_keeps_unknown_keys():
+    from qublast.schema import Block, Linear, Recipe
+
+    r = _recipe()
+    r["blocks"][0]["from_a_later_version"] = {"x": 1}
+    typed = validate(r)
+    assert isinstance(typed, Recipe) and isinstance(typed.blocks[1], Block) and isinstance(typed.blocks[1].linears[0], Linear)
+    assert typed.blocks[1].linears[0].bits == 4 and typed.target.formats["w4"].bits == 4
+    assert typed.to_json() == r and list(typed.to_json()) == list(r)  # same keys, same order
+
+
+def test_every_field_has_a_role_and_decisions_drop_what_was_measured():
+    import dataclasses
+
+    from qublast import schema
+
+    for section in schema.SECTIONS:
+        for f in dataclasses.fields(section):
+            assert f.metadata.get("role") in (schema.DECIDED, schema.MEASURED, schema.DESCRIBES), (section.__name__, f.name)
+    r = _recipe()
+    decided = schema.decisions(validate(r))
+    assert "metrics" not in decided and "allocation" not in decided
+    assert "sensitivity" not in decided["blocks"][0] and "bytes" not in decided["blocks"][0]["linears"][0]
+    assert decided["blocks"][1]["linears"][0]["format"] == "w4" and decided["embedding"]["storage"] == "side_table"
+    # two recipes that differ only in what was measured make the same decisions
+    other = copy.deepcopy(r)
+    other["metrics"]["ppl_quant_ort"] = 99.0
+    other["blocks"][0]["sensitivity"]["w8"]["dce"] = 1.0
+    other["blocks"][1]["linears"][0]["error"] = {"rel_err": 0.5}
+    assert schema.decisions(validate(other)) == decided
+    other["blocks"][1]["linears"][0]["block_size"] = 64
+    assert schema.decisions(validate(other)) != decided
