@@ -24,6 +24,7 @@ from qublast.files import naming
 from qublast.formats import block_size_for, embed_format
 from qublast.quant import quantize_with_scale
 from qublast.recipe import block_linears, quantized_linears
+from qublast.schema import Recipe
 from qublast.vocab import effective_table, is_tied
 from runtime.embedding import FILE as TABLE_FILE
 from runtime.embedding import write_table
@@ -36,15 +37,15 @@ _NP_FLOAT = {"float16": np.float16, "float32": np.float32}
 _TORCH_FLOAT = {"float16": torch.float16, "float32": torch.float32}
 
 
-def export_bundle_graph(model, spec, recipe: dict, tensors: dict, work: Path, target: Target, *, log=print) -> dict:
+def export_bundle_graph(model, spec, recipe: Recipe, tensors: dict, work: Path, target: Target, *, log=print) -> dict:
     """Write ``model.onnx`` (+ data) and, if the recipe says so, ``embedding.safetensors`` into
     ``work``; returns ``{"linear_bytes": {block linear path: bytes in the graph}}``."""
     if target.graph_dtype == "float16":
-        reason = fp16_overflow(recipe["calibration"].get("activation_peaks", {}))
+        reason = fp16_overflow(recipe.calibration.activation_peaks or {})
         if reason:
             raise GraphError(f"{reason}; target {target.name} exports fp16 graphs only")
     fold_recipe(model, spec, recipe, tensors)
-    outside = recipe["embedding"]["storage"] == "side_table"
+    outside = recipe.embedding.storage == "side_table"
     if outside:
         _write_table(model, spec, recipe, tensors, work / TABLE_FILE)
     raw = work / "raw"
@@ -67,7 +68,7 @@ def export_bundle_graph(model, spec, recipe: dict, tensors: dict, work: Path, ta
     onnx.checker.check_model(str(work / "model.onnx"))
     shutil.rmtree(raw)
     saved = onnx.load(str(work / "model.onnx"), load_external_data=False)
-    paths = {f"{spec.blocks}.{b['index']}.{lin['name']}" for b in recipe["blocks"] for lin in b["linears"]}
+    paths = {f"{spec.blocks}.{b.index}.{lin.name}" for b in recipe.blocks for lin in b.linears}
     return {"linear_bytes": sizes.linear_bytes_in_graph(saved, node_modules, paths)}
 
 
@@ -79,20 +80,21 @@ def _qdq(model, spec, recipe, tensors, raw_path: Path, node_modules: dict, targe
     head_nodes = [name for name, module in node_modules.items() if module == spec.lm_head]
     if tied_in_graph and is_tied(model, spec):
         graph = qdq.share_tied_table(graph, lm_head_node=head_nodes[0]) if head_nodes else graph
-    codes = {path: recipe_codes(model.get_submodule(path).weight.detach().float(), tensors, entry, path)
-             for path, entry in linears.items()}
-    if tied_in_graph and recipe["embedding"]["bits"]:  # the table is lm_head's codes (Target.shared_quantized_table)
+    codes = {path: recipe_codes(model.get_submodule(path).weight.detach().float(), tensors, path, bits=entry.bits,
+                                block_size=entry.block_size) for path, entry in linears.items()}
+    if tied_in_graph and recipe.embedding.bits:  # the table is lm_head's codes (Target.shared_quantized_table)
         if not head_nodes:
             raise GraphError(f"graph has no MatMul for {spec.lm_head}, whose codes the recipe's table is")
         head = linears.pop(spec.lm_head)
         q, scale = codes.pop(spec.lm_head)
         level = int(target.ort_session.get("session.qdq_matmulnbits_accuracy_level", 0))
         graph = qdq.gather_from_head_codes(graph, lm_head_node=head_nodes[0], module=spec.lm_head, q=q.numpy(), scale=scale.numpy(),
-                                           bits=head["bits"], block_size=head["block_size"], accuracy_level=level,
+                                           bits=head.bits, block_size=head.block_size, accuracy_level=level,
                                            float_dtype=float_dtype)
-    graph = qdq.quantize_weights(graph, linears, {p: scale for p, (_, scale) in codes.items()}, node_modules,
+    layouts = {p: {"bits": e.bits, "block_size": e.block_size, "per_channel": e.per_channel} for p, e in linears.items()}
+    graph = qdq.quantize_weights(graph, layouts, {p: scale for p, (_, scale) in codes.items()}, node_modules,
                                  codes={p: q for p, (q, _) in codes.items()}, float_dtype=float_dtype)
-    acts = {path: lin["act_scale"] for path, lin in block_linears(recipe).items() if lin.get("act_scale")}
+    acts = {path: lin.act_scale for path, lin in block_linears(recipe).items() if lin.act_scale}
     if acts:
         graph = qdq.quantize_activations(graph, acts, node_modules, float_dtype=float_dtype)
     if target.norm_fusion:
@@ -104,10 +106,9 @@ def _qdq(model, spec, recipe, tensors, raw_path: Path, node_modules: dict, targe
     return final
 
 
-def _write_table(model, spec, recipe: dict, tensors: dict, path: Path) -> None:
+def _write_table(model, spec, recipe: Recipe, tensors: dict, path: Path) -> None:
     """``embedding.safetensors``: the embedding module's rows, quantized with the recipe's scales."""
-    entry = recipe["embedding"]
-    fmt = embed_format(entry["format"])
+    fmt = embed_format(recipe.embedding.format)
     table = effective_table(model, spec)  # [V, H]
     if fmt.bits is None:
         write_table(path, weight_format=fmt.name, rows=table.numpy())

@@ -42,9 +42,11 @@ from qublast.recipe import (
     check_target,
     read_recipe,
     read_tensors,
+    validate,
     write_recipe,
     write_tensors,
 )
+from qublast.schema import parse
 from runtime import engine
 from runtime.build_engine import BuildError, embeds_width, graph_layout, read_graph
 from runtime.bundle import MANIFEST, manifest_for
@@ -178,7 +180,7 @@ def preflight(cfg: ExportConfig) -> Inputs:
     if cfg.recipe:
         try:
             recipe = read_recipe(cfg.recipe)
-            check_target(recipe, target)
+            check_target(parse(recipe), target)
         except QublastError as exc:
             raise InputError(f"--recipe {cfg.recipe}: {exc}") from exc
         made_for = recipe["model"]
@@ -247,11 +249,12 @@ def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
     t0 = time.perf_counter()
     target = get_target(cfg.target)
     log("export: folding the recipe into the model, writing the graph")
-    exported = graph.export_bundle_graph(model, spec, recipe, scales, work, target, log=log)
+    decided = validate(recipe)  # typed (qublast.schema): what export applies
+    exported = graph.export_bundle_graph(model, spec, decided, scales, work, target, log=log)
     timings["export_s"] = time.perf_counter() - t0
 
     recipe["metrics"].update(_sizes(work, recipe, exported))
-    recipe["metrics"].update(_verify(cfg, model, spec, recipe, scales, windows, work, target, ppl_fp=ppl_fp, timings=timings))
+    recipe["metrics"].update(_verify(cfg, model, spec, decided, scales, windows, work, target, ppl_fp=ppl_fp, timings=timings))
     recipe["stage"] = "exported"
     record["timings"] = timings
     recipe["evaluation"] = {"text": eval_src.label, "seqlen": cfg.seqlen, "windows": len(windows),
@@ -278,7 +281,7 @@ def _calibrate_only(cfg: ExportConfig, inputs: Inputs, work: Path, model, spec, 
 def _recipe_and_scales(cfg: ExportConfig, inputs: Inputs, model, spec, tokenizer, info) -> tuple[dict, dict]:
     if inputs.recipe is not None:
         recipe = inputs.recipe
-        check_model(recipe, info["weight_sha256"])
+        check_model(parse(recipe), info["weight_sha256"])
         recipe["model"].setdefault("max_positions", info["max_positions"])
         log(f"reusing recipe {cfg.recipe}")
         return recipe, read_tensors(Path(cfg.recipe).with_name("scales.safetensors"))

@@ -21,6 +21,7 @@ from .blocks import blocks_of, get_module
 from .formats import block_size_for, linear_format
 from .quant import CLIP_GRID, QuantizedWeight, dequantize, fake_quant_dynamic, measured, quantize_weight, quantize_with_scale
 from .scaling import fake_quant, fold_into_norm, fold_into_rows, scale_columns
+from .schema import Recipe
 
 _HOOKS = "_qublast_act_hooks"
 
@@ -182,24 +183,24 @@ def transforms_applied(model: torch.nn.Module, spec: ArchSpec, transforms: list[
         yield apply_transforms(model, spec, transforms, vocab)
 
 
-def fold_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: dict[str, torch.Tensor]) -> None:
+def fold_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> None:
     """Fold a recipe's rescaling (once; ``qublast.rescale``) and scaling map into the fp model in
     place (norm weights and epsilons, linear columns)."""
     from . import rescale
     from .errors import RecipeError
 
-    rescale.apply(model, spec, recipe.get("model", {}).get("rescale"))
-    for block, layer in zip(recipe["blocks"], blocks_of(model, spec)):
+    rescale.apply(model, spec, recipe.model.rescale)
+    for block, layer in zip(recipe.blocks, blocks_of(model, spec)):
         smooth = {}
-        for producer in block.get("smooth", []):
-            key = f"{spec.blocks}.{block['index']}.{producer}.smooth"
+        for producer in block.smooth:
+            key = f"{spec.blocks}.{block.index}.{producer}.smooth"
             if key not in tensors:
                 raise RecipeError(f"scales file has no smoothing scales {key}")
             smooth[producer] = tensors[key]
         fold_block(layer, spec, smooth)
 
 
-def recipe_codes(weight: torch.Tensor, tensors: dict, entry: dict, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+def recipe_codes(weight: torch.Tensor, tensors: dict, path: str, *, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 [out, in], scale [out, G]) of a recipe's linear: its stored codes (GPTQ), else
     ``clamp(round(weight / scale))``; a missing or mismatched tensor is a ``RecipeError``."""
     from .errors import RecipeError
@@ -210,37 +211,37 @@ def recipe_codes(weight: torch.Tensor, tensors: dict, entry: dict, path: str) ->
         raise RecipeError(f"scales file has no scale for {path}")
     if codes is None:
         try:
-            return quantize_with_scale(weight, scale, bits=entry["bits"], block_size=entry["block_size"]), scale
+            return quantize_with_scale(weight, scale, bits=bits, block_size=block_size), scale
         except ValueError as exc:
             raise RecipeError(f"{path}: {exc}") from exc
-    qmin, qmax = qrange(entry["bits"])
+    qmin, qmax = qrange(bits)
     if tuple(codes.shape) != tuple(weight.shape) or codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
-        raise RecipeError(f"{path}: stored codes {tuple(codes.shape)} do not fit the weight {tuple(weight.shape)} in {entry['bits']} bits")
-    if tuple(scale.shape) != (weight.shape[0], weight.shape[1] // entry["block_size"]):
-        raise RecipeError(f"{path}: scale shape {tuple(scale.shape)} does not fit block size {entry['block_size']}")
+        raise RecipeError(f"{path}: stored codes {tuple(codes.shape)} do not fit the weight {tuple(weight.shape)} in {bits} bits")
+    if tuple(scale.shape) != (weight.shape[0], weight.shape[1] // block_size):
+        raise RecipeError(f"{path}: scale shape {tuple(scale.shape)} does not fit block size {block_size}")
     return codes.to(torch.int8), scale
 
 
-def requantize(weight: torch.Tensor, tensors: dict, entry: dict, path: str) -> torch.Tensor:
+def requantize(weight: torch.Tensor, tensors: dict, path: str, *, bits: int, block_size: int) -> torch.Tensor:
     """The weight as the deployed graph reconstructs it from the recipe (``recipe_codes``)."""
-    q, scale = recipe_codes(weight, tensors, entry, path)
-    return dequantize(q, scale, entry["block_size"])
+    q, scale = recipe_codes(weight, tensors, path, bits=bits, block_size=block_size)
+    return dequantize(q, scale, block_size)
 
 
-def quantize_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: dict, tensors: dict[str, torch.Tensor]) -> None:
+def quantize_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> None:
     """Quantize a folded model in place as the recipe says: weight codes from its scales, activation
     quantization as its target computes it, embedding table and lm_head included."""
     from .formats import get_format, get_target
     from .recipe import block_linears
     from .vocab import VocabTransform
 
-    target = get_target(recipe["target"]["name"])
-    for block, layer in zip(recipe["blocks"], blocks_of(model, spec)):
-        formats = {lin["name"]: get_format(lin["format"], target) for lin in block["linears"]}
-        linears = {lin["name"]: get_module(layer, lin["name"]) for lin in block["linears"]}
-        scales = {lin["name"]: lin["act_scale"] for lin in block["linears"] if lin.get("act_scale")}
+    target = get_target(recipe.target.name)
+    for block, layer in zip(recipe.blocks, blocks_of(model, spec)):
+        formats = {lin.name: get_format(lin.format, target) for lin in block.linears}
+        linears = {lin.name: get_module(layer, lin.name) for lin in block.linears}
+        scales = {lin.name: lin.act_scale for lin in block.linears if lin.act_scale}
         set_act_quant(layer, act_quantizers(formats, linears, scales))
     for path, entry in block_linears(recipe).items():
         linear = get_module(model, path)
-        linear.weight.data = requantize(linear.weight, tensors, entry, path).to(linear.weight.dtype)
+        linear.weight.data = requantize(linear.weight, tensors, path, bits=entry.bits, block_size=entry.block_size).to(linear.weight.dtype)
     VocabTransform.from_recipe(recipe, target).replay(model, spec, tensors)

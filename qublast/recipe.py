@@ -30,7 +30,7 @@ import torch
 from .errors import RecipeError
 from .files import atomic_write_bytes, atomic_write_text
 from .formats import ALL_FORMATS
-from .schema import Recipe, parse
+from .schema import Linear, Recipe, parse, to_json
 
 RECIPE_FORMAT = "qublast-recipe"
 RECIPE_VERSION = 3
@@ -107,24 +107,24 @@ def validate(recipe: dict) -> Recipe:
     return typed
 
 
-def check_model(recipe: dict, weight_sha256: str) -> None:
+def check_model(recipe: Recipe, weight_sha256: str) -> None:
     """Refuse a recipe made for another checkpoint."""
-    expected = recipe["model"]["weight_sha256"]
+    expected = recipe.model.weight_sha256
     if expected != weight_sha256:
         raise RecipeError(
             f"recipe was made for weights {expected[:12]}…, this checkpoint is {weight_sha256[:12]}…"
         )
 
 
-def check_target(recipe: dict, target) -> None:
+def check_target(recipe: Recipe, target) -> None:
     """Refuse a recipe made for a target whose formats differ from ``target``'s (a ``runtime.targets.Target``)."""
     from .entries import target_entry
 
-    made_for, wanted = recipe["target"], target_entry(target)
-    if made_for.get("graph_dtype") != wanted["graph_dtype"]:
-        differs = f"its graph is {wanted['graph_dtype']}, the recipe's {made_for.get('graph_dtype')}"
-    elif made_for.get("formats") != wanted["formats"]:
-        ours, theirs = wanted["formats"], made_for.get("formats") or {}
+    made_for, wanted = to_json(recipe.target), target_entry(target)
+    if made_for["graph_dtype"] != wanted["graph_dtype"]:
+        differs = f"its graph is {wanted['graph_dtype']}, the recipe's {made_for['graph_dtype']}"
+    elif made_for["formats"] != wanted["formats"]:
+        ours, theirs = wanted["formats"], made_for["formats"]
         if list(ours) != list(theirs):
             differs = f"its formats are {'/'.join(ours)}, the recipe's {'/'.join(theirs)}"
         else:
@@ -133,7 +133,7 @@ def check_target(recipe: dict, target) -> None:
                        f"{'are' if len(changed) > 1 else 'is'} stored or computed otherwise than in the recipe")
     else:
         return
-    raise RecipeError(f"recipe was made for target {made_for.get('name')!r}; target {target.name!r} differs ({differs}): "
+    raise RecipeError(f"recipe was made for target {made_for['name']!r}; target {target.name!r} differs ({differs}): "
                       f"calibrate again with --target {target.name}")
 
 
@@ -187,15 +187,13 @@ def read_tensors(path: str | Path) -> dict:
     return out
 
 
-def block_linears(recipe: dict) -> dict[str, dict]:
+def block_linears(recipe: Recipe) -> dict[str, Linear]:
     """``{full module path: linear entry}`` for every block linear the recipe quantizes."""
-    return {lin["path"]: lin for block in recipe["blocks"] for lin in block["linears"] if lin["bits"] is not None}
+    return {lin.path: lin for block in recipe.blocks for lin in block.linears if lin.bits is not None}
 
 
-def quantized_linears(recipe: dict) -> dict[str, dict]:
+def quantized_linears(recipe: Recipe) -> dict[str, Linear]:
     """``{full module path: linear entry}`` for every graph linear the recipe quantizes (blocks and lm_head)."""
     out = block_linears(recipe)
-    for lin in recipe["lm_head"].get("linears", []):
-        if lin["bits"] is not None:
-            out[lin["path"]] = lin
+    out.update({lin.path: lin for lin in recipe.lm_head.linears if lin.bits is not None})
     return out

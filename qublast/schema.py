@@ -112,7 +112,8 @@ class Linear:
     bias: bool = describes(default=False)
     quantizer: str | None = decided(default=None)
     error: dict[str, Number] | None = measured(default=None)  # rel_err, max_abs_err, mse, clip_mean of the weights
-    act_range: Number | None = decided(default=None)  # w8a8: the activation range (its scale is range / 127)
+    act_scale: Number | None = decided(default=None)  # static INT8 activations (w8a8): the Q/DQ scale
+    act_range: Number | None = describes(default=None)  # the same as a range, act_scale x 127 (for the report)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .arch import ArchSpec
 from .blocks import BlockRunner, Score, get_module
 from .formats import block_size_for, embed_format, get_format
 from .quant import QuantizedWeight, measured, quantize_weight
+from .schema import Recipe
 
 EMBED_CHUNK = 4096  # token ids per call of the embedding module when reading its table
 
@@ -99,11 +100,11 @@ class VocabTransform:
         return cls(embed_format(embed), get_format(head, target), head_importance, head_codes, target.shared_quantized_table)
 
     @classmethod
-    def from_recipe(cls, recipe: dict, target: Target) -> VocabTransform:
+    def from_recipe(cls, recipe: Recipe, target: Target) -> VocabTransform:
         """The recipe's formats, with the table where the recipe stored it (a recipe written before
         its target kept quantized tied tables in the graph keeps its host table)."""
-        vocab = cls.of(target, embed=recipe["embedding"]["format"], head=recipe["lm_head"]["format"])
-        return replace(vocab, shared_quantized=vocab.shared_quantized and recipe["embedding"]["storage"] == "graph")
+        vocab = cls.of(target, embed=recipe.embedding.format, head=recipe.lm_head.format)
+        return replace(vocab, shared_quantized=vocab.shared_quantized and recipe.embedding.storage == "graph")
 
     def side_table(self, model: torch.nn.Module, spec: ArchSpec) -> bool:
         return side_table(tied=is_tied(model, spec), embed=self.embed.name, head=self.head.name,
@@ -154,13 +155,13 @@ class VocabTransform:
         head, shared = get_module(model, spec.lm_head), self.reads_head_codes(model, spec)
         if self.embed.bits and not shared:
             table = effective_table(model, spec)
-            entry = {"bits": self.embed.bits, "block_size": block_size_for(self.embed, table.shape[1])}
-            _set_table(model, spec, requantize(table, tensors, entry, spec.embed))
+            block = block_size_for(self.embed, table.shape[1])
+            _set_table(model, spec, requantize(table, tensors, spec.embed, bits=self.embed.bits, block_size=block))
         elif self.side_table(model, spec):
             _set_table(model, spec, effective_table(model, spec).half().float())
         if self.head.bits:
-            entry = {"bits": self.head.bits, "block_size": block_size_for(self.head, head.in_features)}
-            _set_head(model, spec, requantize(head.weight, tensors, entry, spec.lm_head))
+            block = block_size_for(self.head, head.in_features)
+            _set_head(model, spec, requantize(head.weight, tensors, spec.lm_head, bits=self.head.bits, block_size=block))
         if shared:
             _tie_table(model, spec)
         self._set_head_act(model, spec)

@@ -81,9 +81,13 @@ def test_replay_keeps_the_table_where_the_recipe_stored_it():
     """A CPU recipe with a tied w8/w8 pair replays with the table where it was stored: lm_head's
     codes when the recipe says "graph", its own host table when an older recipe says "side_table"."""
     from qublast.formats import get_target
+    from qublast.recipe import validate
     from qublast.vocab import VocabTransform
+    from tests.test_recipe import _recipe
 
     cpu = get_target("cpu")
     for storage, shared in (("graph", True), ("side_table", False)):
-        recipe = {"embedding": {"format": "w8", "storage": storage}, "lm_head": {"format": "w8"}}
-        assert VocabTransform.from_recipe(recipe, cpu).shared_quantized is shared
+        recipe = _recipe()
+        recipe["embedding"].update(format="w8", storage=storage)
+        recipe["lm_head"]["format"] = "w8"
+        assert VocabTransform.from_recipe(validate(recipe), cpu).shared_quantized is shared

@@ -183,15 +183,15 @@ def test_recipe_of_another_target_is_refused():
     """A CPU recipe (w8 blocks: INT8 weights with dynamic INT8 activations) is refused for Jetson,
     whose formats differ, with one line naming both targets."""
     recipe = _recipe()
-    check_target(recipe, get_target("cpu"))
+    check_target(validate(recipe), get_target("cpu"))
     with pytest.raises(RecipeError, match="made for target 'cpu'.*target 'jetson'.*graph is float16.*--target jetson"):
-        check_target(recipe, get_target("jetson"))
+        check_target(validate(recipe), get_target("jetson"))
     recipe["target"]["formats"]["w8"]["block_sizes"] = [32]  # same names, another layout
     with pytest.raises(RecipeError, match=r"format w8 is stored or computed otherwise than in the recipe\)"):
-        check_target(recipe, get_target("cpu"))
+        check_target(validate(recipe), get_target("cpu"))
     recipe["target"]["formats"].pop("w4m")  # a recipe from a version without w4m
     with pytest.raises(RecipeError, match=r"formats are fp16/w8/w4m/w4s/w4, the recipe's fp16/w8/w4s/w4\)"):
-        check_target(recipe, get_target("cpu"))
+        check_target(validate(recipe), get_target("cpu"))
 
 
 def test_recipe_of_an_old_version_says_calibrate_again():
@@ -203,16 +203,16 @@ def test_recipe_of_an_old_version_says_calibrate_again():
 
 def test_check_model():
     recipe = _recipe()
-    check_model(recipe, SHA)
+    check_model(validate(recipe), SHA)
     with pytest.raises(RecipeError, match="abababababab"):
-        check_model(recipe, "cd" * 32)
+        check_model(validate(recipe), "cd" * 32)
 
 
 def test_quantized_linears():
     recipe = _recipe()
-    out = quantized_linears(recipe)
+    out = quantized_linears(validate(recipe))
     assert sorted(out) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    assert out["model.layers.1.self_attn.q_proj"]["bits"] == 4
+    assert out["model.layers.1.self_attn.q_proj"].bits == 4
 
 
 def test_scales_round_trip(tmp_path):

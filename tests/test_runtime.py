@@ -96,10 +96,10 @@ def test_manifest_refuses_tampered_or_incomplete_bundles(bundle, tmp_path):  # n
 def test_runtime_greedy_tokens_match_pytorch_fake_quant(bundle, tiny_model_dir, capsys):  # noqa: F811
     from qublast.apply import fold_recipe, quantize_recipe
     from qublast.models import load_model, resolve_source
-    from qublast.recipe import read_recipe, read_tensors
+    from qublast.recipe import read_recipe, read_tensors, validate
 
     model, tokenizer, spec = load_model(resolve_source(str(tiny_model_dir)))
-    recipe, tensors = read_recipe(bundle / "recipe.json"), read_tensors(bundle / "scales.safetensors")
+    recipe, tensors = validate(read_recipe(bundle / "recipe.json")), read_tensors(bundle / "scales.safetensors")
     fold_recipe(model, spec, recipe, tensors)
     quantize_recipe(model, spec, recipe, tensors)
     b = open_bundle(bundle)
