@@ -384,7 +384,7 @@ def _write_bundle(cfg, inputs: Inputs, work: Path, recipe: dict, scales: dict, t
         script.write_text(engine.build_script(shapes))
         (work / "engine_profiles.json").write_text(json.dumps({"target": cfg.target, "context": inputs.context, "shapes": shapes}, indent=1))
     atomic_write_text(work / RUN_RECORD, json.dumps(record, indent=1) + "\n")
-    write_report(recipe, work, run=record)
+    write_report(validate(recipe), work, run=record)
     (work / MANIFEST).write_text(json.dumps(manifest_for(work, recipe_version=recipe["version"]), indent=1) + "\n")
     _make_readable(work)
 

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from .files import atomic_write_text
+from .schema import Block, Embedding, Recipe
 
 GGUF_CAVEAT = (
     "Caveat: the \"full-precision\" baseline of this checkpoint is itself a dequantized GGUF "
@@ -18,7 +19,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def write_report(recipe: dict, out_dir: Path, *, run: dict | None = None) -> None:
+def write_report(recipe: Recipe, out_dir: Path, *, run: dict | None = None) -> None:
     """Write the three report files for ``recipe`` into ``out_dir``; ``run``: the run's record
     (``run.json``: wall times, memory), quoted in the report's cost lines."""
     _plot_sensitivity(recipe, out_dir / "sensitivity.png")
@@ -26,23 +27,23 @@ def write_report(recipe: dict, out_dir: Path, *, run: dict | None = None) -> Non
     atomic_write_text(out_dir / "report.md", render(recipe, run=run))
 
 
-def render(recipe: dict, *, run: dict | None = None) -> str:
+def render(recipe: Recipe, *, run: dict | None = None) -> str:
     """Markdown report: model, constraint, PPLs, sizes, per-block table, and the run's costs.
     Recipes made before ``run.json`` kept the costs in the recipe; they are read from there."""
-    run = run or {"calibration_costs": recipe["calibration"].get("costs", {}), "timings": recipe["metrics"].get("timings", {})}
-    m, model = recipe["metrics"], recipe["model"]
-    lines = [f"# QuBLAST report: {model['id']}", ""]
-    if model.get("gguf") and any(tag in model["gguf"].upper() for tag in ("Q2", "Q3", "Q4", "Q5", "Q6", "Q8")):
-        lines += [f"> {GGUF_CAVEAT.format(gguf=model['gguf'])}", ""]
-    c, ev, t = recipe["constraint"], recipe.get("evaluation", {}), recipe["target"]
-    emb, head = recipe["embedding"], recipe["lm_head"]
-    measured = _measured(t["formats"], recipe["blocks"])
+    run = run or {"calibration_costs": recipe.calibration.costs or {}, "timings": recipe.metrics.get("timings", {})}
+    m, model = recipe.metrics, recipe.model
+    lines = [f"# QuBLAST report: {model.id}", ""]
+    if model.gguf and any(tag in model.gguf.upper() for tag in ("Q2", "Q3", "Q4", "Q5", "Q6", "Q8")):
+        lines += [f"> {GGUF_CAVEAT.format(gguf=model.gguf)}", ""]
+    c, ev, t = recipe.constraint, recipe.evaluation or {}, recipe.target
+    emb, head = recipe.embedding, recipe.lm_head
+    measured = _measured(t.formats, recipe.blocks)
     lines += [
-        f"- target: `{t['name']}` ({t['graph_dtype']} graph; formats {', '.join(t['formats'])}; lm_head {', '.join(t['head_formats'])})",
-        f"- constraint: `{c['mode']} = {c['value']}`; embedding table `{emb['format']}` ({_storage(emb)}); "
-        f"lm_head `{head['format']}` (tied to the embedding: {head.get('tied')})",
+        f"- target: `{t.name}` ({t.graph_dtype} graph; formats {', '.join(t.formats)}; lm_head {', '.join(t.head_formats)})",
+        f"- constraint: `{c.mode} = {c.value}`; embedding table `{emb.format}` ({_storage(emb)}); "
+        f"lm_head `{head.format}` (tied to the embedding: {head.tied})",
         f"- evaluation: {ev.get('text')}, {ev.get('windows')} windows of {m['seqlen']} tokens, {m['eval_tokens']} predicted tokens",
-        f"- calibration: {recipe['calibration']['text']}, seed {recipe['calibration']['seed']}; allocation sums each "
+        f"- calibration: {recipe.calibration.text}, seed {recipe.calibration.seed}; allocation sums each "
         f"unit's {_alloc_loss(recipe)}",
         f"- ONNX Runtime session ({ev.get('graph_optimization_level', 'ORT_ENABLE_ALL')}): {ev.get('ort_session')} "
         "(the runtime opens the bundle with the same options)",
@@ -76,46 +77,45 @@ def render(recipe: dict, *, run: dict | None = None) -> str:
         "block output rel. MSE, map off | block output rel. MSE | worst linear rel. error |",
         "|---|---|---|---|---|" + "---|" * len(measured) + "---|---|---|---|---|",
     ]
-    for block in recipe["blocks"]:
-        sens = block.get("sensitivity", {})
-        errs = [(lin["error"]["rel_err"], lin["name"]) for lin in block["linears"] if "error" in lin]
+    for block in recipe.blocks:
+        sens = block.sensitivity
+        errs = [(lin.error["rel_err"], lin.name) for lin in block.linears if lin.error]
         worst = f"{max(errs)[1]} {max(errs)[0]:.4f}" if errs else "-"
-        fmt = block["format"]
-        kept = {True: "on", False: "off"}.get(block.get("map"), "-")  # null: fp16 block or --no-scaling
+        fmt = block.format
+        kept = {True: "on", False: "off"}.get(block.map, "-")  # null: fp16 block or --no-scaling
         lines.append(
-            f"| {block['index']} | {fmt} | {kept} | {_alphas(block.get('alpha'))} | {block['bytes']} | "
+            f"| {block.index} | {fmt} | {kept} | {_alphas(block.alpha)} | {block.bytes} | "
             + "".join(f"{_f(sens, f, 'dce')} | " for f in measured)
             + f"{_f(sens, 'w4', 'kl')} | {_f(sens, fmt, 'dce_map_off')} | "
-            f"{_e(block.get('block_err_unscaled'))} | {block.get('block_err', 0):.2e} | {worst} |"
+            f"{_e(block.block_err_unscaled)} | {block.block_err or 0:.2e} | {worst} |"
         )
     lines += _act_ranges(recipe)
-    lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe['allocation'])}\n```", ""]
+    lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe.allocation)}\n```", ""]
     return "\n".join(lines)
 
 
-def _mixed_lines(recipe: dict) -> list[str]:
+def _mixed_lines(recipe: Recipe) -> list[str]:
     """What each mixed block format of the target stores where (its linears are listed in the recipe)."""
-    formats = recipe["target"]["formats"]
-    mixed = {name: f["mix"] for name, f in formats.items() if f.get("mix")}
-    used = {b["format"] for b in recipe["blocks"]}
+    mixed = {name: f.mix for name, f in recipe.target.formats.items() if f.mix}
+    used = {b.format for b in recipe.blocks}
     lines = []
     for name, (bulk, rest) in mixed.items():
         if name in used:
-            block = next(b for b in recipe["blocks"] if b["format"] == name)
-            bulk_names = [lin["name"] for lin in block["linears"] if lin["format"] == bulk]
+            block = next(b for b in recipe.blocks if b.format == name)
+            bulk_names = [lin.name for lin in block.linears if lin.format == bulk]
             lines.append(f"`{name}` blocks store {', '.join(bulk_names)} in `{bulk}` and their other linears in `{rest}`.")
     return [*lines, ""] if lines else []
 
 
-def _is_head_codes(emb: dict) -> bool:
+def _is_head_codes(emb: Embedding) -> bool:
     """True when the recipe's table is lm_head's quantized codes in the graph (one copy)."""
-    return emb["storage"] == "graph" and bool(emb.get("bits"))
+    return emb.storage == "graph" and bool(emb.bits)
 
 
-def _storage(emb: dict) -> str:
+def _storage(emb: Embedding) -> str:
     if _is_head_codes(emb):
         return "in the graph once: lm_head's codes, rows gathered by GatherBlockQuantized"
-    if emb["storage"] == "graph":
+    if emb.storage == "graph":
         return "in the graph, shared with lm_head"
     return "host-side table embedding.safetensors, fed as inputs_embeds"
 
@@ -138,13 +138,13 @@ def _size_lines(m: dict) -> list[str]:
     ]
 
 
-def _peaks(recipe: dict) -> list[str]:
-    peaks = recipe["calibration"].get("activation_peaks") or {}
+def _peaks(recipe: Recipe) -> list[str]:
+    peaks = recipe.calibration.activation_peaks or {}
     if not peaks:
         return []
     lines = [f"Largest activation of the deployed model on calibration text: {peaks['max']:.4g} at {peaks['where']} "
              f"(fp16 holds up to 65504; an fp16 graph is refused above half of it).", ""]
-    factors = recipe["model"].get("rescale")
+    factors = recipe.model.rescale
     if factors:
         up = factors.get("up_down") or {}
         lines[-1:-1] = [
@@ -158,37 +158,37 @@ def _peaks(recipe: dict) -> list[str]:
     return lines
 
 
-def _vocab_lines(recipe: dict) -> list[str]:
+def _vocab_lines(recipe: Recipe) -> list[str]:
     """The embedding table and lm_head: format, bytes, sensitivity of each format."""
-    emb, head = recipe["embedding"], recipe["lm_head"]
-    measured = _measured([*recipe["target"]["formats"], "w8", "w4"], (emb, head)) or ["w8", "w4"]
+    emb, head = recipe.embedding, recipe.lm_head
+    measured = _measured([*recipe.target.formats, "w8", "w4"], (emb, head)) or ["w8", "w4"]
     out = ["## Embedding table and lm_head", "",
            "| unit | format | storage | bytes | rel. error | " + " | ".join(f"dCE / KL {f}" for f in measured) + " |",
            "|---|---|---|---|---|" + "---|" * len(measured)]
-    head_lin = head["linears"][0]
+    head_lin = head.linears[0]
     for name, unit, storage, size, err in (
-        ("embedding", emb, _storage(emb), emb["bytes"] or "(in lm_head's)", emb.get("error", {}).get("rel_err")),
+        ("embedding", emb, _storage(emb), emb.bytes or "(in lm_head's)", (emb.error or {}).get("rel_err")),
         ("lm_head", head, "graph MatMulNBits, its codes also the table" if _is_head_codes(emb)
-         else "graph MatMul", head_lin["bytes"], head_lin.get("error", {}).get("rel_err")),
+         else "graph MatMul", head_lin.bytes, (head_lin.error or {}).get("rel_err")),
     ):
-        sens = unit.get("sensitivity", {})
+        sens = unit.sensitivity
         cells = [f"{sens[f]['dce']:+.5f} / {sens[f]['kl']:.5f}" if f in sens else "-" for f in measured]
         rel = "-" if err is None else f"{err:.4f}"
-        out.append(f"| {name} | {unit['format']} | {storage} | {size} | {rel} | " + " | ".join(cells) + " |")
+        out.append(f"| {name} | {unit.format} | {storage} | {size} | {rel} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
 def _measured(formats, units) -> list[str]:
     """The quantized formats among ``formats`` (in order, once each) that some unit's sensitivity measured."""
-    return [f for f in dict.fromkeys(formats) if f != "fp16" and any(f in unit.get("sensitivity", {}) for unit in units)]
+    return [f for f in dict.fromkeys(formats) if f != "fp16" and any(f in unit.sensitivity for unit in units)]
 
 
-def _act_ranges(recipe: dict) -> list[str]:
+def _act_ranges(recipe: Recipe) -> list[str]:
     """Static INT8 activation ranges of every w8a8 linear input."""
-    rows = [(b["index"], lin["name"], lin["act_range"]) for b in recipe["blocks"] for lin in b["linears"] if lin.get("act_range")]
+    rows = [(b.index, lin.name, lin.act_range) for b in recipe.blocks for lin in b.linears if lin.act_range]
     if not rows:
         return []
-    method = recipe["calibration"].get("range_method")
+    method = recipe.calibration.range_method
     out = ["", f"## Activation ranges (INT8, per tensor, {method})", "", "| block | linear input | range |", "|---|---|---|"]
     return out + [f"| {i} | {name} | {r:.4g} |" for i, name, r in rows]
 
@@ -244,19 +244,19 @@ def _allocation_text(allocation: dict) -> str:
     return "\n".join(out)
 
 
-def _plot_sensitivity(recipe: dict, path: Path) -> None:
+def _plot_sensitivity(recipe: Recipe, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    blocks = recipe["blocks"]
-    formats = sorted({f for b in blocks for f in b.get("sensitivity", {}) if f != "fp16"})
-    vocab = {"embedding": (-1, recipe["embedding"].get("sensitivity", {})), "lm_head": (len(blocks), recipe["lm_head"].get("sensitivity", {}))}
+    blocks = recipe.blocks
+    formats = sorted({f for b in blocks for f in b.sensitivity if f != "fp16"})
+    vocab = {"embedding": (-1, recipe.embedding.sensitivity), "lm_head": (len(blocks), recipe.lm_head.sensitivity)}
     markers = {"w8a8": "^", "w8": "o", "w4m": "D", "w4s": "v", "w4": "s"}
     for fmt in formats:
-        ax.plot([b["index"] for b in blocks], [b["sensitivity"][fmt]["dce"] for b in blocks], marker=markers.get(fmt, "o"), label=fmt)
+        ax.plot([b.index for b in blocks], [b.sensitivity[fmt]["dce"] for b in blocks], marker=markers.get(fmt, "o"), label=fmt)
     for unit, (x, sens) in vocab.items():
         for fmt, values in sens.items():
             if fmt != "fp16":
@@ -273,7 +273,7 @@ def _plot_sensitivity(recipe: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
+def _plot_size_vs_ppl(recipe: Recipe, path: Path) -> None:
     """Predicted PPL of every Pareto-optimal allocation vs whole-model size, with the chosen one measured."""
     import matplotlib
 
@@ -282,7 +282,7 @@ def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
 
     from .allocate import pareto_frontier
 
-    m = recipe["metrics"]
+    m = recipe.metrics
     fig, ax = plt.subplots(figsize=(7, 4.5))
     loss = _alloc_loss(recipe)
     options = _options(recipe, loss)
@@ -303,51 +303,50 @@ def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _options(recipe: dict, loss: str):
+def _options(recipe: Recipe, loss: str):
     """Allocation options rebuilt from the recipe (blocks, then the vocabulary unit), or [] when not measured."""
     from .allocate import Choice
     from .formats import get_target
 
-    target = get_target(recipe["target"]["name"])
-    blocks = recipe["blocks"]
-    if not all(b.get("sensitivity") for b in blocks) or len(blocks[0]["sensitivity"]) < 2:
+    target = get_target(recipe.target.name)
+    blocks = recipe.blocks
+    if not all(b.sensitivity for b in blocks) or len(blocks[0].sensitivity) < 2:
         return []
     from .arch import arch_for
 
-    spec = arch_for(recipe["model"]["model_type"])
-    options = [[Choice(f, _bytes_in(b, f, target, spec), s[loss]) for f, s in b["sensitivity"].items()] for b in blocks]
-    emb, head = recipe["embedding"], recipe["lm_head"]
+    spec = arch_for(recipe.model.model_type)
+    options = [[Choice(f, _bytes_in(b, f, target, spec), s[loss]) for f, s in b.sensitivity.items()] for b in blocks]
+    emb, head = recipe.embedding, recipe.lm_head
     vocab = [Choice(f"{e}/{h}", _vocab_bytes(recipe, e, h, target), es[loss] + hs[loss])
-             for e, es in emb.get("sensitivity", {}).items() for h, hs in head.get("sensitivity", {}).items()]
+             for e, es in emb.sensitivity.items() for h, hs in head.sensitivity.items()]
     return options + ([vocab] if vocab else [[Choice("fixed", _chosen_bytes(recipe)[-1], 0.0)]])
 
 
-def _chosen_bytes(recipe: dict) -> list[int]:
+def _chosen_bytes(recipe: Recipe) -> list[int]:
     """Bytes of the chosen option of every unit (blocks, then the vocabulary unit)."""
     from .formats import get_target
 
-    target = get_target(recipe["target"]["name"])
-    return [b["bytes"] for b in recipe["blocks"]] + [
-        _vocab_bytes(recipe, recipe["embedding"]["format"], recipe["lm_head"]["format"], target)]
+    target = get_target(recipe.target.name)
+    return [b.bytes for b in recipe.blocks] + [_vocab_bytes(recipe, recipe.embedding.format, recipe.lm_head.format, target)]
 
 
-def _vocab_bytes(recipe: dict, embed: str, head: str, target) -> int:
+def _vocab_bytes(recipe: Recipe, embed: str, head: str, target) -> int:
     from .sizes import vocab_unit_bytes
 
-    emb, lin = recipe["embedding"], recipe["lm_head"]["linears"][0]
-    return vocab_unit_bytes(target, embed=embed, head=head, tied=emb["tied"], table_shape=tuple(emb["shape"]),
-                            head_shape=tuple(lin["shape"]), head_bias=lin.get("bias", False))
+    emb, lin = recipe.embedding, recipe.lm_head.linears[0]
+    return vocab_unit_bytes(target, embed=embed, head=head, tied=emb.tied, table_shape=tuple(emb.shape),
+                            head_shape=tuple(lin.shape), head_bias=lin.bias)
 
 
-def _alloc_loss(recipe: dict) -> str:
+def _alloc_loss(recipe: Recipe) -> str:
     """The per-block loss allocation summed ("kl" or "dce"); recipes before the choice summed dCE."""
-    return recipe["calibration"].get("alloc_loss", "dce")
+    return recipe.calibration.alloc_loss
 
 
-def _bytes_in(block: dict, fmt: str, target, spec) -> int:
+def _bytes_in(block: Block, fmt: str, target, spec) -> int:
     """Block bytes in ``fmt`` from its linears' shapes (the recipe stores only the chosen format's)."""
     from .formats import get_format, linear_bytes, linear_format
 
     block_format = get_format(fmt, target)
-    return sum(linear_bytes(linear_format(block_format, spec, lin["name"]), *lin["shape"], target=target,
-                            has_bias=lin.get("bias", False)) for lin in block["linears"])
+    return sum(linear_bytes(linear_format(block_format, spec, lin.name), *lin.shape, target=target,
+                            has_bias=lin.bias) for lin in block.linears)
