@@ -52,8 +52,9 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    # deferred heavy imports (~4 s): `python -m qublast.export --help` reaches this module (calibrate -> evaluate)
+    from transformers import AttentionInterface  # deferred: see above
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # deferred: see above
 
     AttentionInterface.register(NAME, grouped_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean [B, 1, S, P] masks, as SDPA takes

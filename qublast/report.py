@@ -4,7 +4,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .allocate import Choice, pareto_frontier
+from .arch import arch_for
 from .files import atomic_write_text
+from .formats import get_format, get_target, linear_bytes, linear_format
+from .sizes import vocab_unit_bytes
 
 GGUF_CAVEAT = (
     "Caveat: the \"full-precision\" baseline of this checkpoint is itself a dequantized GGUF "
@@ -245,10 +249,10 @@ def _allocation_text(allocation: dict) -> str:
 
 
 def _plot_sensitivity(recipe: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # figures only: importing this module neither loads matplotlib (~0.3 s) nor picks its backend
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display backend
 
     fig, ax = plt.subplots(figsize=(9, 4))
     blocks = recipe["blocks"]
@@ -275,12 +279,10 @@ def _plot_sensitivity(recipe: dict, path: Path) -> None:
 
 def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
     """Predicted PPL of every Pareto-optimal allocation vs whole-model size, with the chosen one measured."""
-    import matplotlib
+    import matplotlib  # figures only: importing this module neither loads matplotlib (~0.3 s) nor picks its backend
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .allocate import pareto_frontier
+    import matplotlib.pyplot as plt  # after use("Agg"): no display backend
 
     m = recipe["metrics"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -305,15 +307,10 @@ def _plot_size_vs_ppl(recipe: dict, path: Path) -> None:
 
 def _options(recipe: dict, loss: str):
     """Allocation options rebuilt from the recipe (blocks, then the vocabulary unit), or [] when not measured."""
-    from .allocate import Choice
-    from .formats import get_target
-
     target = get_target(recipe["target"]["name"])
     blocks = recipe["blocks"]
     if not all(b.get("sensitivity") for b in blocks) or len(blocks[0]["sensitivity"]) < 2:
         return []
-    from .arch import arch_for
-
     spec = arch_for(recipe["model"]["model_type"])
     options = [[Choice(f, _bytes_in(b, f, target, spec), s[loss]) for f, s in b["sensitivity"].items()] for b in blocks]
     emb, head = recipe["embedding"], recipe["lm_head"]
@@ -324,16 +321,12 @@ def _options(recipe: dict, loss: str):
 
 def _chosen_bytes(recipe: dict) -> list[int]:
     """Bytes of the chosen option of every unit (blocks, then the vocabulary unit)."""
-    from .formats import get_target
-
     target = get_target(recipe["target"]["name"])
     return [b["bytes"] for b in recipe["blocks"]] + [
         _vocab_bytes(recipe, recipe["embedding"]["format"], recipe["lm_head"]["format"], target)]
 
 
 def _vocab_bytes(recipe: dict, embed: str, head: str, target) -> int:
-    from .sizes import vocab_unit_bytes
-
     emb, lin = recipe["embedding"], recipe["lm_head"]["linears"][0]
     return vocab_unit_bytes(target, embed=embed, head=head, tied=emb["tied"], table_shape=tuple(emb["shape"]),
                             head_shape=tuple(lin["shape"]), head_bias=lin.get("bias", False))
@@ -346,8 +339,6 @@ def _alloc_loss(recipe: dict) -> str:
 
 def _bytes_in(block: dict, fmt: str, target, spec) -> int:
     """Block bytes in ``fmt`` from its linears' shapes (the recipe stores only the chosen format's)."""
-    from .formats import get_format, linear_bytes, linear_format
-
     block_format = get_format(fmt, target)
     return sum(linear_bytes(linear_format(block_format, spec, lin["name"]), *lin["shape"], target=target,
                             has_bias=lin.get("bias", False)) for lin in block["linears"])
