@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qublast import text as qtext  # noqa: E402
-from qublast.apply import act_quantizers, fold_recipe, quantize_recipe, set_act_quant  # noqa: E402
+from qublast.apply import fold_recipe, quantize_recipe  # noqa: E402
 from qublast.blocks import blocks_of, get_module  # noqa: E402
+from qublast.deployed import act_quantizers, set_act_quant  # noqa: E402
 from qublast.evaluate import perplexity  # noqa: E402
 from qublast.formats import get_format, get_target  # noqa: E402
 from qublast.models import load_model, resolve_source  # noqa: E402

@@ -17,7 +17,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from qublast.apply import fold_recipe, recipe_codes
+from qublast.apply import fold_recipe
+from qublast.deployed import recipe_codes
 from qublast.errors import GraphError
 from qublast.evaluate import fp16_overflow
 from qublast.files import naming

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from transformers import DynamicCache
 
 from qublast.attention import registered
 from runtime import io_spec
@@ -40,8 +41,6 @@ class _KvWrapper(torch.nn.Module):
         self.model, self.num_layers, self.embeds = model, num_layers, embeds
 
     def forward(self, first, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
@@ -80,8 +79,6 @@ class _StepWrapper(torch.nn.Module):
 
     def _cache(self, flat):
         """A ``DynamicCache`` whose layers hold the given states, marked as after a previous step (decode path)."""
-        from transformers import DynamicCache
-
         per = 4 if self.hybrid else 2
         cache = DynamicCache(config=self.model.config)
         for i, layer in enumerate(cache.layers):

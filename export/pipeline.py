@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qublast import text as qtext
+from qublast.apply import quantize_recipe
 from qublast.arch import arch_for
 from qublast.calibrate import DEFAULTS, CalibConfig, calibrate
 from qublast.device import placed, torch_dtype
 from qublast.errors import GraphError, InputError, QublastError
+from qublast.evaluate import perplexity
 from qublast.files import atomic_write_text, remove_stale_temps, safetensors_loads
 from qublast.formats import get_target
 from qublast.models import (
@@ -46,6 +49,7 @@ from qublast.recipe import (
     write_recipe,
     write_tensors,
 )
+from qublast.report import write_report
 from qublast.schema import parse
 from runtime import engine
 from runtime.build_engine import BuildError, embeds_width, graph_layout, read_graph
@@ -53,6 +57,7 @@ from runtime.bundle import MANIFEST, manifest_for
 from runtime.embedding import FILE as TABLE_FILE
 from runtime.embedding import EmbeddingTable
 from runtime.generate import check_threads
+from runtime.perplexity import perplexity as ort_perplexity
 from runtime.session import OrtModel
 from runtime.targets import TARGETS
 
@@ -121,8 +126,6 @@ def log(message: str) -> None:
 def run(cfg: ExportConfig) -> Path:
     """Make the bundle at ``cfg.out``; returns its path."""
     inputs = preflight(cfg)
-    import torch
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     for line in outdir.recover(inputs.out):
@@ -303,9 +306,6 @@ def _sizes(work: Path, recipe: dict, exported: dict) -> dict:
 
 def _verify(cfg, model, spec, recipe, scales, windows, work: Path, target, *, ppl_fp: float, timings: dict) -> dict:
     """PyTorch (fake-quant) vs ONNX Runtime: logits on prefill + decode, and PPL on the windows."""
-    from qublast.apply import quantize_recipe
-    from qublast.evaluate import perplexity
-
     quantize_recipe(model, spec, recipe, scales)  # the map is already folded in (export_bundle_graph)
     t0 = time.perf_counter()
     with placed(model, spec, cfg.calib.device):
@@ -323,15 +323,11 @@ def _verify(cfg, model, spec, recipe, scales, windows, work: Path, target, *, pp
 
 
 def _ort_ppl(ort_model, windows) -> dict:
-    from runtime.perplexity import perplexity as ort_perplexity
-
     return ort_perplexity(ort_model, windows)
 
 
 def _logit_agreement(model, ort_model, ids: np.ndarray, *, decode_steps: int = 4) -> dict:
     """Max |logit difference| PyTorch vs ORT: prefill of ``ids`` then greedy decode steps through the cache."""
-    import torch
-
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids[None]), use_cache=False).logits.float().numpy()
     logits, past = ort_model.forward(ids[None])
@@ -349,8 +345,6 @@ def _logit_agreement(model, ort_model, ids: np.ndarray, *, decode_steps: int = 4
 
 
 def _cached_fp_ppl(model, windows: np.ndarray, info: dict, cache_dir: Path) -> float:
-    from qublast.evaluate import perplexity
-
     key = hashlib.sha256(info["weight_sha256"].encode() + np.ascontiguousarray(windows).tobytes()).hexdigest()[:16]
     path = cache_dir / f"ppl-fp-{key}.json"
     if path.is_file():
@@ -368,8 +362,6 @@ def _cached_fp_ppl(model, windows: np.ndarray, info: dict, cache_dir: Path) -> f
 
 
 def _write_bundle(cfg, inputs: Inputs, work: Path, recipe: dict, scales: dict, tokenizer, record: dict) -> None:
-    from qublast.report import write_report
-
     log(f"writing the bundle's files into {work.name}")
     write_recipe(recipe, work / "recipe.json")
     write_tensors(scales, work / "scales.safetensors")

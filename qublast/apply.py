@@ -2,9 +2,9 @@
 fake-quantize linear inputs the way the target computes them.
 
 The model keeps fp32 weights holding exactly ``q * scale``, which is what the deployed
-graph's ``DequantizeLinear`` reconstructs; activation hooks compute what the target does to
-a linear's input: a static INT8 Q/DQ pair (``w8a8`` on Jetson) or ONNX Runtime's dynamic
-per-block INT8 quantization (``w8``/``w4`` on the CPU target). The embedding table and
+graph's ``DequantizeLinear`` reconstructs; activation hooks (module ``deployed``) compute what
+the target does to a linear's input: a static INT8 Q/DQ pair (``w8a8`` on Jetson) or ONNX
+Runtime's dynamic per-block INT8 quantization (``w8``/``w4`` on the CPU target). The embedding table and
 ``lm_head`` are transformed by ``VocabTransform`` (module ``vocab``).
 """
 from __future__ import annotations
@@ -16,14 +16,17 @@ import torch
 
 from runtime.targets import WeightFormat
 
+from . import rescale
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
-from .formats import block_size_for, linear_format
-from .quant import CLIP_GRID, QuantizedWeight, dequantize, fake_quant_dynamic, measured, quantize_weight, quantize_with_scale
-from .scaling import fake_quant, fold_into_norm, fold_into_rows, scale_columns
+from .deployed import act_quantizers, clear_act_quant, requantize, set_act_quant
+from .errors import RecipeError
+from .formats import block_size_for, get_format, get_target, linear_format
+from .quant import CLIP_GRID, QuantizedWeight, measured, quantize_weight
+from .recipe import block_linears
+from .scaling import fold_into_norm, fold_into_rows, scale_columns
 from .schema import Recipe
-
-_HOOKS = "_qublast_act_hooks"
+from .vocab import VocabTransform, vocab_restored
 
 
 @dataclass(frozen=True)
@@ -82,45 +85,6 @@ def fold_block(block: torch.nn.Module, spec: ArchSpec, smooth: dict[str, torch.T
             lin.weight.data.copy_(w)
 
 
-def act_quantizers(formats: dict[str, WeightFormat], linears: dict[str, torch.nn.Linear], act_scales: dict[str, float]) -> dict[str, tuple]:
-    """``{name: ("static", scale) | ("dynamic", block)}``: what the target does to each linear's input,
-    given each linear's plain format (``formats``)."""
-    out = {}
-    for name, lin in linears.items():
-        fmt = formats[name]
-        if fmt.bits is not None and fmt.act == "static" and name in act_scales:
-            out[name] = ("static", act_scales[name])
-        elif fmt.bits is not None and fmt.act == "dynamic":
-            out[name] = ("dynamic", block_size_for(fmt, lin.in_features))
-    return out
-
-
-def set_act_quant(module: torch.nn.Module, quantizers: dict[str, tuple]) -> None:
-    """Fake-quantize the inputs of the named sub-modules (``act_quantizers``); replaces earlier hooks."""
-    clear_act_quant(module)
-    handles = []
-    for name, (kind, value) in quantizers.items():
-        if kind == "static":
-            def hook(_module, args, scale=value):
-                return (fake_quant(args[0], scale),) + tuple(args[1:])
-        else:
-            def hook(_module, args, block=value):
-                return (fake_quant_dynamic(args[0], block),) + tuple(args[1:])
-
-        target = module if name == "" else get_module(module, name)
-        handles.append(target.register_forward_pre_hook(hook))
-    setattr(module, _HOOKS, handles)
-
-
-def clear_act_quant(module: torch.nn.Module) -> None:
-    """Remove activation fake-quant hooks from ``module`` and everything below it."""
-    for sub in module.modules():
-        for handle in getattr(sub, _HOOKS, []):
-            handle.remove()
-        if hasattr(sub, _HOOKS):
-            delattr(sub, _HOOKS)
-
-
 def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *,
                     clip_grid: tuple[float, ...] = CLIP_GRID) -> dict[str, QuantizedWeight]:
     """Fold, quantize weights and set activation quantization for one block, in place."""
@@ -177,8 +141,6 @@ def apply_transforms(model: torch.nn.Module, spec: ArchSpec, transforms: list[Bl
 @contextmanager
 def transforms_applied(model: torch.nn.Module, spec: ArchSpec, transforms: list[BlockTransform], vocab=None):
     """Within the context the model is transformed; every weight, module and hook is restored after."""
-    from .vocab import vocab_restored
-
     with vocab_restored(model, spec), restored(blocks_of(model, spec)):
         yield apply_transforms(model, spec, transforms, vocab)
 
@@ -186,9 +148,6 @@ def transforms_applied(model: torch.nn.Module, spec: ArchSpec, transforms: list[
 def fold_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> None:
     """Fold a recipe's rescaling (once; ``qublast.rescale``) and scaling map into the fp model in
     place (norm weights and epsilons, linear columns)."""
-    from . import rescale
-    from .errors import RecipeError
-
     rescale.apply(model, spec, recipe.model.rescale)
     for block, layer in zip(recipe.blocks, blocks_of(model, spec)):
         smooth = {}
@@ -200,41 +159,9 @@ def fold_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: Recipe, tensors:
         fold_block(layer, spec, smooth)
 
 
-def recipe_codes(weight: torch.Tensor, tensors: dict, path: str, *, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8 [out, in], scale [out, G]) of a recipe's linear: its stored codes (GPTQ), else
-    ``clamp(round(weight / scale))``; a missing or mismatched tensor is a ``RecipeError``."""
-    from .errors import RecipeError
-    from .quant import qrange
-
-    scale, codes = tensors.get(f"{path}.scale"), tensors.get(f"{path}.qweight")
-    if scale is None:
-        raise RecipeError(f"scales file has no scale for {path}")
-    if codes is None:
-        try:
-            return quantize_with_scale(weight, scale, bits=bits, block_size=block_size), scale
-        except ValueError as exc:
-            raise RecipeError(f"{path}: {exc}") from exc
-    qmin, qmax = qrange(bits)
-    if tuple(codes.shape) != tuple(weight.shape) or codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
-        raise RecipeError(f"{path}: stored codes {tuple(codes.shape)} do not fit the weight {tuple(weight.shape)} in {bits} bits")
-    if tuple(scale.shape) != (weight.shape[0], weight.shape[1] // block_size):
-        raise RecipeError(f"{path}: scale shape {tuple(scale.shape)} does not fit block size {block_size}")
-    return codes.to(torch.int8), scale
-
-
-def requantize(weight: torch.Tensor, tensors: dict, path: str, *, bits: int, block_size: int) -> torch.Tensor:
-    """The weight as the deployed graph reconstructs it from the recipe (``recipe_codes``)."""
-    q, scale = recipe_codes(weight, tensors, path, bits=bits, block_size=block_size)
-    return dequantize(q, scale, block_size)
-
-
 def quantize_recipe(model: torch.nn.Module, spec: ArchSpec, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> None:
     """Quantize a folded model in place as the recipe says: weight codes from its scales, activation
     quantization as its target computes it, embedding table and lm_head included."""
-    from .formats import get_format, get_target
-    from .recipe import block_linears
-    from .vocab import VocabTransform
-
     target = get_target(recipe.target.name)
     for block, layer in zip(recipe.blocks, blocks_of(model, spec)):
         formats = {lin.name: get_format(lin.format, target) for lin in block.linears}

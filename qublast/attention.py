@@ -52,8 +52,8 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers import AttentionInterface  # deferred heavy import: qublast.export's --help imports this module
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # deferred heavy import (~4 s with the above)
 
     AttentionInterface.register(NAME, grouped_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean [B, 1, S, P] masks, as SDPA takes

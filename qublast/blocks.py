@@ -32,6 +32,11 @@ def multiplier(model: torch.nn.Module, attribute: str | None) -> float:
     return float(getattr(model.config, attribute)) if attribute else 1.0
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's device."""
+    return model.get_input_embeddings().weight.device
+
+
 def foldable(module: torch.nn.Module) -> bool:
     """True when a scaling map producer can take a fold (it has a weight; an Identity has none)."""
     return getattr(module, "weight", None) is not None
@@ -49,8 +54,6 @@ class BlockRunner:
     """Block-by-block execution on token windows ``ids`` [N, S] (see module docstring)."""
 
     def __init__(self, model: torch.nn.Module, spec: ArchSpec, ids: torch.Tensor, *, chunk: int = 2):
-        from .device import model_device
-
         self.model, self.spec, self.ids, self.chunk = model, spec, ids.to(model_device(model)), chunk
         self.layers = blocks_of(model, spec)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 
 from runtime.targets import EMBED_FORMATS
 
+from . import rescale
 from .allocate import Choice, Plan, repair, solve_for_loss, solve_for_size
 from .apply import transforms_applied
 from .arch import ArchSpec
@@ -33,6 +36,7 @@ from .reconstruct import WindowCache, reconstruct
 from .scaling import ALPHA_GRID, RANGE_METHODS
 from .sensitivity import ESTIMATES, sweep
 from .sizes import block_bytes, fp16_bytes, predicted_sizes, rest_bytes, vocab_bytes
+from .text import calib_windows
 from .vocab import VocabTransform, head_importance
 
 DEFAULT_MAX_PPL_INCREASE = 0.01
@@ -185,8 +189,6 @@ def split_plan(formats) -> tuple[list[str], str, str]:
 def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray, calib_label: str, cfg: CalibConfig, log=print) -> tuple[dict, dict]:
     """Decide a transform per block and the vocabulary formats; returns ``(recipe, tensors)``.
     The model keeps its fp weights."""
-    from .text import calib_windows
-
     target = get_target(cfg.target)
     gptq = "gptq" in cfg.quantizers
     sens, holdout, *fit = calib_windows(calib_ids, cfg.calib_seqlen, (cfg.sens_windows, cfg.holdout_windows)
@@ -257,8 +259,6 @@ def _runner(model, spec, sens: np.ndarray, target, model_info: dict, log) -> Blo
     """The sweep's runner. For an fp16 graph the fp model's activations must fit fp16: where they do
     not, the model is rescaled exactly (``qublast.rescale``; the factors go to ``model_info``) and
     measured again; what rescaling cannot bring within fp16's headroom is refused, by name."""
-    from . import rescale
-
     with PeakRecorder(model) as peaks:
         runner = BlockRunner(model, spec, torch.from_numpy(sens))
     if target.graph_dtype != "float16":
@@ -438,8 +438,6 @@ def _byte_options(model, spec, target, candidates, embed_choices, head_choices) 
 def _costs(costs: dict, table, vocab_table) -> dict:
     """What calibration cost: wall times (this run's, and the journal's measurements, which a resumed
     run did not repeat), GPTQ's share, and the process's peak resident memory."""
-    import resource
-
     entries = [s for row in table for f, s in row.items() if f != "fp16"] + [
         s for row in vocab_table.values() for f, s in row.items() if f != "fp16"]
     return {**costs, "measurements": len(entries), "measured_s": sum(s.seconds for s in entries),
@@ -469,8 +467,8 @@ def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
     digest = hashlib.sha256()
     digest.update(model_info["weight_sha256"].encode())
     if model_info.get("rescale"):  # the sweep measured the rescaled model
-        rescale = model_info["rescale"]
-        digest.update(repr((rescale["residual"], sorted(rescale["up_down"].items()))).encode())
+        factors = model_info["rescale"]
+        digest.update(repr((factors["residual"], sorted(factors["up_down"].items()))).encode())
     digest.update(np.ascontiguousarray(sens).tobytes())
     digest.update(repr((CLIP_GRID, ALPHA_GRID, cfg.scaling, cfg.range_method, cfg.target, JOURNAL_FORMATS, sorted(cfg.quantizers),
                         cfg.act_order, cfg.gptq_windows if "gptq" in cfg.quantizers else None)).encode())
@@ -480,8 +478,6 @@ def _fingerprint(model_info: dict, sens: np.ndarray, cfg: CalibConfig) -> str:
 
 
 if __name__ == "__main__":  # python -m qublast.calibrate: the CLI of qublast.export, stopping at the recipe
-    import sys
-
-    from qublast.export import main
+    from qublast.export import main  # qublast.export imports this module: a top-level import would be a cycle (as __main__ it is none)
 
     sys.exit(main(calibrate_only=True))

@@ -42,11 +42,6 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's inputs go: its input embedding's device."""
-    return model.get_input_embeddings().weight.device
-
-
 PIN = "_qublast_pinned"
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .attention import observing
+from .blocks import model_device
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,6 @@ def perplexity(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int =
 @torch.no_grad()
 def window_ce(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2, desc: str = "held-out CE") -> np.ndarray:
     """Mean next-token cross-entropy in nats of each window: float64 [N]."""
-    from .device import model_device
-
     out, device = [], model_device(model)
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", file=sys.stderr):
         ids = torch.from_numpy(windows[start : start + batch_size]).to(device)

@@ -6,8 +6,11 @@ system error (a full disk, a folder without permission): one line naming the fil
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from runtime.targets import EMBED_FORMATS, TARGETS
 
@@ -206,8 +209,6 @@ def _names(flag: str, value: str | None) -> tuple[str, ...] | None:
 
 def config_from_args(args: argparse.Namespace, *, calibrate_only: bool = False):
     """Flags -> ``ExportConfig`` (validation happens in the config classes)."""
-    from export.pipeline import ExportConfig
-
     calib = CalibConfig(
         target=args.target, max_ppl_increase=args.max_ppl_increase, target_size=args.target_size,
         blocks_size=args.blocks_size, uniform=args.uniform,
@@ -221,6 +222,8 @@ def config_from_args(args: argparse.Namespace, *, calibrate_only: bool = False):
         reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps, device=args.device, dtype=args.dtype,
         spend_tries=args.spend_tries, sweep=args.sweep,
     )
+    from export.pipeline import ExportConfig  # deferred heavy import (onnx, transformers): CalibConfig's flag errors stay fast
+
     return ExportConfig(
         out=args.out, target=args.target, model=args.model, recipe=args.recipe, calib=calib,
         calib_text=args.calib_text, calib_dataset=args.calib_dataset, eval_text=args.eval_text,
@@ -244,22 +247,21 @@ def _raise_signalled(signum, _frame):
 
 def main(argv: list[str] | None = None, *, calibrate_only: bool = False) -> int:
     """The CLI; with ``calibrate_only`` (``python -m qublast.calibrate``) the run stops at the recipe."""
-    import signal
-
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser(calibrate_only=calibrate_only)
     args = p.parse_args(argv)
     previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        from export.pipeline import run
-
         flags = given(p, argv)
         _check_values(flags, args)
         _check_calibrate_flags(flags, calibrate_only=calibrate_only)
         _check_recipe_flags(flags, args)
         _check_target_flags(flags, args)
         _check_unused(flags, args)
-        run(config_from_args(args, calibrate_only=calibrate_only))
+        cfg = config_from_args(args, calibrate_only=calibrate_only)
+        from export.pipeline import run  # deferred heavy import (onnx, transformers): the flag errors above stay fast
+
+        run(cfg)
     except KeyboardInterrupt:
         _fail(f"interrupted (Ctrl-C); {args.out} is as it was")
         return 130
@@ -281,8 +283,6 @@ def main(argv: list[str] | None = None, *, calibrate_only: bool = False) -> int:
 
 def _fail(message: str) -> None:
     """Print the error on a line of its own: a progress bar the failure interrupted is ended first."""
-    from tqdm import tqdm
-
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
     print(f"qublast: error: {message}", file=sys.stderr)

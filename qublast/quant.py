@@ -7,7 +7,7 @@ ONNX ``DequantizeLinear`` computes it, so PyTorch and the deployed graph agree b
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -111,8 +111,6 @@ def _error_stats(w: torch.Tensor, wq: torch.Tensor, ratio: torch.Tensor) -> Quan
 
 def measured(qw: QuantizedWeight, w: torch.Tensor) -> QuantizedWeight:
     """``qw`` with its error statistics measured against ``w`` [out, in] (codes made elsewhere, e.g. GPTQ)."""
-    from dataclasses import replace
-
     return replace(qw, stats=_error_stats(w.detach().float(), qw.dequantize(), torch.ones(1)))
 
 

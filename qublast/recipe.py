@@ -26,7 +26,13 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
+from runtime.embedding import pack_int4_rows, unpack_int4_rows
+from runtime.stfile import canonical
+
+from .entries import target_entry
 from .errors import RecipeError
 from .files import atomic_write_bytes, atomic_write_text
 from .formats import ALL_FORMATS
@@ -118,8 +124,6 @@ def check_model(recipe: Recipe, weight_sha256: str) -> None:
 
 def check_target(recipe: Recipe, target) -> None:
     """Refuse a recipe made for a target whose formats differ from ``target``'s (a ``runtime.targets.Target``)."""
-    from .entries import target_entry
-
     made_for, wanted = to_json(recipe.target), target_entry(target)
     if made_for["graph_dtype"] != wanted["graph_dtype"]:
         differs = f"its graph is {wanted['graph_dtype']}, the recipe's {made_for['graph_dtype']}"
@@ -145,11 +149,6 @@ def write_tensors(tensors: dict, path: str | Path) -> None:
     scales (fp32), and stored codes in their integer width: ``{path}.qweight_int4`` two per byte
     (uint8 [out, in / 2], ``runtime.embedding.pack_int4_rows``) where they fit 4 bits, else
     ``{path}.qweight`` int8."""
-    from safetensors.torch import save
-
-    from runtime.embedding import pack_int4_rows
-    from runtime.stfile import canonical
-
     data = {}
     for name, t in sorted(tensors.items()):
         if name.endswith(CODES):
@@ -167,11 +166,6 @@ def write_tensors(tensors: dict, path: str | Path) -> None:
 def read_tensors(path: str | Path) -> dict:
     """The tensors of ``scales.safetensors`` by name, codes as int8 ``{path}.qweight`` (packed ones
     unpacked; files before 0.1.0's packing stored them as float32, which reads as before)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from runtime.embedding import unpack_int4_rows
-
     try:
         loaded = load_file(str(path))
     except (OSError, SafetensorError) as exc:

@@ -4,8 +4,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .allocate import Choice, pareto_frontier
+from .arch import arch_for
 from .files import atomic_write_text
+from .formats import get_format, get_target, linear_bytes, linear_format
 from .schema import Block, Embedding, Recipe
+from .sizes import vocab_unit_bytes
 
 GGUF_CAVEAT = (
     "Caveat: the \"full-precision\" baseline of this checkpoint is itself a dequantized GGUF "
@@ -245,10 +249,10 @@ def _allocation_text(allocation: dict) -> str:
 
 
 def _plot_sensitivity(recipe: Recipe, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # figures only: importing this module neither loads matplotlib (~0.3 s) nor picks its backend
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display backend
 
     fig, ax = plt.subplots(figsize=(9, 4))
     blocks = recipe.blocks
@@ -275,12 +279,10 @@ def _plot_sensitivity(recipe: Recipe, path: Path) -> None:
 
 def _plot_size_vs_ppl(recipe: Recipe, path: Path) -> None:
     """Predicted PPL of every Pareto-optimal allocation vs whole-model size, with the chosen one measured."""
-    import matplotlib
+    import matplotlib  # figures only: importing this module neither loads matplotlib (~0.3 s) nor picks its backend
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .allocate import pareto_frontier
+    import matplotlib.pyplot as plt  # after use("Agg"): no display backend
 
     m = recipe.metrics
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -305,15 +307,10 @@ def _plot_size_vs_ppl(recipe: Recipe, path: Path) -> None:
 
 def _options(recipe: Recipe, loss: str):
     """Allocation options rebuilt from the recipe (blocks, then the vocabulary unit), or [] when not measured."""
-    from .allocate import Choice
-    from .formats import get_target
-
     target = get_target(recipe.target.name)
     blocks = recipe.blocks
     if not all(b.sensitivity for b in blocks) or len(blocks[0].sensitivity) < 2:
         return []
-    from .arch import arch_for
-
     spec = arch_for(recipe.model.model_type)
     options = [[Choice(f, _bytes_in(b, f, target, spec), s[loss]) for f, s in b.sensitivity.items()] for b in blocks]
     emb, head = recipe.embedding, recipe.lm_head
@@ -324,15 +321,11 @@ def _options(recipe: Recipe, loss: str):
 
 def _chosen_bytes(recipe: Recipe) -> list[int]:
     """Bytes of the chosen option of every unit (blocks, then the vocabulary unit)."""
-    from .formats import get_target
-
     target = get_target(recipe.target.name)
     return [b.bytes for b in recipe.blocks] + [_vocab_bytes(recipe, recipe.embedding.format, recipe.lm_head.format, target)]
 
 
 def _vocab_bytes(recipe: Recipe, embed: str, head: str, target) -> int:
-    from .sizes import vocab_unit_bytes
-
     emb, lin = recipe.embedding, recipe.lm_head.linears[0]
     return vocab_unit_bytes(target, embed=embed, head=head, tied=emb.tied, table_shape=tuple(emb.shape),
                             head_shape=tuple(lin.shape), head_bias=lin.bias)
@@ -345,8 +338,6 @@ def _alloc_loss(recipe: Recipe) -> str:
 
 def _bytes_in(block: Block, fmt: str, target, spec) -> int:
     """Block bytes in ``fmt`` from its linears' shapes (the recipe stores only the chosen format's)."""
-    from .formats import get_format, linear_bytes, linear_format
-
     block_format = get_format(fmt, target)
     return sum(linear_bytes(linear_format(block_format, spec, lin.name), *lin.shape, target=target,
                             has_bias=lin.bias) for lin in block.linears)

@@ -18,18 +18,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from tqdm import tqdm
 
 from runtime.targets import Target
 
 from .apply import BlockTransform, block_transformed
 from .blocks import BlockRunner, Score
-from .compensate import gptq_transform
-from .files import safetensors_loads
+from .compensate import block_hessians, gptq_transform
+from .files import atomic_write_bytes, naming, safetensors_loads
+from .fisher import output_gradients
 from .formats import embed_format, get_format
-from .mapsearch import block_error, search_transform
-from .quant import QuantizedWeight
-from .vocab import VocabTransform, gptq_head, head_importance, score_vocab
+from .mapsearch import SEARCH_TOKENS, block_error, search_transform
+from .quant import QuantizedWeight, QuantStats
+from .vocab import VocabTransform, gptq_head, head_importance, head_inputs, score_vocab, vocab_restored
 
 JOURNAL_VERSION = 5
 VOCAB_UNITS = ("embed", "lm_head")
@@ -97,8 +100,6 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
         raise ValueError(f"unknown estimate {estimate!r}; known: {', '.join(ESTIMATES)}")
     grads = None
     if estimate == "fisher" and any(isinstance(key[0], int) for key in todo):
-        from .fisher import output_gradients
-
         started = time.perf_counter()
         grads = output_gradients(runner)
         if progress:
@@ -203,9 +204,6 @@ def _measure_vocab(runner: BlockRunner, target: Target, unit: str, name: str, im
 @torch.no_grad()
 def _head_error(runner: BlockRunner, vocab: VocabTransform) -> float:
     """Relative MSE of the logits on the search windows with lm_head as ``vocab`` says."""
-    from .mapsearch import SEARCH_TOKENS
-    from .vocab import head_inputs, vocab_restored
-
     head = runner.model.get_submodule(runner.spec.lm_head)
     x = head_inputs(runner)[: max(1, SEARCH_TOKENS // runner.ids.shape[1])].to(head.weight.dtype)
     ref = head(x).float()
@@ -224,8 +222,6 @@ class _LazyHessians:
 
     def get(self, fmt) -> dict:
         if self.value is None:
-            from .compensate import block_hessians
-
             self.value, self.output = block_hessians(self.runner, self.index, self.fit, BlockTransform(fmt), with_output=True)
         return self.value
 
@@ -278,10 +274,6 @@ def _quantizer(runner, index, hidden, fit, t: BlockTransform, quantizers, *, act
 
 def _save_codes(codes: dict[str, QuantizedWeight], path: Path) -> str:
     """Write each linear's codes (int8) and scales (fp32) to ``path`` atomically; returns the path."""
-    from safetensors.torch import save
-
-    from .files import atomic_write_bytes
-
     tensors = {}
     for name, qw in codes.items():
         tensors[f"{name}.q"] = qw.q.contiguous()
@@ -294,10 +286,6 @@ def _save_codes(codes: dict[str, QuantizedWeight], path: Path) -> str:
 def _load_codes(path: Path, bits: int) -> dict[str, QuantizedWeight]:
     """The codes ``_save_codes`` wrote, as quantized weights (block size from the shapes; each
     linear's bits from the file, ``bits`` for files written before they were recorded)."""
-    from safetensors import safe_open
-
-    from .quant import QuantStats
-
     out = {}
     with safe_open(str(path), framework="pt") as f:
         recorded = f.metadata() or {}
@@ -374,8 +362,6 @@ def _entry(obj) -> Sensitivity:
 
 
 def _write(log, record: dict) -> None:
-    from .files import naming
-
     with naming(log.name):  # a full disk: name the journal (a line cut short is dropped on resume)
         log.write(json.dumps(record) + "\n")
         log.flush()

@@ -147,7 +147,7 @@ def _load_dataset_rows(dataset: str, split: str) -> list[str]:
     if dataset not in WIKITEXT_DATASETS:
         raise InputError(f"unknown dataset {dataset!r}; known: {', '.join(WIKITEXT_DATASETS)}")
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # optional dependency (the datasets extra): only --*-dataset needs it
 
         return list(load_dataset(*WIKITEXT_DATASETS[dataset], split=split)["text"])
     except Exception as exc:  # the hub may be unreachable: say so in one line

@@ -22,8 +22,11 @@ import torch
 from runtime.targets import Target, WeightFormat
 
 from .arch import ArchSpec
-from .blocks import BlockRunner, Score, get_module
+from .blocks import BlockRunner, Score, get_module, multiplier
+from .deployed import clear_act_quant, requantize, set_act_quant
+from .errors import InputError
 from .formats import block_size_for, embed_format, get_format
+from .gptq import gptq_quantize, hessian
 from .quant import QuantizedWeight, measured, quantize_weight
 from .schema import Recipe
 
@@ -45,8 +48,6 @@ def side_table(*, tied: bool, embed: str, head: str, shared_quantized: bool) -> 
 def effective_table(model: torch.nn.Module, spec: ArchSpec) -> torch.Tensor:
     """[V, H] fp32: what the model feeds block 0 for every token id (the embedding module's
     output, times a multiplier the model applies after it, e.g. Falcon-H1's)."""
-    from .blocks import multiplier
-
     embed = get_module(model, spec.embed)
     vocab = embed.weight.shape[0]
     device = embed.weight.device
@@ -74,8 +75,6 @@ def head_importance(runner: BlockRunner) -> torch.Tensor:
 def gptq_head(runner: BlockRunner, fmt: WeightFormat, fit_final: torch.Tensor, *, act_order: bool = True) -> QuantizedWeight:
     """lm_head by GPTQ, its Hessian from the final norm's output on GPTQ's windows (``fit_final``:
     their last block's output, fp model)."""
-    from .gptq import gptq_quantize, hessian
-
     head = get_module(runner.model, runner.spec.lm_head)
     with torch.no_grad():
         h = hessian(get_module(runner.model, runner.spec.final_norm)(fit_final).float())
@@ -150,8 +149,6 @@ class VocabTransform:
 
     def replay(self, model: torch.nn.Module, spec: ArchSpec, tensors: dict[str, torch.Tensor]) -> None:
         """Quantize table and head in place from a recipe's scales (export and verification)."""
-        from .apply import requantize
-
         head, shared = get_module(model, spec.lm_head), self.reads_head_codes(model, spec)
         if self.embed.bits and not shared:
             table = effective_table(model, spec)
@@ -167,24 +164,18 @@ class VocabTransform:
         self._set_head_act(model, spec)
 
     def _set_head_act(self, model, spec) -> None:
-        from .apply import set_act_quant
-
         if self.head.act == "dynamic":
             head = get_module(model, spec.lm_head)
             set_act_quant(head, {"": ("dynamic", block_size_for(self.head, head.in_features))})
 
 
 def get_format_error(target: Target, name: str):
-    from .errors import InputError
-
     return InputError(f"lm_head cannot take {name!r} on target {target.name!r}; it takes {', '.join(target.head_formats)}")
 
 
 def _set_table(model: torch.nn.Module, spec: ArchSpec, table: torch.Tensor) -> None:
     """Replace the embedding module by a plain lookup of ``table`` [V, H] (what inputs_embeds feeds),
     in the model's dtype."""
-    from .blocks import multiplier
-
     parent, _, name = spec.embed.rpartition(".")
     rows = table / multiplier(model, spec.embed_multiplier)  # the model multiplies the module's output again
     lookup = torch.nn.Embedding.from_pretrained(rows.to(get_module(model, spec.embed).weight.dtype), freeze=True)
@@ -206,8 +197,6 @@ def _tie_table(model: torch.nn.Module, spec: ArchSpec) -> None:
 @contextmanager
 def vocab_restored(model: torch.nn.Module, spec: ArchSpec):
     """On leaving the context the embedding module, lm_head's weight and its hooks are as before."""
-    from .apply import clear_act_quant
-
     parent, _, name = spec.embed.rpartition(".")
     holder = get_module(model, parent) if parent else model
     embed, head = getattr(holder, name), get_module(model, spec.lm_head)

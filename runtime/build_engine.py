@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import engine, io_spec
 from .onnx_file import OnnxInputs, read_inputs
+from .trt_session import BackendUnavailable, import_tensorrt
 
 ONNX_NAME, PLAN_NAME, PROFILES_NAME = "model.onnx", "model.plan", "engine_profiles.json"
 
@@ -128,8 +129,6 @@ def bundle_context(bundle: Path, context: int | None) -> int:
 
 def build_plan(onnx_path: Path, dims: dict[str, tuple[Dims, Dims, Dims]], *, workspace_bytes: int | None = None):
     """Parse ``onnx_path`` into a strongly typed network and build it; returns TensorRT's serialized plan."""
-    from .trt_session import BackendUnavailable, import_tensorrt
-
     try:
         trt = import_tensorrt()
     except BackendUnavailable as exc:

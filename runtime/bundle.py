@@ -13,6 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
+from .embedding import FILE, EmbeddingError, EmbeddingTable
+from .session import OrtModel
+from .trt_session import TrtModel
+
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "qublast-bundle"
 BUNDLE_VERSION = 2
@@ -148,10 +154,6 @@ def open_bundle(path: str | Path, *, backend: str = "ort", threads: int | None =
 
     ONNX Runtime runs with the session options the bundle's perplexity was measured with; a
     bundle with ``embedding.safetensors`` gets its rows looked up here and fed as ``inputs_embeds``."""
-    from tokenizers import Tokenizer
-
-    from .embedding import FILE, EmbeddingError, EmbeddingTable
-
     path = Path(path)
     recipe = verify(path)
     tokenizer = Tokenizer.from_file(str(path / "tokenizer" / "tokenizer.json"))
@@ -160,12 +162,8 @@ def open_bundle(path: str | Path, *, backend: str = "ort", threads: int | None =
     except EmbeddingError as exc:
         raise BundleError(str(exc)) from exc
     if backend == "ort":
-        from .session import OrtModel
-
         model = OrtModel(str(path / "model.onnx"), threads=threads, session_config=ort_session(recipe), embedding=table)
     elif backend == "trt":
-        from .trt_session import TrtModel
-
         plan = path / "model.plan"
         if not (path / "build_engine.sh").is_file():
             raise BundleError(f"{path} was made for target {recipe.get('target', {}).get('name')!r}, which runs on "

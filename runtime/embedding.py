@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from .stfile import dumps_numpy
 
 FILE = "embedding.safetensors"
 TABLE_FORMAT = "qublast-embedding"
@@ -51,8 +54,6 @@ def unpack_int4_rows(packed: np.ndarray) -> np.ndarray:
 def write_table(path: str | Path, *, weight_format: str, rows: np.ndarray, scale: np.ndarray | None = None,
                 bits: int | None = None, block_size: int | None = None) -> None:
     """Write the table: ``rows`` fp16 [V, H] (fp16), or int8 codes [V, H] with fp16 scales [V, G]."""
-    from .stfile import dumps_numpy
-
     width = rows.shape[1]
     tensors = {"embedding": np.ascontiguousarray(rows.astype(np.float16) if bits is None else
                                                  (pack_int4_rows(rows) if bits == 4 else rows.astype(np.int8)))}
@@ -76,8 +77,6 @@ class EmbeddingTable:
 
     @classmethod
     def load(cls, path: str | Path) -> EmbeddingTable:
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="np") as f:
                 meta = f.metadata() or {}

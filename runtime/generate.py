@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bundle import BundleError, open_bundle
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -93,8 +95,6 @@ INTERRUPTED = "interrupted (Ctrl-C)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bundle import BundleError, open_bundle
-
     p = argparse.ArgumentParser(prog="python -m runtime.generate", description="Generate text with a QuBLAST bundle.")
     p.add_argument("--bundle", required=True)
     p.add_argument("--prompt", required=True)

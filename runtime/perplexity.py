@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import BundleError, open_bundle
+from .generate import INTERRUPTED, check_threads
+
 
 def window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
     """Summed NLL of ``ids[1:]`` under ``logits[:-1]`` for one window ([S, V], [S])."""
@@ -64,9 +67,6 @@ def windows(ids: list[int], seqlen: int, *, max_windows: int | None = None) -> n
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bundle import BundleError, open_bundle
-    from .generate import INTERRUPTED, check_threads
-
     p = argparse.ArgumentParser(prog="python -m runtime.perplexity", description="Perplexity of a text through a QuBLAST bundle.")
     p.add_argument("--bundle", required=True)
     p.add_argument("--text", required=True, help="WikiText raw layout file (e.g. wiki.test.raw)")

@@ -30,7 +30,7 @@ class OrtModel:
 
     def __init__(self, path: str, *, threads: int | None = None, providers: list[str] | None = None,
                  session_config: dict[str, str] | None = None, embedding=None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # only the ort backend needs it: a TensorRT-only device may lack it
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

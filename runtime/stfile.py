@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import struct
 
+from safetensors.numpy import save
+
 
 def canonical(data: bytes) -> bytes:
     """The same safetensors file with its header's keys sorted at every level."""
@@ -22,6 +24,4 @@ def canonical(data: bytes) -> bytes:
 
 def dumps_numpy(tensors: dict, metadata: dict[str, str]) -> bytes:
     """``safetensors.numpy.save`` with a canonical header."""
-    from safetensors.numpy import save
-
     return canonical(save(tensors, metadata=metadata))

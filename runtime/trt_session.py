@@ -44,7 +44,7 @@ class BackendUnavailable(RuntimeError):
 def import_tensorrt():
     """The ``tensorrt`` module, or ``BackendUnavailable`` saying how to get it."""
     try:
-        import tensorrt
+        import tensorrt  # device-only (the Jetson image's bindings): absent here is BackendUnavailable
     except ImportError as exc:
         raise BackendUnavailable(
             f"TensorRT's Python bindings are not installed ({exc}); use --backend ort, or run on a "
@@ -55,10 +55,10 @@ def import_tensorrt():
 def import_cudart():
     """cuda-python's runtime bindings (``cuda.bindings.runtime``, else ``cuda.cudart``)."""
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime as cudart  # device-only (cuda-python): absent is BackendUnavailable
     except ImportError:
         try:
-            from cuda import cudart
+            from cuda import cudart  # device-only: the older cuda-python layout
         except ImportError as exc:
             raise BackendUnavailable(
                 f"cuda-python is not installed ({exc}); pip install 'cuda-python>=12.6,<13'") from exc
@@ -210,7 +210,7 @@ def _error_name(cudart, err) -> str:
 def _handle(stream) -> int:
     """The integer handle of a cuda-python stream object (what execute_async_v3 takes)."""
     try:
-        from cuda.bindings.utils import get_cuda_native_handle
+        from cuda.bindings.utils import get_cuda_native_handle  # device-only: newer cuda-python alone has it
     except ImportError:
         return int(stream)
     return int(get_cuda_native_handle(stream))

@@ -284,9 +284,12 @@ def test_report_prices_the_vocabulary_as_calibration_does(target_name):
     model = tiny_model("qwen2")  # tied
     spec = arch_for("qwen2")
     head = get_module(model, spec.lm_head)
-    recipe = {"embedding": {"tied": is_tied(model, spec), "shape": list(get_module(model, spec.embed).weight.shape)},
-              "lm_head": {"linears": [{"shape": list(head.weight.shape), "bias": head.bias is not None}]}}
+    recipe = _recipe()
+    recipe["embedding"].update(tied=is_tied(model, spec), shape=list(get_module(model, spec.embed).weight.shape))
+    recipe["lm_head"]["linears"] = [{**_linear(0, "lm_head", "fp16", None, None), "path": "lm_head", "shape": list(head.weight.shape),
+                                     "bias": head.bias is not None}]
     assert recipe["embedding"]["tied"]
+    recipe = validate(recipe)
     for embed in ("fp16", "w8", "w4"):
         for head_format in ("fp16", "w4"):
             assert _vocab_bytes(recipe, embed, head_format, target) == vocab_bytes(model, spec, target, embed=embed, head=head_format)
