@@ -184,32 +184,31 @@ def parse(obj: Any) -> Recipe:
 
 def to_json(value: Any) -> Any:
     """The JSON object of a parsed recipe (or part): the schema's fields where the source had them,
-    then the keys it did not name."""
+    and the keys it did not name, in the source's order."""
+    return _json(value, drop=None)
+
+
+def decisions(recipe: Recipe) -> dict:
+    """The recipe's JSON without its measured fields (and without keys the schema does not name):
+    what a replay applies."""
+    return _json(recipe, drop=MEASURED)
+
+
+def _json(value: Any, *, drop: str | None) -> Any:
     if dataclasses.is_dataclass(value):
         present = getattr(value, "_present", None)
-        out = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value) if present is None or f.name in present}
+        out = {f.name: _json(getattr(value, f.name), drop=drop) for f in dataclasses.fields(value)
+               if (present is None or f.name in present) and role(f) != drop}
+        if drop is not None:
+            return out
         out.update(getattr(value, "_extra", {}))
         order = getattr(value, "_order", None)
         return {k: out[k] for k in order} if order is not None else out
     if isinstance(value, list):
-        return [to_json(v) for v in value]
+        return [_json(v, drop=drop) for v in value]
     if isinstance(value, dict):
-        return {k: to_json(v) for k, v in value.items()}
+        return {k: _json(v, drop=drop) for k, v in value.items()}
     return value
-
-
-def decisions(recipe: Recipe) -> dict:
-    """The recipe's JSON without its measured fields: what a replay applies."""
-    def strip(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: strip(getattr(value, f.name)) for f in dataclasses.fields(value) if role(f) != MEASURED}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()}
-        return value
-
-    return strip(recipe)
 
 
 def fields_by_role(cls: type, wanted: str) -> list[str]:
