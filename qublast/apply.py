@@ -55,6 +55,27 @@ class BlockTransform:
         return {name: linear_format(self.fmt, spec, name) for name in spec.linears}
 
 
+class QuantMemo:
+    """Quantized weights already computed for a block's linears, reused where a linear's weight,
+    format, clip grid and importance are all equal to what computed them (a map search changes
+    one group's folds at a time; the other linears need not be quantized again)."""
+
+    def __init__(self):
+        self._seen: dict[str, tuple] = {}
+
+    def get(self, name: str, weight: torch.Tensor, key: tuple, importance: torch.Tensor | None, compute):
+        seen = self._seen.get(name)
+        if seen is not None and seen[1] == key and _same(seen[0], weight) and _same(seen[2], importance):
+            return seen[3]
+        value = compute()
+        self._seen[name] = (weight.detach().clone(), key, None if importance is None else importance.clone(), value)
+        return value
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
 def quantize_linear(linear: torch.nn.Linear, fmt: WeightFormat, *, clip_grid: tuple[float, ...] = CLIP_GRID,
                     importance: torch.Tensor | None = None) -> QuantizedWeight | None:
     """Quantized form of a linear's weight in ``fmt``; ``None`` for an unquantized format."""
@@ -86,8 +107,9 @@ def fold_block(block: torch.nn.Module, spec: ArchSpec, smooth: dict[str, torch.T
 
 
 def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *,
-                    clip_grid: tuple[float, ...] = CLIP_GRID) -> dict[str, QuantizedWeight]:
-    """Fold, quantize weights and set activation quantization for one block, in place."""
+                    clip_grid: tuple[float, ...] = CLIP_GRID, memo: QuantMemo | None = None) -> dict[str, QuantizedWeight]:
+    """Fold, quantize weights and set activation quantization for one block, in place (``memo``:
+    round-to-nearest results to reuse where a linear's inputs to the quantizer are unchanged)."""
     fold_block(block, spec, t.smooth)
     out = {}
     linears = {name: get_module(block, name) for name in spec.linears}
@@ -96,7 +118,10 @@ def transform_block(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *
         if name in t.codes:
             qw = measured(t.codes[name], linear.weight)
         else:
-            qw = quantize_linear(linear, formats[name], clip_grid=clip_grid, importance=t.importance.get(name))
+            def compute(linear=linear, fmt=formats[name], imp=t.importance.get(name)):
+                return quantize_linear(linear, fmt, clip_grid=clip_grid, importance=imp)
+            qw = compute() if memo is None else memo.get(
+                name, linear.weight, (formats[name], clip_grid), t.importance.get(name), compute)
         if qw is not None:
             linear.weight.data.copy_(qw.dequantize())
             out[name] = qw
@@ -117,10 +142,11 @@ def restored(module: torch.nn.Module):
 
 
 @contextmanager
-def block_transformed(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *, clip_grid: tuple[float, ...] = CLIP_GRID):
+def block_transformed(block: torch.nn.Module, spec: ArchSpec, t: BlockTransform, *, clip_grid: tuple[float, ...] = CLIP_GRID,
+                      memo: QuantMemo | None = None):
     """Within the context ``block`` is transformed (yields its quantized weights); restored after."""
     with restored(block):
-        yield transform_block(block, spec, t, clip_grid=clip_grid)
+        yield transform_block(block, spec, t, clip_grid=clip_grid, memo=memo)
 
 
 def apply_transforms(model: torch.nn.Module, spec: ArchSpec, transforms: list[BlockTransform], vocab=None) -> dict[str, QuantizedWeight]:

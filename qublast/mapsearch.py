@@ -14,7 +14,7 @@ import torch
 
 from runtime.targets import WeightFormat
 
-from .apply import BlockTransform, block_transformed, fold_block, restored
+from .apply import BlockTransform, QuantMemo, block_transformed, fold_block, restored
 from .arch import ArchSpec
 from .blocks import BlockRunner, foldable, get_module
 from .scaling import ALPHA_GRID, act_range, act_scale, smooth_scales
@@ -82,12 +82,13 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt:
     inputs = input_samples(runner, index, hidden, spec.linears)
     grid = ALPHA_GRID if scaling else (0.0,)
     scales = {a: group_smoothing(spec, block, inputs, a, act_aware=fmt.act != "static") for a in grid}
+    memo = QuantMemo()  # a candidate changes one group's folds: the other linears' codes are reused
 
     def scored(alpha: dict[str, float], *, weighted: bool = True) -> tuple[BlockTransform, float]:
         smooth = {p: scales[a][p] for p, a in alpha.items() if a > 0}
         acts = _act_scales(runner, index, hidden, smooth, range_method) if fmt.act == "static" else {}
         t = BlockTransform(fmt, alpha, smooth, acts, importance(spec, inputs, smooth) if weighted else {})
-        with block_transformed(block, spec, t, clip_grid=SEARCH_CLIP_GRID):
+        with block_transformed(block, spec, t, clip_grid=SEARCH_CLIP_GRID, memo=memo):
             return t, (runner.run_block(index, hidden) - ref).pow(2).mean().item() / ref_norm
 
     zeros = {g.producer: 0.0 for g in spec.groups if g.producer and foldable(get_module(block, g.producer))}
@@ -104,10 +105,12 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt:
 
 
 @torch.no_grad()
-def block_error(runner: BlockRunner, index: int, hidden: torch.Tensor, t: BlockTransform) -> float:
-    """Relative MSE of block ``index``'s output under ``t`` (full clip grid) on the search windows of ``hidden``."""
+def block_error(runner: BlockRunner, index: int, hidden: torch.Tensor, t: BlockTransform, *,
+                ref: torch.Tensor | None = None) -> float:
+    """Relative MSE of block ``index``'s output under ``t`` (full clip grid) on the search windows of ``hidden``
+    (``ref``: the fp output on them, when the caller has it)."""
     hidden = hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]
-    ref = runner.run_block(index, hidden)
+    ref = runner.run_block(index, hidden) if ref is None else ref
     with block_transformed(runner.layers[index], runner.spec, t):
         out = runner.run_block(index, hidden)
     return (out - ref).pow(2).mean().item() / max(ref.pow(2).mean().item(), 1e-12)

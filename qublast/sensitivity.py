@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from runtime.targets import Target
 
-from .apply import BlockTransform, block_transformed
+from .apply import BlockTransform, QuantMemo, block_transformed
 from .blocks import BlockRunner, Score
 from .compensate import block_hessians, gptq_transform
 from .files import atomic_write_bytes, naming, safetensors_loads
@@ -237,9 +237,10 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
     gptq_start = time.perf_counter()
     if fmt.bits and "gptq" in quantizers:
         base = (hessians or _LazyHessians(runner, index, fit)).get(fmt)
-        off, off_err = _quantizer(runner, index, hidden, fit, off, quantizers, act_order=act_order, hessians=base)
+        shared = dict(memo=QuantMemo(), ref=runner.run_block(index, hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]))
+        off, off_err = _quantizer(runner, index, hidden, fit, off, quantizers, act_order=act_order, hessians=base, **shared)
         mapped, mapped_err = (off, off_err) if mapped is off or not scaling else _quantizer(
-            runner, index, hidden, fit, mapped, quantizers, act_order=act_order, hessians=base)
+            runner, index, hidden, fit, mapped, quantizers, act_order=act_order, hessians=base, **shared)
     gptq_seconds = time.perf_counter() - gptq_start
     score = scorer or (lambda t: _score(runner, index, hidden, t))
     off_score = score(off)
@@ -261,14 +262,15 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
 
 
 def _quantizer(runner, index, hidden, fit, t: BlockTransform, quantizers, *, act_order: bool,
-               hessians=None) -> tuple[BlockTransform, float]:
+               hessians=None, memo: QuantMemo | None = None, ref=None) -> tuple[BlockTransform, float]:
     """``t`` by round-to-nearest or by GPTQ (fitted on ``fit``), whichever gives the lower block
-    output error on the search windows of ``hidden``."""
-    gptq = gptq_transform(runner, index, fit, t, act_order=act_order, hessians=hessians)
-    gptq_err = block_error(runner, index, hidden, gptq)
+    output error on the search windows of ``hidden`` (``ref``: the fp output on them; ``memo``:
+    GPTQ results of linears the other side of the map shares)."""
+    gptq = gptq_transform(runner, index, fit, t, act_order=act_order, hessians=hessians, memo=memo)
+    gptq_err = block_error(runner, index, hidden, gptq, ref=ref)
     if "rtn" not in quantizers:
         return gptq, gptq_err
-    rtn_err = block_error(runner, index, hidden, t)
+    rtn_err = block_error(runner, index, hidden, t, ref=ref)
     return (gptq, gptq_err) if gptq_err < rtn_err else (t, rtn_err)
 
 
