@@ -123,3 +123,51 @@ def test_block_hessians_are_each_linears_input_gram_and_the_output_is_the_fp_blo
         x = torch.cat(chunks)
         torch.testing.assert_close(hessians[name], (2.0 / x.shape[0] * x.T @ x).float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+
+
+def test_shared_linears_are_quantized_once_and_equal_a_fresh_quantization(monkeypatch):
+    """The map and the map off (and the search's candidates) reuse a linear's codes only where its
+    folded weight, format and Hessian or importance are unchanged: a reused result equals what a
+    fresh GPTQ / round-to-nearest gives, and a folded linear is solved again."""
+    from qublast.apply import BlockTransform, QuantMemo, block_transformed
+    from qublast.arch import arch_for
+    from qublast.blocks import BlockRunner
+    from qublast.compensate import block_hessians, gptq_transform
+    from qublast.formats import get_format, get_target
+    from tests.tiny import VOCAB, tiny_model
+
+    model = tiny_model("llama")
+    spec = arch_for(model.config.model_type)
+    runner = BlockRunner(model, spec, torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)))
+    fit = runner.embed(torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1)))
+    fmt = get_format("w4", get_target("cpu"))
+    base = block_hessians(runner, 0, fit, BlockTransform(fmt))
+    hidden_size = model.config.hidden_size
+    folded = BlockTransform(fmt, {"input_layernorm": 0.5}, {"input_layernorm": torch.linspace(0.5, 2.0, hidden_size)})
+    memo, solved = QuantMemo(), []
+    import qublast.compensate as compensate
+    original = compensate.gptq_quantize
+
+    def counting(w, h, **kw):
+        solved.append(w.shape)
+        return original(w, h, **kw)
+
+    monkeypatch.setattr(compensate, "gptq_quantize", counting)
+    off = gptq_transform(runner, 0, fit, BlockTransform(fmt), hessians=base, memo=memo)
+    first = len(solved)
+    mapped = gptq_transform(runner, 0, fit, folded, hessians=base, memo=memo)
+    monkeypatch.undo()
+    fresh = gptq_transform(runner, 0, fit, folded, hessians=base)
+    assert first == len(spec.linears)
+    assert len(solved) - first == len(spec.groups[0].linears)  # only q/k/v (folded) solved again
+    for name in spec.linears:
+        assert torch.equal(mapped.codes[name].q, fresh.codes[name].q) and torch.equal(mapped.codes[name].scale, fresh.codes[name].scale)
+    assert mapped.codes["self_attn.o_proj"] is off.codes["self_attn.o_proj"]
+    assert not torch.equal(mapped.codes["self_attn.q_proj"].scale, off.codes["self_attn.q_proj"].scale)
+    rtn_memo = QuantMemo()  # round-to-nearest in the map search: the same codes with and without it
+    for t in (BlockTransform(fmt), folded, BlockTransform(fmt)):
+        with block_transformed(runner.layers[0], spec, t, memo=rtn_memo) as reused:
+            pass
+        with block_transformed(runner.layers[0], spec, t) as plain:
+            pass
+        assert all(torch.equal(reused[n].q, plain[n].q) and torch.equal(reused[n].scale, plain[n].scale) for n in plain)
