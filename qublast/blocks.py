@@ -59,7 +59,11 @@ class BlockRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.first_hidden, self.layer_kwargs = self._capture()
         self.final_hidden = self.run_from(0, self.first_hidden)  # [N, S, H], the fp model's
-        vocab = get_module(model, spec.lm_head).out_features
+        head = get_module(model, spec.lm_head)
+        vocab = head.out_features
+        # the fp head's tensors (not copies): scoring a quantized lm_head gives the module other
+        # tensors and input hooks, and KL's reference must still be the fp model's logits
+        self._fp_head = (head.weight, head.bias)
         # the fp log-probabilities KL compares with: kept when small, else recomputed per score
         # (8 windows of 512 over a 152k vocabulary would hold 5 GB)
         self.ref_logprobs = ([torch.log_softmax(logits, dim=-1) for logits in self.logit_chunks(self.final_hidden)]
@@ -127,10 +131,14 @@ class BlockRunner:
         return hidden
 
     @torch.no_grad()
-    def logit_chunks(self, hidden: torch.Tensor):
-        """Logits [chunk, S, V] for successive window chunks (bounded memory)."""
+    def logit_chunks(self, hidden: torch.Tensor, *, fp_head: bool = False):
+        """Logits [chunk, S, V] for successive window chunks (bounded memory); ``fp_head``: through
+        the fp model's lm_head whatever the module holds now (KL's reference)."""
         norm = get_module(self.model, self.spec.final_norm)
         head = get_module(self.model, self.spec.lm_head)
+        if fp_head:
+            weight, bias = self._fp_head
+            head = lambda x: F.linear(x, weight, bias)  # noqa: E731 - no module hooks: the fp head computes in float
         for start in range(0, hidden.shape[0], self.chunk):
             logits = head(norm(hidden[start : start + self.chunk])).float() * multiplier(self.model, self.spec.logits_multiplier)
             if self.softcap:
@@ -148,7 +156,7 @@ class BlockRunner:
             logprobs = torch.log_softmax(logits, dim=-1)
             ce_sum += F.nll_loss(logprobs[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
             ref = self.ref_logprobs[k] if self.ref_logprobs is not None else torch.log_softmax(
-                next(self.logit_chunks(self.final_hidden[start : start + self.chunk])), dim=-1)
+                next(self.logit_chunks(self.final_hidden[start : start + self.chunk], fp_head=True)), dim=-1)
             kl_sum += (ref.exp() * (ref - logprobs)).sum().item()
             count += targets.numel()
         n_positions = self.ids.numel()

@@ -34,7 +34,7 @@ from .mapsearch import SEARCH_TOKENS, block_error, search_transform
 from .quant import QuantizedWeight, QuantStats
 from .vocab import VocabTransform, gptq_head, head_importance, head_inputs, score_vocab, vocab_restored
 
-JOURNAL_VERSION = 5
+JOURNAL_VERSION = 6  # 6: lm_head rows over a vocabulary too large to keep the fp log-probabilities had KL 0
 VOCAB_UNITS = ("embed", "lm_head")
 ESTIMATES = ("fisher", "full")  # how a block's end-to-end loss is found (sweep's ``estimate``)
 

@@ -85,3 +85,27 @@ def test_fisher_rows_keep_the_lower_kl_of_map_and_map_off(tmp_path):
         for kept in (row["w8"], row["w4"]):
             assert kept.estimated and 0 <= kept.kl <= kept.kl_unscaled  # the estimate decides by KL
         assert row["w4"].kl > row["w8"].kl  # fewer bits, more loss
+
+
+@pytest.mark.parametrize("target_name", ["cpu", "jetson"])
+def test_lm_head_kl_is_to_the_fp_logits_when_they_are_not_kept(monkeypatch, target_name):
+    """Over a large vocabulary the runner recomputes the fp log-probabilities per score instead of
+    keeping them; scoring a quantized lm_head must still compare with the fp head's logits (it once
+    compared the quantized head with itself and reported KL 0 on Qwen2.5's 152k vocabulary)."""
+    import qublast.blocks as blocks
+    from qublast.formats import embed_format, get_format
+    from qublast.vocab import VocabTransform, score_vocab
+
+    model = tiny_model("qwen2")
+    spec = arch_for(model.config.model_type)
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    target = get_target(target_name)
+    head = VocabTransform(embed_format("fp16"), get_format("w4", target))
+    kept = score_vocab(BlockRunner(model, spec, ids), head, unit="lm_head")
+    monkeypatch.setattr(blocks, "REF_CACHE_BYTES", 0)
+    runner = BlockRunner(model, spec, ids)
+    assert runner.ref_logprobs is None
+    recomputed = score_vocab(runner, head, unit="lm_head")
+    assert kept.kl > 1e-4
+    assert recomputed.kl == pytest.approx(kept.kl, rel=1e-4) and recomputed.ce == pytest.approx(kept.ce, rel=1e-6)
+    assert runner.score(runner.final_hidden).kl == pytest.approx(0.0, abs=1e-7)  # the head is fp again after
