@@ -23,6 +23,11 @@ SEARCH_TOKENS = 1024
 SEARCH_CLIP_GRID = (1.0, 0.9, 0.8)
 
 
+def search_windows(hidden: torch.Tensor) -> torch.Tensor:
+    """The first windows of ``hidden`` [N, S, H] that the search scores (at most ``SEARCH_TOKENS`` tokens)."""
+    return hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]
+
+
 @torch.no_grad()
 def input_samples(runner: BlockRunner, index: int, hidden: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Inputs of the named linears of block ``index`` for ``hidden``: ``{name: [tokens, in]}``."""
@@ -76,7 +81,7 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt:
         unquantized = (BlockTransform(fmt), 0.0)
         return unquantized, unquantized
     spec, block = runner.spec, runner.layers[index]
-    hidden = hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]  # [n, S, H]: the first windows
+    hidden = search_windows(hidden)
     ref = runner.run_block(index, hidden)
     ref_norm = max(ref.pow(2).mean().item(), 1e-12)
     inputs = input_samples(runner, index, hidden, spec.linears)
@@ -109,7 +114,7 @@ def block_error(runner: BlockRunner, index: int, hidden: torch.Tensor, t: BlockT
                 ref: torch.Tensor | None = None) -> float:
     """Relative MSE of block ``index``'s output under ``t`` (full clip grid) on the search windows of ``hidden``
     (``ref``: the fp output on them, when the caller has it)."""
-    hidden = hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]
+    hidden = search_windows(hidden)
     ref = runner.run_block(index, hidden) if ref is None else ref
     with block_transformed(runner.layers[index], runner.spec, t):
         out = runner.run_block(index, hidden)

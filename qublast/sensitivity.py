@@ -30,7 +30,7 @@ from .compensate import block_hessians, gptq_transform
 from .files import atomic_write_bytes, naming, safetensors_loads
 from .fisher import output_gradients
 from .formats import embed_format, get_format
-from .mapsearch import SEARCH_TOKENS, block_error, search_transform
+from .mapsearch import block_error, search_transform, search_windows
 from .quant import QuantizedWeight, QuantStats
 from .vocab import VocabTransform, gptq_head, head_importance, head_inputs, score_vocab, vocab_restored
 
@@ -205,7 +205,7 @@ def _measure_vocab(runner: BlockRunner, target: Target, unit: str, name: str, im
 def _head_error(runner: BlockRunner, vocab: VocabTransform) -> float:
     """Relative MSE of the logits on the search windows with lm_head as ``vocab`` says."""
     head = runner.model.get_submodule(runner.spec.lm_head)
-    x = head_inputs(runner)[: max(1, SEARCH_TOKENS // runner.ids.shape[1])].to(head.weight.dtype)
+    x = search_windows(head_inputs(runner)).to(head.weight.dtype)
     ref = head(x).float()
     with vocab_restored(runner.model, runner.spec):
         vocab.apply_head(runner.model, runner.spec)
@@ -237,7 +237,7 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
     gptq_start = time.perf_counter()
     if fmt.bits and "gptq" in quantizers:
         base = (hessians or _LazyHessians(runner, index, fit)).get(fmt)
-        shared = dict(memo=QuantMemo(), ref=runner.run_block(index, hidden[: max(1, SEARCH_TOKENS // hidden.shape[1])]))
+        shared = dict(memo=QuantMemo(), ref=runner.run_block(index, search_windows(hidden)))
         off, off_err = _quantizer(runner, index, hidden, fit, off, quantizers, act_order=act_order, hessians=base, **shared)
         mapped, mapped_err = (off, off_err) if mapped is off or not scaling else _quantizer(
             runner, index, hidden, fit, mapped, quantizers, act_order=act_order, hessians=base, **shared)
