@@ -1,7 +1,7 @@
 """How well the sweep's cheap estimates rank (block, format) against the full measurement.
 
     python benchmarks/sweep_estimates.py MODEL [--target jetson] [--windows 8] [--seqlen 512]
-                                        [--calib-text FILE] [--blocks N] [--quantizers rtn]
+                                        [--calib-text FILE] [--blocks N] [--table]
 
 For every block and every candidate format of the target, the block's transform is found as the
 sweep finds it (map search, map off, quantizers of ``--quantizers``) and then scored four ways:
@@ -11,6 +11,9 @@ sweep finds it (map search, map off, quantizers of ``--quantizers``) and then sc
 - fisher: dCE and KL predicted from the fp model's output gradients (``qublast.fisher``): one
   block forward per measurement, plus one forward and backward pass of the model for all;
 - block error: relative MSE of the block's output (``block_err``), no later block;
+
+and with ``--table`` the embedding table's rows (every table format) full and fisher (the
+gradient at block 0's input);
 
 and prints, per format and over all rows, Spearman's rank correlation of each estimate with the
 full KL and dCE, and the seconds each way. Nothing is written.
@@ -51,6 +54,7 @@ def main() -> int:
     p.add_argument("--calib-text", default=str(Path(__file__).resolve().parents[2] / "shared/assets/wikitext-2/wiki.valid.calib.txt"))
     p.add_argument("--blocks", type=int, help="only the first N blocks")
     p.add_argument("--threads", type=int)
+    p.add_argument("--table", action="store_true", help="also the embedding table's rows (every table format), full vs fisher")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +102,22 @@ def main() -> int:
         dce, kl, edce, ekl, err = cols
         print(f"| {label} ({len(sel)}) | {spearman(ekl, kl):.3f} | {spearman(edce, dce):.3f} | {spearman(err, kl):.3f} "
               f"| {spearman(err, dce):.3f} |")
+    if args.table:
+        from qublast.formats import EMBED_FORMATS, embed_format
+        from qublast.sensitivity import _estimate_table
+        from qublast.vocab import VocabTransform, score_vocab
+        print("\n| table format | full dCE | full KL | fisher dCE | fisher KL | fisher / full KL | seconds full | fisher |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in (f for f in EMBED_FORMATS if f != "fp16"):
+            started = time.perf_counter()
+            full = score_vocab(runner, VocabTransform(embed_format(name), get_format("fp16", target)), unit="embed")
+            table_full_s = time.perf_counter() - started
+            started = time.perf_counter()
+            est = _estimate_table(runner, name, grads)
+            table_est_s = time.perf_counter() - started
+            dce = full.ce - runner.fp_score.ce
+            print(f"| {name} | {dce:+.5f} | {full.kl:.5f} | {est.dce:+.5f} | {est.kl:.5f} | {est.kl / max(full.kl, 1e-12):.3f} "
+                  f"| {table_full_s:.1f} | {table_est_s:.2f} |", flush=True)
     print(f"\nseconds: full scoring {full_s:.1f} ({full_s / len(rows):.2f} per row); fisher {grad_s:.1f} once + "
           f"{fisher_s:.1f} ({fisher_s / len(rows):.3f} per row); transform search {search_s:.1f}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

@@ -95,7 +95,7 @@ def predicted(formats: list[str], options: list[list[Choice]]) -> tuple[int, flo
     return sum(c.bytes for c in chosen), sum(c.loss for c in chosen)
 
 
-FAR = 1.5  # a measured loss above FAR x the bound is repaired by a calibrated jump
+FAR = 1.0  # a measured loss above FAR x the bound is repaired by a calibrated jump (1: any loss over the bound)
 
 
 def repair(
@@ -103,21 +103,22 @@ def repair(
     log: Callable[[str], None] = print, spend_tries: int = 0, far: float = FAR,
 ) -> tuple[list[str], list[dict]]:
     """Measure the plan; while the measured loss (``measure`` may return an upper confidence bound)
-    exceeds ``max_loss``, move up and measure again: far over (``FAR``), to the knapsack's plan for
-    the predicted loss scaled by measured / predicted (always a larger plan); near, one
-    ``best_upgrade``. Then, with ``spend_tries``,
+    exceeds ``max_loss``, move up and measure again: to the knapsack's plan for the predicted loss
+    scaled by predicted / measured (a calibrated jump, aimed at the bound in one measurement)
+    when that plan is larger and the loss is over ``far`` x the bound, else one ``best_upgrade``
+    (``far=inf``: one block at a time throughout). Then, with ``spend_tries``,
     spend what the measurement leaves (``spend``). Every step records its predicted and measured loss."""
     formats = list(plan.formats)
     history = [_step(formats, options, measure(formats), action="plan")]
     frontier = None
     while history[-1]["measured"] > max_loss:
         last = history[-1]
-        if max_loss > 0 and last["measured"] > far * max_loss:  # far over: one calibrated jump, not one block at a time
+        if max_loss > 0 and last["measured"] > far * max_loss:  # one calibrated jump, not one block at a time
             frontier = frontier or pareto_frontier(options)
             target = max_loss * max(last["predicted"], 1e-9) / last["measured"]
             jump = next((p for p in frontier if p.loss <= target), None)
             if jump is not None and jump.bytes > last["bytes"]:
-                log(f"repair: measured {last['measured']:.5f} > {far} x {max_loss:.5f}; the knapsack's plan for "
+                log(f"repair: measured {last['measured']:.5f} > {max_loss:.5f}; the knapsack's plan for "
                     f"predicted loss <= {target:.5f} (predictions scaled by the measurement)")
                 formats = list(jump.formats)
                 history.append(_step(formats, options, measure(formats), action="jump"))

@@ -41,29 +41,41 @@ STORE = torch.bfloat16  # gradients are kept at this precision (L x N x S x H va
 @dataclass
 class OutputGradients:
     """Per block, gradients at its output on the runner's windows: ``label[i]`` [N, S, H] and
-    ``sampled[i]`` [k, N, S, H] (see module docstring)."""
+    ``sampled[i]`` [k, N, S, H] (see module docstring); ``input_label`` / ``input_sampled``: the
+    same at block 0's input (the embedding's output, for the table's rows)."""
 
     label: list[torch.Tensor]
     sampled: list[torch.Tensor]
     tokens: int  # positions that carry a loss (the last of each window predicts nothing)
+    input_label: torch.Tensor | None = None
+    input_sampled: torch.Tensor | None = None
 
     def estimate(self, index: int, delta: torch.Tensor) -> tuple[float, float]:
         """(dCE, KL) in nats per token predicted from block ``index``'s output change ``delta`` [N, S, H]."""
+        return self._estimate(self.label[index], self.sampled[index], delta)
+
+    def estimate_input(self, delta: torch.Tensor) -> tuple[float, float]:
+        """(dCE, KL) predicted from a change ``delta`` [N, S, H] of block 0's input (the embedding's output)."""
+        return self._estimate(self.input_label, self.input_sampled, delta)
+
+    def _estimate(self, label: torch.Tensor, sampled: torch.Tensor, delta: torch.Tensor) -> tuple[float, float]:
         d = delta.float()
-        first = float((self.label[index].float() * d).sum()) / self.tokens
-        projected = (self.sampled[index].float() * d).sum(dim=-1)  # [k, N, S]: u . d per draw and token
+        first = float((label.float() * d).sum()) / self.tokens
+        projected = (sampled.float() * d).sum(dim=-1)  # [k, N, S]: u . d per draw and token
         kl = 0.5 * float(projected.pow(2).sum()) / (projected.shape[0] * self.tokens)
         return first + kl, kl
 
 
 def output_gradients(runner: BlockRunner, *, samples: int = SAMPLES, seed: int = 0) -> OutputGradients:
     """Run the fp model forward and backward on each of the runner's windows (one at a time, so
-    autograd holds one window's activations) and keep the gradients at every block's output."""
+    autograd holds one window's activations) and keep the gradients at every block's output and
+    at block 0's input."""
     num, seqlen = runner.ids.shape
     layers = len(runner.layers)
     hidden_size = runner.first_hidden.shape[-1]
     label = [torch.empty(num, seqlen, hidden_size, dtype=STORE) for _ in range(layers)]
-    sampled = [torch.empty(samples, num, seqlen, hidden_size, dtype=STORE) for _ in range(layers)]
+    sampled = [torch.empty(samples, num, seqlen, hidden_size, dtype=STORE) for _ in range(layers + 1)]
+    label.append(torch.empty(num, seqlen, hidden_size, dtype=STORE))  # the last: block 0's input
     generator = torch.Generator(device=runner.first_hidden.device).manual_seed(seed)
     norm = get_module(runner.model, runner.spec.final_norm)
     head = get_module(runner.model, runner.spec.lm_head)
@@ -74,11 +86,12 @@ def output_gradients(runner: BlockRunner, *, samples: int = SAMPLES, seed: int =
     try:
         for n in range(num):
             outs = []
-            hidden = runner.first_hidden[n : n + 1]
+            first = hidden = runner.first_hidden[n : n + 1].detach().requires_grad_(True)
             with torch.enable_grad():
                 for i in range(layers):
-                    hidden = runner.block_forward(i, hidden if i else hidden.detach().requires_grad_(True))
+                    hidden = runner.block_forward(i, hidden)
                     outs.append(hidden)
+                outs.append(first)
                 logits = head(norm(hidden)).float() * scale
                 if runner.softcap:
                     logits = torch.tanh(logits / runner.softcap) * runner.softcap
@@ -95,4 +108,5 @@ def output_gradients(runner: BlockRunner, *, samples: int = SAMPLES, seed: int =
     finally:
         for p in params:
             p.requires_grad_(True)
-    return OutputGradients(label, sampled, tokens=num * (seqlen - 1))
+    return OutputGradients(label[:layers], sampled[:layers], tokens=num * (seqlen - 1),
+                           input_label=label[layers], input_sampled=sampled[layers])

@@ -32,7 +32,7 @@ from .fisher import output_gradients
 from .formats import embed_format, get_format
 from .mapsearch import block_error, search_transform, search_windows
 from .quant import QuantizedWeight, QuantStats
-from .vocab import VocabTransform, gptq_head, head_importance, head_inputs, score_vocab, vocab_restored
+from .vocab import VocabTransform, effective_table, gptq_head, head_importance, head_inputs, quantize_table, score_vocab, vocab_restored
 
 JOURNAL_VERSION = 6  # 6: lm_head rows over a vocabulary too large to keep the fp log-probabilities had KL 0
 VOCAB_UNITS = ("embed", "lm_head")
@@ -99,7 +99,7 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
     if estimate not in ESTIMATES:
         raise ValueError(f"unknown estimate {estimate!r}; known: {', '.join(ESTIMATES)}")
     grads = None
-    if estimate == "fisher" and any(isinstance(key[0], int) for key in todo):
+    if estimate == "fisher" and any(isinstance(key[0], int) or key[0] == "embed" for key in todo):
         started = time.perf_counter()
         grads = output_gradients(runner)
         if progress:
@@ -139,6 +139,9 @@ def sweep(runner: BlockRunner, target: Target, candidates: tuple[str, ...], *, j
                 fit = runner.run_block_chunked(index, fit)
         for unit, formats in vocab.items():
             for name in formats:
+                if unit == "embed" and grads is not None:
+                    record((unit, name), lambda: _estimate_table(runner, name, grads))
+                    continue
                 record((unit, name), lambda: _measure_vocab(runner, target, unit, name, importance, quantizers=quantizers,
                                                             act_order=act_order, fit_final=fit,
                                                             codes_dir=journal.with_suffix(".codes")))
@@ -199,6 +202,18 @@ def _measure_vocab(runner: BlockRunner, target: Target, unit: str, name: str, im
     score = score_vocab(runner, transform, unit=unit)
     return Sensitivity(unit, name, score.ce - runner.fp_score.ce, score.kl, dce_unscaled=score.ce - runner.fp_score.ce,
                        kl_unscaled=score.kl, quantizer=quantizer, codes_file=codes_file)
+
+
+@torch.no_grad()
+def _estimate_table(runner: BlockRunner, name: str, grads) -> Sensitivity:
+    """The embedding table's row with dCE and KL predicted from the gradients at block 0's input
+    (``qublast.fisher``): the table's quantization error on the windows' tokens is that input's change."""
+    table = effective_table(runner.model, runner.spec)
+    used, where = torch.unique(runner.ids, return_inverse=True)  # rows are quantized independently
+    rows = table[used]
+    delta = (quantize_table(rows, embed_format(name)).dequantize() - rows)[where]
+    dce, kl = grads.estimate_input(delta)
+    return Sensitivity("embed", name, dce, kl, dce_unscaled=dce, kl_unscaled=kl, estimated=True)
 
 
 @torch.no_grad()

@@ -191,6 +191,22 @@ def test_repair_far_over_the_bound_jumps_by_the_measured_ratio():
     assert len(history) < len(stepwise)  # fewer measurements than one block at a time
 
 
+def test_repair_just_over_the_bound_jumps_too():
+    """Predictions 0.7x the truth (what Qwen2.5-0.5B measured) and a first plan 1.3x over: one
+    calibrated jump lands under the bound, where one block at a time takes several measurements."""
+    options = [[Choice("fp16", 100, 0.0), Choice("w8", 50, 0.004), Choice("w4", 25, 0.010)] for _ in range(12)]
+
+    def measure(formats):
+        return sum(next(c.loss for c in unit if c.format == f) for f, unit in zip(formats, options)) / 0.7
+
+    plan = solve_for_loss(options, 0.1)
+    assert 1.0 < measure(list(plan.formats)) / 0.1 < 1.5
+    formats, history = repair(plan, options, max_loss=0.1, measure=measure, log=lambda _m: None)
+    assert [h["action"] for h in history] == ["plan", "jump"] and measure(formats) <= 0.1
+    _, stepwise = repair(plan, options, max_loss=0.1, measure=measure, log=lambda _m: None, far=math.inf)
+    assert len(stepwise) > len(history)
+
+
 def test_best_upgrade_takes_the_coarsest_blocks_first():
     # block 1's w8 -> fp16 has the best predicted rate, but block 0 is still w4: its upgrade comes first
     options = [

@@ -9,8 +9,9 @@ import torch
 from qublast.arch import arch_for
 from qublast.blocks import BlockRunner
 from qublast.fisher import output_gradients
-from qublast.formats import get_target
-from qublast.sensitivity import sweep
+from qublast.formats import embed_format, get_format, get_target
+from qublast.sensitivity import _estimate_table, sweep
+from qublast.vocab import VocabTransform, score_vocab
 from tests.tiny import VOCAB, tiny_model
 
 ARCHS = ["llama", "qwen2", "gemma3_text", "mamba", "falcon_h1"]
@@ -49,6 +50,33 @@ def test_estimate_predicts_a_small_block_change(model_type):
     first = (grads.estimate(0, up)[0] - grads.estimate(0, up)[1] - grads.estimate(0, down)[0] + grads.estimate(0, down)[1]) / 2
     measured = (up_full.ce - down_full.ce) / 2
     assert abs(measured) > 1e-7 and first == pytest.approx(measured, rel=0.3)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_table_rows_are_estimated_from_the_gradient_at_block_0s_input(model_type, tmp_path):
+    """A Fisher sweep estimates the embedding table's rows (no block runs for them); the estimate
+    is the full measurement's KL to second order (w8, a small change) and ranks w4 above w8."""
+    model = tiny_model(model_type)
+    runner = BlockRunner(model, arch_for(model.config.model_type), _ids())
+    grads = output_gradients(runner, samples=64)
+    full = {name: score_vocab(runner, VocabTransform(embed_format(name), get_format("fp16", get_target("cpu"))), unit="embed")
+            for name in ("w8", "w4")}
+    estimated = {name: _estimate_table(runner, name, grads) for name in ("w8", "w4")}
+    assert full["w8"].kl > 1e-9 and estimated["w8"].kl == pytest.approx(full["w8"].kl, rel=0.3)
+    assert estimated["w4"].kl > estimated["w8"].kl and full["w4"].kl > full["w8"].kl
+    calls = 0
+    forward = runner.block_forward
+
+    def counted(index, hidden):
+        nonlocal calls
+        calls += 1
+        return forward(index, hidden)
+
+    runner.block_forward = counted
+    _, vocab = sweep(runner, get_target("cpu"), ("fp16",), journal=tmp_path / "j.jsonl", fingerprint="f",
+                     vocab={"embed": ("w8", "w4")}, estimate="fisher", quantizers=("rtn",))
+    assert all(vocab["embed"][name].estimated for name in ("w8", "w4"))
+    assert calls == len(runner.layers) * runner.ids.shape[0]  # the gradient pass only: one forward a window
 
 
 def _block_forwards(layers: int, estimate: str, tmp_path) -> int:
