@@ -1,0 +1,427 @@
+"""QuBLAST side by side with the tools users would pick instead, in one resumable run (issue 27).
+
+    python -m benchmarks.peers [--model FILE] [--out DIR] [--windows 40] [--points NAME,...]
+                               [--speed] [--list]
+
+Every point is a graph ONNX Runtime runs, measured the same way on the same windows of the same
+text: size from the files it deploys (``model.onnx``, its external data and a host embedding
+table; the tokenizer and reports are not counted), WikiText-2 PPL through ONNX Runtime on the
+first ``--windows`` windows of ``--seqlen`` (512) tokens of the test split, and the wall time and peak RSS of the process
+that produced it. With ``--speed``, prefill-512 and decode ms/token at 1 and 2 threads, all points
+in one interleaved run (``benchmarks/ort_speed.py``'s method).
+
+Points (``--list`` prints them): the fp32 and fp16 graphs (QuBLAST's exporter with every unit
+fp16: the CPU target's graph is fp32, the Jetson target's fp16); ONNX Runtime's
+``MatMulNBitsQuantizer`` on the fp32 graph (affine and symmetric RTN, HQQ, at block sizes 32 and
+128, with ``lm_head`` quantized and kept fp32; ``k_quant``; 8-bit); ``quantize_dynamic`` (INT8);
+QuBLAST at fixed budgets on both targets. The peers' graphs are what those tools write, run with
+ONNX Runtime's default session options; QuBLAST's bundles run with theirs (``runtime.bundle``).
+Jetson points are fp16 graphs measured in ONNX Runtime on the CPU, not TensorRT engines.
+
+Resumable: ``DIR/results.json`` gets each point as soon as it is measured, and a point's files are
+written under a temporary name and renamed when complete, so a killed run continues with the
+next point not yet in the results. Nothing outside ``DIR`` is written; an existing ``DIR`` that is
+not this command's results (no ``results.json`` for the same model and text) is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
+DEFAULT_MODEL = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEXT = ASSETS / "wikitext-2" / "wiki.test.raw"
+DEFAULT_CALIB = ASSETS / "wikitext-2" / "wiki.valid.calib.txt"
+DEPLOYED = ("model.onnx", "model.onnx.data", "embedding.safetensors")  # what a graph deploys
+# QuBLAST's budgets, fixed before any run (issue 27: not tuned to the peers' points)
+BUDGETS = (("ppl0.5", ["--max-ppl-increase", "0.005"]), ("ppl1", ["--max-ppl-increase", "0.01"]),
+           ("ppl2", ["--max-ppl-increase", "0.02"]), ("ppl5", ["--max-ppl-increase", "0.05"]),
+           ("ppl10", ["--max-ppl-increase", "0.10"]), ("size30", ["--target-size", "0.3"]))
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    tool: str  # "fp", "ort", "qublast"
+    params: dict = field(default_factory=dict)
+
+
+def points() -> list[Point]:
+    """Every point of a run, in the order they are produced (the fp32 graph first: the ORT points quantize it)."""
+    out = [Point("fp32", "fp", {"target": "cpu"}), Point("fp16", "fp", {"target": "jetson"})]
+    for block in (32, 128):
+        for head in (False, True):
+            suffix = f"b{block}" + ("-head" if head else "")
+            out.append(Point(f"ort-rtn-asym-{suffix}", "ort", {"algo": "default", "bits": 4, "block": block, "symmetric": False, "head": head}))
+            out.append(Point(f"ort-rtn-sym-{suffix}", "ort", {"algo": "default", "bits": 4, "block": block, "symmetric": True, "head": head}))
+            out.append(Point(f"ort-hqq-{suffix}", "ort", {"algo": "hqq", "bits": 4, "block": block, "head": head}))
+    for head in (False, True):
+        suffix = "-head" if head else ""
+        out.append(Point(f"ort-kquant{suffix}", "ort", {"algo": "k_quant", "bits": 4, "block": 32, "head": head}))
+        out.append(Point(f"ort-int8-b128{suffix}", "ort", {"algo": "default", "bits": 8, "block": 128, "symmetric": True, "head": head}))
+    out.append(Point("ort-dynamic-int8", "ort", {"algo": "dynamic"}))
+    for algo in ("rtn", "k_quant_mixed", "k_quant_last"):
+        for shared in (False, True):
+            out.append(Point(f"genai-{algo.replace('_', '')}" + ("-shared" if shared else ""), "genai", {"algo": algo, "shared": shared}))
+    for target in ("cpu", "jetson"):
+        for label, flags in BUDGETS:
+            out.append(Point(f"qublast-{target}-{label}", "qublast", {"target": target, "flags": flags}))
+        out.append(Point(f"qublast-{target}-uniform-w4", "qublast", {"target": target, "flags": ["--uniform", "w4"]}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--text", default=str(DEFAULT_TEXT), help="evaluation text (WikiText raw layout)")
+    p.add_argument("--calib-text", default=str(DEFAULT_CALIB))
+    p.add_argument("--out", help="results folder (default benchmarks/results/peers-<model file stem>)")
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--seqlen", type=int, default=512, help="evaluation and calibration window length")
+    p.add_argument("--points", help="comma-separated point names (default: all)")
+    p.add_argument("--speed", action="store_true", help="prefill / decode speed of every measured point")
+    p.add_argument("--list", action="store_true", help="print the points and exit")
+    p.add_argument("--make", help=argparse.SUPPRESS)  # internal: produce one point in this process
+    args = p.parse_args(argv)
+    every = {pt.name: pt for pt in points()}
+    if args.list:
+        for pt in every.values():
+            print(f"{pt.name:28s} {pt.tool:8s} {json.dumps(pt.params)}")
+        return 0
+    try:
+        chosen = _chosen(args.points, every)
+        if args.windows < 1 or args.seqlen < 2:
+            raise ValueError(f"--windows must be >= 1 and --seqlen >= 2, got {args.windows}, {args.seqlen}")
+        if not Path(args.model).exists():
+            raise ValueError(f"--model {args.model} does not exist (a GGUF file or a folder with safetensors)")
+        for flag in ("text", "calib_text"):
+            if not Path(getattr(args, flag)).is_file():
+                raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a file")
+        out = Path(args.out or ROOT / "benchmarks" / "results" / f"peers-{Path(args.model).stem}")
+        identity = {"model": str(Path(args.model).resolve()), "text": str(Path(args.text).resolve()), "windows": args.windows,
+                    "seqlen": args.seqlen}
+        results = _open_results(out, identity)
+    except ValueError as exc:
+        print(f"peers: error: {exc}", file=sys.stderr)
+        return 2
+    if args.make:
+        _make(every[args.make], out, args)
+        return 0
+    todo = [pt for pt in chosen if pt.name not in results["points"]]
+    print(f"peers: {len(chosen)} points, {len(chosen) - len(todo)} already measured in {out / 'results.json'}", file=sys.stderr)
+    if any(pt.tool == "ort" for pt in todo) and "fp32" not in [pt.name for pt in chosen]:
+        todo.insert(0, every["fp32"])  # the ORT points quantize the fp32 graph
+    for k, pt in enumerate(todo, 1):
+        print(f"peers: [{k}/{len(todo)}] {pt.name}", file=sys.stderr, flush=True)
+        try:
+            results["points"][pt.name] = _produce_and_measure(pt, out, args)
+        except _Skipped as exc:  # the method's dependency is missing here: recorded, with why
+            results["points"][pt.name] = {**asdict(pt), "skipped": str(exc)}
+            print(f"peers: {pt.name} skipped: {exc}", file=sys.stderr)
+        except RuntimeError as exc:
+            print(f"peers: error: {pt.name}: {exc}", file=sys.stderr)
+            return 1
+        _write_json(out / "results.json", results)
+    if args.speed:
+        _speed(results, out, [pt.name for pt in chosen], args.seqlen)
+        _write_json(out / "results.json", results)
+    table = summary_table(results)
+    (out / "results.md").write_text(table, encoding="utf-8")
+    pareto_plot(results, out / "pareto.png")
+    print(table)
+    return 0
+
+
+def _chosen(names: str | None, every: dict[str, Point]) -> list[Point]:
+    if not names:
+        return list(every.values())
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in every]
+    if unknown:
+        raise ValueError(f"unknown point(s) {', '.join(unknown)}; --list prints them")
+    return [every[n] for n in wanted]
+
+
+def _open_results(out: Path, identity: dict) -> dict:
+    path = out / "results.json"
+    if out.exists():
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise ValueError(f"--out {out} exists and holds no results of this command: not touching it") from None
+        if results.get("identity") != identity:
+            raise ValueError(f"--out {out} holds results for another model, text or window count: give another --out")
+        return results
+    out.mkdir(parents=True)
+    results = {"identity": identity, "points": {}}
+    _write_json(path, results)
+    return results
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _Skipped(Exception):
+    """A point this machine cannot produce (a method's optional dependency is not installed)."""
+
+
+def _produce_and_measure(pt: Point, out: Path, args) -> dict:
+    """Produce the point in a child process (its wall time and peak RSS are the point's cost), then measure it."""
+    folder = out / "points" / pt.name
+    cost = {}
+    if not folder.is_dir():
+        command = [sys.executable, "-m", "benchmarks.peers", "--make", pt.name, "--out", str(out), "--model", args.model,
+                   "--text", args.text, "--calib-text", args.calib_text, "--windows", str(args.windows), "--seqlen", str(args.seqlen)]
+        started = time.perf_counter()
+        child = subprocess.Popen(command, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        cost = {"seconds": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024}
+        if child.returncode != 0:
+            raise RuntimeError(f"producing it failed (exit code {child.returncode}); see the output above")
+        if (folder / "SKIPPED").is_file():
+            reason = (folder / "SKIPPED").read_text(encoding="utf-8").strip()
+            shutil.rmtree(folder)
+            raise _Skipped(reason)
+    model = _open(pt, folder)
+    from tokenizers import Tokenizer
+
+    from runtime.perplexity import perplexity, wikitext_text, windows
+
+    tokenizer = Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json"))
+    ids = tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
+    ppl = perplexity(model, windows(ids, args.seqlen, max_windows=args.windows), progress=False)
+    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name in DEPLOYED}
+    return {**asdict(pt), "files": files, "bytes": sum(files.values()), "ppl": ppl["ppl"], "tokens": ppl["tokens"],
+            "eval_seconds": ppl["seconds"], **cost}
+
+
+def _open(pt: Point, folder: Path):
+    """The point's model: a QuBLAST bundle with its own session options, a peer's graph with ORT's defaults."""
+    from runtime.bundle import open_bundle
+    from runtime.session import OrtModel
+
+    if pt.tool in ("fp", "qublast"):
+        return open_bundle(folder).model
+    if pt.tool == "genai":
+        return GenaiGraph(folder)
+    return OrtModel(str(folder / "model.onnx"))
+
+
+def _make(pt: Point, out: Path, args) -> None:
+    """Write the point's folder under a temporary name, then rename it (a killed run leaves no half point)."""
+    final = out / "points" / pt.name
+    tmp = final.with_name(final.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a killed run's leftover, inside this command's own results folder
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if pt.tool in ("fp", "qublast"):
+        flags = ["--embeddings", "fp16", "--lm-head", "fp16", "--uniform", "fp16"] if pt.tool == "fp" else pt.params["flags"]
+        command = [sys.executable, "-m", "qublast.export", "--model", args.model, "--target", pt.params["target"], *flags,
+                   "--calib-text", args.calib_text, "--eval-text", args.text, "--max-eval-windows", str(args.windows),
+                   "--seqlen", str(args.seqlen), "--calib-seqlen", str(args.seqlen),
+                   "--cache-dir", str(out / "cache"), "--out", str(tmp)]
+        subprocess.run(command, cwd=ROOT, check=True)
+    else:
+        tmp.mkdir()
+        try:
+            if pt.tool == "genai":
+                _genai_point(pt, args.model, tmp, out / "cache")
+            else:
+                _ort_point(pt, out / "points" / "fp32" / "model.onnx", tmp / "model.onnx")
+        except ImportError as exc:  # an optional dependency of the method
+            (tmp / "SKIPPED").write_text(f"needs {exc.name}, which is not installed: {exc}\n", encoding="utf-8")
+    os.replace(tmp, final)
+
+
+def _genai_point(pt: Point, model: str, dest: Path, cache: Path) -> None:
+    """onnxruntime-genai's model builder, INT4 for the CPU, from the checkpoint as an HF folder."""
+    import onnxruntime_genai  # noqa: F401  (ImportError: the point is skipped, with why)
+
+    source = Path(model)
+    if not source.is_dir():  # a GGUF file: the builder reads HF folders, so write the dequantized fp32 weights once
+        source = cache / "hf-fp32"
+        if not (source / "config.json").is_file():
+            from qublast.models import load_model, resolve_source
+
+            fp, tokenizer, _ = load_model(resolve_source(model))
+            fp.config.__dict__.pop("quantization_config", None)  # the GGUF's: the weights written are dequantized
+            partial = source.with_name("hf-fp32.partial")
+            fp.save_pretrained(str(partial), safe_serialization=True)
+            tokenizer.save_pretrained(str(partial))
+            os.replace(partial, source)
+    options = [f"algo_config={pt.params['algo']}", f"shared_embeddings={str(pt.params['shared']).lower()}"]
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(dest),
+               "-p", "int4", "-e", "cpu", "-c", str(dest / "builder-cache"), "--extra_options", *options]
+    with open(dest / "builder.log", "w", encoding="utf-8") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    shutil.rmtree(dest / "builder-cache", ignore_errors=True)
+
+
+class GenaiGraph:
+    """An onnxruntime-genai graph (``input_ids``, ``attention_mask``, ``past_key_values.N.key|value``;
+    no position ids) behind the ``forward`` the perplexity and speed measurements call."""
+
+    def __init__(self, folder: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        decoder = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.kv_heads, self.head_dim = decoder["num_key_value_heads"], decoder["head_size"]
+        self.output_names = ["logits", *(n.replace("past_key_values", "present") for n in self.past_names)]
+
+    def forward(self, input_ids, past=None):
+        import numpy as np
+
+        batch, seq = input_ids.shape
+        if past is None:
+            past = [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": np.ones((batch, past[0].shape[2] + seq), np.int64)}
+        feeds.update(zip(self.past_names, past))
+        logits, *present = self.session.run(self.output_names, feeds)
+        return logits.astype(np.float32), present
+
+
+def _ort_point(pt: Point, source: Path, dest: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=True)
+    params = pt.params
+    if params["algo"] == "dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        onnx.save(model, str(dest.with_name("fp32.onnx")), save_as_external_data=True, location="fp32.onnx.data")
+        quantize_dynamic(str(dest.with_name("fp32.onnx")), str(dest), weight_type=QuantType.QInt8, use_external_data_format=True)
+        for name in ("fp32.onnx", "fp32.onnx.data"):
+            dest.with_name(name).unlink()
+        _rename_data(dest)
+        return
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    if params["algo"] == "default":
+        config = mnb.DefaultWeightOnlyQuantConfig(block_size=params["block"], is_symmetric=params["symmetric"], bits=params["bits"])
+    elif params["algo"] == "hqq":
+        config = mnb.HQQWeightOnlyQuantConfig(block_size=params["block"], bits=params["bits"])
+    elif params["algo"] == "k_quant":
+        config = mnb.KQuantWeightOnlyQuantConfig()
+    else:
+        raise ValueError(f"unknown ORT method {params['algo']!r}")
+    exclude = [] if params["head"] else [lm_head_node(model)]
+    quantizer = mnb.MatMulNBitsQuantizer(model, bits=params["bits"], block_size=params.get("block", 128),
+                                         is_symmetric=params.get("symmetric", False), nodes_to_exclude=exclude, algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dest), use_external_data_format=True)
+    _rename_data(dest)
+
+
+def _rename_data(dest: Path) -> None:
+    """Store the external data as ``model.onnx.data`` (one file, named as the bundles name it)."""
+    import onnx
+
+    model = onnx.load(str(dest), load_external_data=True)
+    for f in dest.parent.iterdir():
+        if f.name != "model.onnx":
+            f.unlink()
+    onnx.save(model, str(dest), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+
+
+def lm_head_node(model) -> str:
+    """Name of the MatMul that computes the logits: the one whose weight has the most output columns (the vocabulary)."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    matmuls = [(shapes[n.input[1]][-1], n.name) for n in model.graph.node
+               if n.op_type == "MatMul" and n.input[1] in shapes and len(shapes[n.input[1]]) == 2]
+    if not matmuls:
+        raise ValueError("no MatMul with a weight initializer: not a graph this benchmark knows")
+    return max(matmuls)[1]
+
+
+def _speed(results: dict, out: Path, names: list[str], seqlen: int) -> None:
+    from benchmarks.ort_speed import interleaved
+    from runtime.bundle import open_bundle
+    from runtime.session import OrtModel
+
+    measured = [n for n in names if "bytes" in results["points"].get(n, {})]
+    for threads in (1, 2):
+        models = []
+        for name in measured:
+            folder = out / "points" / name
+            tool = results["points"][name]["tool"]
+            models.append(OrtModel(str(folder / "model.onnx"), threads=threads) if tool == "ort" else
+                          GenaiGraph(folder, threads=threads) if tool == "genai" else open_bundle(folder, threads=threads).model)
+        timings = interleaved(models, prefill=seqlen, decode=32, repeats=5)
+        for name, (prefill, decode) in zip(measured, timings):
+            results["points"][name][f"prefill_ms_t{threads}"] = prefill
+            results["points"][name][f"decode_ms_t{threads}"] = decode
+
+
+def summary_table(results: dict) -> str:
+    """Markdown: one row a point, sizes against the fp16 graph's."""
+    pts = results["points"]
+    fp32 = pts.get("fp32", {}).get("ppl")
+    fp16_bytes = pts.get("fp16", {}).get("bytes")
+    lines = ["| point | tool | MB deployed | vs fp16 | PPL (ORT) | vs fp32 | prefill-512 ms (1t / 2t) "
+             "| decode ms/token (1t / 2t) | s to make | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in pts.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | {r['tool']} | skipped: {r['skipped']} | | | | | | | |")
+            continue
+        size = f"{r['bytes'] / 1e6:.1f}"
+        rel = f"{100 * (1 - r['bytes'] / fp16_bytes):.1f}% smaller" if fp16_bytes else ""
+        ppl_rel = f"{100 * (r['ppl'] / fp32 - 1):+.2f}%" if fp32 else ""
+        speed = [" / ".join(f"{r[f'{k}_t{t}']:.1f}" if f"{k}_t{t}" in r else "-" for t in (1, 2)) for k in ("prefill_ms", "decode_ms")]
+        made = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        lines.append(f"| {name} | {r['tool']} | {size} | {rel} | {r['ppl']:.4f} | {ppl_rel} | {speed[0]} | {speed[1]} | {made} | {rss} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(results: dict, path: Path) -> None:
+    """Size vs PPL, every tool its own marker, QuBLAST's frontier a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"fp": ("s", "black"), "ort": ("^", "tab:orange"), "genai": ("v", "tab:green"), "qublast": ("o", "tab:blue")}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    measured = [(n, r) for n, r in results["points"].items() if "bytes" in r]
+    for tool, (marker, color) in markers.items():
+        pts = [(r["bytes"] / 1e6, r["ppl"]) for _, r in measured if r["tool"] == tool]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, color=color, label=tool)
+    ours = sorted((r["bytes"] / 1e6, r["ppl"]) for _, r in measured if r["tool"] == "qublast")
+    frontier, best = [], float("inf")
+    for size, ppl in ours:
+        if ppl < best:
+            frontier.append((size, ppl))
+            best = ppl
+    if len(frontier) > 1:
+        ax.plot(*zip(*frontier), color="tab:blue", linewidth=1)
+    ax.set_xlabel("deployed MB (files)")
+    ax.set_ylabel("WikiText-2 PPL through ONNX Runtime")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
