@@ -327,10 +327,11 @@ class _Builder:
     def build(self, formats, *, reconstructed: bool = True) -> tuple[list, VocabTransform, list]:
         """(block transforms, vocabulary transform, reconstruction records) of a plan; reconstructed
         when the config says so and ``reconstructed`` does not turn it off."""
-        tune = bool(self.cfg.reconstruct) and reconstructed
+        blocks, embed, head = split_plan(formats)
+        # an all-fp16 stack has no quantized block to reconstruct (its windows would cost time for nothing)
+        tune = bool(self.cfg.reconstruct) and reconstructed and any(f != "fp16" for f in blocks)
         key = (tuple(formats), tune)
         if key not in self.cache:
-            blocks, embed, head = split_plan(formats)
             transforms = [row[f].transform(self.target) for row, f in zip(self.table, blocks)]
             vocab = VocabTransform.of(self.target, embed=embed, head=head, head_importance=self.importance,
                                       head_codes=self.vocab_table["lm_head"][head].head_codes(self.target))

@@ -158,3 +158,17 @@ def test_reconstruction_starts_from_the_models_own_block_input(monkeypatch):
     # equal up to the fp16 table's rounding (relative 2^-11 a row); without the multiplier it is 1.7x off
     torch.testing.assert_close(seen[0], fp, rtol=2e-3, atol=1e-3)
     assert float((seen[0] - fp).norm() / fp.norm()) < 1e-3
+
+
+def test_an_all_fp16_plan_is_not_reconstructed(tiny_model_dir, tmp_path):
+    """Nothing is quantized, so reconstruction has nothing to fit: no plan is reconstructed (it cost 75 s on SmolLM2)."""
+    from qublast.export import main
+    from qublast.recipe import read_recipe
+
+    out = tmp_path / "r"
+    assert main(["--model", str(tiny_model_dir), "--target", "cpu", "--calib-seqlen", "32", "--calib-windows", "2",
+                 "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--uniform", "fp16",
+                 "--embeddings", "fp16", "--lm-head", "fp16", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    costs = json.loads((out / "run.json").read_text())["calibration_costs"]
+    assert "reconstructions" not in costs
+    assert "reconstruction" not in read_recipe(out / "recipe.json")["allocation"]
