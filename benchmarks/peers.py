@@ -71,6 +71,9 @@ def points() -> list[Point]:
     for algo in ("rtn", "k_quant_mixed", "k_quant_last"):
         for shared in (False, True):
             out.append(Point(f"genai-{algo.replace('_', '')}" + ("-shared" if shared else ""), "genai", {"algo": algo, "shared": shared}))
+    for method in ("rtn_dq", "awq_clip", "awq_lite"):
+        for mixed in (False, True) if method != "awq_lite" else (False,):  # ModelOpt 0.47 has no mixed awq_lite per subgraph
+            out.append(Point(f"modelopt-{method.replace('_', '')}" + ("-mixed" if mixed else ""), "modelopt", {"method": method, "mixed": mixed}))
     for target in ("cpu", "jetson"):
         for label, flags in BUDGETS:
             out.append(Point(f"qublast-{target}-{label}", "qublast", {"target": target, "flags": flags}))
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--points", help="comma-separated point names (default: all)")
     p.add_argument("--speed", action="store_true", help="prefill / decode speed of every measured point")
     p.add_argument("--list", action="store_true", help="print the points and exit")
+    p.add_argument("--modelopt-python", default=os.environ.get("QUBLAST_MODELOPT_PYTHON"),
+                   help="python of a venv with nvidia-modelopt[onnx] (its pins conflict with QuBLAST's; "
+                        "default $QUBLAST_MODELOPT_PYTHON; without it the ModelOpt points are reported as skipped, with why)")
     p.add_argument("--make", help=argparse.SUPPRESS)  # internal: produce one point in this process
     args = p.parse_args(argv)
     every = {pt.name: pt for pt in points()}
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--windows must be >= 1 and --seqlen >= 2, got {args.windows}, {args.seqlen}")
         if not Path(args.model).exists():
             raise ValueError(f"--model {args.model} does not exist (a GGUF file or a folder with safetensors)")
+        if args.modelopt_python and not Path(args.modelopt_python).is_file():
+            raise ValueError(f"--modelopt-python {args.modelopt_python} is not a file")
         for flag in ("text", "calib_text"):
             if not Path(getattr(args, flag)).is_file():
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a file")
@@ -115,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.make:
         _make(every[args.make], out, args)
         return 0
+    for name, r in results["points"].items():  # results measured before block-linear bytes were recorded
+        if "bytes" in r and "bytes_blocks" not in r:
+            r["bytes_blocks"], r["bytes_head"] = linear_bytes(out / "points" / name / "model.onnx")
     todo = [pt for pt in chosen if pt.name not in results["points"]]
     print(f"peers: {len(chosen)} points, {len(chosen) - len(todo)} already measured in {out / 'results.json'}", file=sys.stderr)
     if any(pt.tool == "ort" for pt in todo) and "fp32" not in [pt.name for pt in chosen]:
@@ -182,7 +193,8 @@ def _produce_and_measure(pt: Point, out: Path, args) -> dict:
     cost = {}
     if not folder.is_dir():
         command = [sys.executable, "-m", "benchmarks.peers", "--make", pt.name, "--out", str(out), "--model", args.model,
-                   "--text", args.text, "--calib-text", args.calib_text, "--windows", str(args.windows), "--seqlen", str(args.seqlen)]
+                   "--text", args.text, "--calib-text", args.calib_text, "--windows", str(args.windows), "--seqlen", str(args.seqlen),
+                   *(["--modelopt-python", args.modelopt_python] if args.modelopt_python else [])]
         started = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT)
         _, status, usage = os.wait4(child.pid, 0)
@@ -203,8 +215,50 @@ def _produce_and_measure(pt: Point, out: Path, args) -> dict:
     ids = tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
     ppl = perplexity(model, windows(ids, args.seqlen, max_windows=args.windows), progress=False)
     files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name in DEPLOYED}
-    return {**asdict(pt), "files": files, "bytes": sum(files.values()), "ppl": ppl["ppl"], "tokens": ppl["tokens"],
-            "eval_seconds": ppl["seconds"], **cost}
+    blocks, head = linear_bytes(folder / "model.onnx")
+    return {**asdict(pt), "files": files, "bytes": sum(files.values()), "bytes_blocks": blocks, "bytes_head": head,
+            "ppl": ppl["ppl"], "tokens": ppl["tokens"], "eval_seconds": ppl["seconds"], **cost}
+
+
+MATMULS = ("MatMul", "MatMulNBits", "MatMulInteger", "Gemm", "FusedMatMul", "DynamicQuantizeMatMul")
+
+
+def linear_bytes(path: Path) -> tuple[int, int]:
+    """(block linears, lm_head) bytes of any tool's graph: the initializers each MatMul-like node
+    reads as its weight (directly or through DequantizeLinear / Cast / Transpose / Reshape) and a
+    bias added right after it; ``lm_head`` is the MatMul the ``logits`` output comes from. The
+    embedding's Gather is neither (QuBLAST's bundles count block linears the same way)."""
+    import onnx
+
+    from export.sizes import initializer_bytes
+
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in proto.graph.initializer}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    users: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    def weights(node) -> set[str]:
+        found, stack = set(), list(node.input[1:])
+        while stack:
+            name = stack.pop()
+            if name in inits:
+                found.add(name)
+            elif name in producers and producers[name].op_type == "DequantizeLinear":
+                stack.extend(producers[name].input)
+            elif name in producers and producers[name].op_type in ("Cast", "Transpose", "Reshape"):
+                stack.append(producers[name].input[0])
+        for user in users.get(node.output[0], []):
+            if user.op_type == "Add":
+                found.update(n for n in user.input if n in inits)
+        return found
+
+    head = next((n for n in proto.graph.node if n.name == lm_head_node(proto)), None)
+    head_weights = weights(head) if head is not None else set()
+    block_weights = set().union(*(weights(n) for n in proto.graph.node if n.op_type in MATMULS and n is not head)) - head_weights
+    return sum(initializer_bytes(inits[n]) for n in block_weights), sum(initializer_bytes(inits[n]) for n in head_weights)
 
 
 def _open(pt: Point, folder: Path):
@@ -238,6 +292,8 @@ def _make(pt: Point, out: Path, args) -> None:
         try:
             if pt.tool == "genai":
                 _genai_point(pt, args.model, tmp, out / "cache")
+            elif pt.tool == "modelopt":
+                _modelopt_point(pt, args, out, tmp)
             else:
                 _ort_point(pt, out / "points" / "fp32" / "model.onnx", tmp / "model.onnx")
         except ImportError as exc:  # an optional dependency of the method
@@ -267,6 +323,65 @@ def _genai_point(pt: Point, model: str, dest: Path, cache: Path) -> None:
     with open(dest / "builder.log", "w", encoding="utf-8") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     shutil.rmtree(dest / "builder-cache", ignore_errors=True)
+
+
+MODELOPT_CALIB_WINDOWS = 8
+LLAMA_LINEARS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
+                 "mlp/down_proj")
+
+
+def _modelopt_point(pt: Point, args, out: Path, dest: Path) -> None:
+    """ModelOpt's ONNX INT4 on the fp32 graph, in ModelOpt's own interpreter (benchmarks/modelopt_int4.py)."""
+    if not args.modelopt_python:
+        (dest / "SKIPPED").write_text(
+            "ModelOpt 0.47 pins onnx~=1.21 and onnxruntime-gpu~=1.24, which conflict with this environment's onnx and onnxruntime: "
+            "give --modelopt-python of a venv with nvidia-modelopt[onnx]\n", encoding="utf-8")
+        return
+    import numpy as np
+    import onnx
+    from tokenizers import Tokenizer
+
+    from runtime.perplexity import windows
+
+    model = onnx.load(str(out / "points" / "fp32" / "model.onnx"), load_external_data=True)
+    try:
+        name_linears(model)
+    except ValueError as exc:  # only the mixed mode reads the names
+        if pt.params["mixed"]:
+            (dest / "SKIPPED").write_text(f"ModelOpt's mixed mode picks its INT8 layers by genai's names, and {exc}\n", encoding="utf-8")
+            return
+    onnx.save(model, str(dest / "source.onnx"), save_as_external_data=True, location="source.onnx.data")
+    tokenizer = Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json"))
+    ids = tokenizer.encode(Path(args.calib_text).read_text(encoding="utf-8"), add_special_tokens=False).ids
+    np.save(dest / "calib.npy", windows(ids, args.seqlen, max_windows=MODELOPT_CALIB_WINDOWS))
+    command = [args.modelopt_python, str(ROOT / "benchmarks" / "modelopt_int4.py"), str(dest / "source.onnx"), str(dest / "model.onnx"),
+               pt.params["method"], "1" if pt.params["mixed"] else "0", str(dest / "calib.npy")]
+    with open(dest / "modelopt.log", "w", encoding="utf-8") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    for name in ("source.onnx", "source.onnx.data", "calib.npy"):
+        (dest / name).unlink()
+    if not (dest / "SKIPPED").is_file():
+        _rename_data(dest / "model.onnx", keep=("modelopt.log",))
+
+
+def name_linears(model) -> None:
+    """Name a Llama-layout graph's linears as onnxruntime-genai does (``/model/layers.{i}/mlp/down_proj/MatMul``,
+    ``/lm_head/MatMul``), from their order and shapes; ``ValueError`` when the graph is not that layout."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    head = lm_head_node(model)
+    linears = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in shapes and len(shapes[n.input[1]]) == 2]
+    blocks = [n for n in linears if n.name != head]
+    layers = sum(1 for i in model.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key"))
+    if len(blocks) != len(LLAMA_LINEARS) * layers:
+        raise ValueError(f"{len(blocks)} linears for {layers} layers: not the Llama layout (q, k, v, o, gate, up, down)")
+    for i in range(layers):
+        seven = blocks[7 * i: 7 * i + 7]
+        q, k, v, o, gate, up, down = (shapes[n.input[1]] for n in seven)
+        if not (k == v and gate == up and down == gate[::-1] and q[0] == k[0] == gate[0] == o[1] and o[0] == q[1]):
+            raise ValueError(f"layer {i}'s linears have shapes {[q, k, v, o, gate, up, down]}: not the Llama layout")
+        for node, label in zip(seven, LLAMA_LINEARS):
+            node.name = f"/model/layers.{i}/{label}/MatMul"
+    next(n for n in model.graph.node if n.name == head).name = "/lm_head/MatMul"
 
 
 class GenaiGraph:
@@ -302,6 +417,8 @@ def _ort_point(pt: Point, source: Path, dest: Path) -> None:
 
     model = onnx.load(str(source), load_external_data=True)
     params = pt.params
+    if params.get("head"):  # a tied head reads Transpose(table): the quantizer needs it as a constant to quantize it
+        fold_transposed_weights(model)
     if params["algo"] == "dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -329,25 +446,49 @@ def _ort_point(pt: Point, source: Path, dest: Path) -> None:
     _rename_data(dest)
 
 
-def _rename_data(dest: Path) -> None:
+def fold_transposed_weights(model) -> None:
+    """Give every MatMul whose weight is ``Transpose(initializer)`` (a tied ``lm_head`` reading the
+    embedding table) a transposed constant of its own, as an untied export stores it: ONNX Runtime's
+    weight quantizers skip a MatMul without a constant weight. The table stays for the Gather, so a
+    point that quantizes the head deploys the table and the head's codes (the points that keep the
+    head fp32 keep it shared)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        source = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(inits[source.input[0]]).transpose(perm)
+        name = f"{source.input[0]}.transposed_for_{node.name}"
+        model.graph.initializer.append(numpy_helper.from_array(weight.copy(), name))
+        node.input[1] = name
+        if not any(source.output[0] in other.input for other in model.graph.node):
+            model.graph.node.remove(source)
+
+
+def _rename_data(dest: Path, keep: tuple[str, ...] = ()) -> None:
     """Store the external data as ``model.onnx.data`` (one file, named as the bundles name it)."""
     import onnx
 
     model = onnx.load(str(dest), load_external_data=True)
     for f in dest.parent.iterdir():
-        if f.name != "model.onnx":
+        if f.name != "model.onnx" and f.name not in keep:
             f.unlink()
     onnx.save(model, str(dest), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
 
 
 def lm_head_node(model) -> str:
-    """Name of the MatMul that computes the logits: the one whose weight has the most output columns (the vocabulary)."""
-    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    matmuls = [(shapes[n.input[1]][-1], n.name) for n in model.graph.node
-               if n.op_type == "MatMul" and n.input[1] in shapes and len(shapes[n.input[1]]) == 2]
-    if not matmuls:
-        raise ValueError("no MatMul with a weight initializer: not a graph this benchmark knows")
-    return max(matmuls)[1]
+    """Name of the MatMul-like node the ``logits`` output comes from (through Cast / Reshape / Add)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type not in MATMULS:
+        node = producers.get(node.input[0])
+    if node is None:
+        raise ValueError("no MatMul computes the logits: not a graph this benchmark knows")
+    return node.name
 
 
 def _speed(results: dict, out: Path, names: list[str], seqlen: int) -> None:
@@ -374,20 +515,24 @@ def summary_table(results: dict) -> str:
     pts = results["points"]
     fp32 = pts.get("fp32", {}).get("ppl")
     fp16_bytes = pts.get("fp16", {}).get("bytes")
-    lines = ["| point | tool | MB deployed | vs fp16 | PPL (ORT) | vs fp32 | prefill-512 ms (1t / 2t) "
+    blocks16 = pts.get("fp16", {}).get("bytes_blocks")
+    lines = ["| point | tool | MB deployed | vs fp16 | block linears MB | vs fp16 | PPL (ORT) | vs fp32 | prefill-512 ms (1t / 2t) "
              "| decode ms/token (1t / 2t) | s to make | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in pts.items():
         if "skipped" in r:
-            lines.append(f"| {name} | {r['tool']} | skipped: {r['skipped']} | | | | | | | |")
+            lines.append(f"| {name} | {r['tool']} | skipped: {r['skipped']} | | | | | | | | | |")
             continue
         size = f"{r['bytes'] / 1e6:.1f}"
         rel = f"{100 * (1 - r['bytes'] / fp16_bytes):.1f}% smaller" if fp16_bytes else ""
+        blocks = f"{r['bytes_blocks'] / 1e6:.1f}" if "bytes_blocks" in r else "-"
+        blocks_rel = f"{100 * (1 - r['bytes_blocks'] / blocks16):.1f}% smaller" if blocks16 and "bytes_blocks" in r else ""
         ppl_rel = f"{100 * (r['ppl'] / fp32 - 1):+.2f}%" if fp32 else ""
         speed = [" / ".join(f"{r[f'{k}_t{t}']:.1f}" if f"{k}_t{t}" in r else "-" for t in (1, 2)) for k in ("prefill_ms", "decode_ms")]
         made = f"{r['seconds']:.0f}" if "seconds" in r else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
-        lines.append(f"| {name} | {r['tool']} | {size} | {rel} | {r['ppl']:.4f} | {ppl_rel} | {speed[0]} | {speed[1]} | {made} | {rss} |")
+        lines.append(f"| {name} | {r['tool']} | {size} | {rel} | {blocks} | {blocks_rel} | {r['ppl']:.4f} |"
+                     f" {ppl_rel} | {speed[0]} | {speed[1]} | {made} | {rss} |")
     return "\n".join(lines) + "\n"
 
 
@@ -398,7 +543,8 @@ def pareto_plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"fp": ("s", "black"), "ort": ("^", "tab:orange"), "genai": ("v", "tab:green"), "qublast": ("o", "tab:blue")}
+    markers = {"fp": ("s", "black"), "ort": ("^", "tab:orange"), "genai": ("v", "tab:green"), "modelopt": ("D", "tab:purple"),
+               "qublast": ("o", "tab:blue")}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     measured = [(n, r) for n, r in results["points"].items() if "bytes" in r]
     for tool, (marker, color) in markers.items():

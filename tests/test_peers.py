@@ -1,0 +1,99 @@
+"""benchmarks/peers.py on a tiny model: every kind of point made and measured, sizes read from the
+files, a rerun that measures nothing twice, and the folders it refuses to touch."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import peers
+
+DATA = Path(__file__).resolve().parents[1] / "qublast" / "data"
+POINTS = ["fp32", "ort-rtn-asym-b32", "ort-rtn-asym-b32-head", "ort-dynamic-int8", "genai-rtn-shared", "qublast-cpu-uniform-w4"]
+
+
+def _args(model: Path, out: Path, points: list[str]) -> list[str]:
+    return ["--model", str(model), "--out", str(out), "--text", str(DATA / "wikitext2_test_excerpt.raw"),
+            "--calib-text", str(DATA / "wikitext2_valid_excerpt.txt"), "--windows", "2", "--seqlen", "64",
+            "--points", ",".join(points)]
+
+
+def test_points_are_made_measured_and_resumed(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("QUBLAST_MODELOPT_PYTHON", raising=False)
+    out = tmp_path / "peers"
+    assert peers.main(_args(tiny_model_dir, out, [*POINTS, "modelopt-rtndq"])) == 0
+    results = json.loads((out / "results.json").read_text())
+    pts = results["points"]
+    skipped = pts.pop("modelopt-rtndq")  # ModelOpt runs only in its own venv: recorded as skipped, with why
+    assert "--modelopt-python" in skipped["skipped"] and not (out / "points" / "modelopt-rtndq").exists()
+    assert list(pts) == POINTS
+    for name, r in pts.items():
+        folder = out / "points" / name
+        deployed = {f.name: f.stat().st_size for f in folder.iterdir() if f.name in peers.DEPLOYED}
+        assert r["files"] == deployed and r["bytes"] == sum(deployed.values())  # sizes from the files
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["tokens"] == 2 * 63
+        assert r["seconds"] > 0 and r["peak_rss_mb"] > 0
+        assert not folder.with_name(name + ".partial").exists()
+    fp = pts["fp32"]
+    for name in POINTS[1:]:
+        assert pts[name]["bytes_blocks"] < fp["bytes_blocks"], name  # every peer stores its block linears smaller
+        assert abs(math.log(pts[name]["ppl"] / fp["ppl"])) < 0.2, name  # and computes about the same function
+    ours = json.loads((out / "points" / "qublast-cpu-uniform-w4" / "recipe.json").read_text())["metrics"]
+    assert pts["qublast-cpu-uniform-w4"]["bytes_blocks"] == ours["size_bytes_blocks"]  # counted as the bundle counts them
+    assert pts["ort-rtn-asym-b32"]["bytes_head"] == fp["bytes_head"]  # lm_head left fp32 without "-head"
+    assert pts["ort-rtn-asym-b32-head"]["bytes_head"] < fp["bytes_head"] / 4  # and quantized with it (the tied head too)
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in POINTS)
+    assert (out / "pareto.png").stat().st_size > 0
+
+    # a rerun measures nothing again; a point killed half way (its .partial folder) is made again
+    (out / "points" / "ort-dynamic-int8").rename(out / "points" / "ort-dynamic-int8.partial")
+    first = dict(pts)
+    del pts["ort-dynamic-int8"]
+    (out / "results.json").write_text(json.dumps({**results, "points": {**pts, "modelopt-rtndq": skipped}}))
+    capsys.readouterr()
+    assert peers.main(_args(tiny_model_dir, out, POINTS)) == 0
+    err = capsys.readouterr().err
+    assert f"{len(POINTS)} points, {len(POINTS) - 1} already measured" in err and "[1/1] ort-dynamic-int8" in err
+    again = json.loads((out / "results.json").read_text())["points"]
+    assert {n: again[n]["seconds"] for n in POINTS if n != "ort-dynamic-int8"} == {
+        n: first[n]["seconds"] for n in POINTS if n != "ort-dynamic-int8"}
+    assert again["ort-dynamic-int8"]["bytes"] == first["ort-dynamic-int8"]["bytes"]
+    assert "skipped" in again["modelopt-rtndq"]
+    assert not (out / "points" / "ort-dynamic-int8.partial").exists()
+
+
+def test_refuses_a_folder_it_did_not_write_and_bad_points(tiny_model_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert peers.main(_args(tiny_model_dir, mine, ["fp32"])) == 2
+    assert "not touching it" in capsys.readouterr().err
+    assert [f.name for f in mine.iterdir()] == ["notes.txt"]
+    assert peers.main(_args(tiny_model_dir, tmp_path / "x", ["fp32", "nope"])) == 2
+    assert "unknown point(s) nope" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written before every flag is checked
+    with pytest.raises(SystemExit) as exc:
+        peers.main([*_args(tiny_model_dir, tmp_path / "y", ["fp32"]), "--windows", "zero"])
+    assert exc.value.code == 2
+
+
+def test_linear_bytes_finds_the_head_through_the_logits(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1 = numpy_helper.from_array(np.zeros((8, 16), np.float32), "w1")
+    w2 = numpy_helper.from_array(np.zeros((16, 32), np.float32), "w2")
+    b1 = numpy_helper.from_array(np.zeros((16,), np.float32), "b1")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("MatMul", ["hb", "hb_t"], ["attn"], name="activation_only"),
+             helper.make_node("Transpose", ["hb"], ["hb_t"]),
+             helper.make_node("MatMul", ["hb", "w2"], ["l32"]), helper.make_node("Cast", ["l32"], ["logits"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 32]),
+                               helper.make_tensor_value_info("attn", TensorProto.FLOAT, None)], initializer=[w1, w2, b1])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    assert peers.linear_bytes(tmp_path / "m.onnx") == ((8 * 16 + 16) * 4, 16 * 32 * 4)
