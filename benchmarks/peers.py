@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=512, help="evaluation and calibration window length")
     p.add_argument("--points", help="comma-separated point names (default: all)")
     p.add_argument("--speed", action="store_true", help="prefill / decode speed of every measured point")
+    p.add_argument("--whole-split", metavar="NAME,...",
+                   help="measured points whose PPL is measured once more on every window of the text (the headline points)")
     p.add_argument("--list", action="store_true", help="print the points and exit")
     p.add_argument("--modelopt-python", default=os.environ.get("QUBLAST_MODELOPT_PYTHON"),
                    help="python of a venv with nvidia-modelopt[onnx] (its pins conflict with QuBLAST's; "
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         chosen = _chosen(args.points, every)
+        whole = [pt.name for pt in _chosen(args.whole_split, every)] if args.whole_split else []
         if args.windows < 1 or args.seqlen < 2:
             raise ValueError(f"--windows must be >= 1 and --seqlen >= 2, got {args.windows}, {args.seqlen}")
         if not Path(args.model).exists():
@@ -141,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peers: error: {pt.name}: {exc}", file=sys.stderr)
             return 1
         _write_json(out / "results.json", results)
+    for name in whole:
+        r = results["points"].get(name, {})
+        if "bytes" in r and "ppl_whole" not in r:
+            print(f"peers: {name} on every window of {args.text}", file=sys.stderr, flush=True)
+            r["ppl_whole"], r["tokens_whole"] = _whole_split(Point(**{k: r[k] for k in ("name", "tool", "params")}), out, args)
+            _write_json(out / "results.json", results)
     if args.speed:
         _speed(results, out, [pt.name for pt in chosen], args.seqlen)
         _write_json(out / "results.json", results)
@@ -255,10 +264,21 @@ def linear_bytes(path: Path) -> tuple[int, int]:
                 found.update(n for n in user.input if n in inits)
         return found
 
-    head = next((n for n in proto.graph.node if n.name == lm_head_node(proto)), None)
-    head_weights = weights(head) if head is not None else set()
+    head = _logits_matmul(proto)
+    head_weights = weights(head)
     block_weights = set().union(*(weights(n) for n in proto.graph.node if n.op_type in MATMULS and n is not head)) - head_weights
     return sum(initializer_bytes(inits[n]) for n in block_weights), sum(initializer_bytes(inits[n]) for n in head_weights)
+
+
+def _whole_split(pt: Point, out: Path, args) -> tuple[float, int]:
+    from tokenizers import Tokenizer
+
+    from runtime.perplexity import perplexity, wikitext_text, windows
+
+    tokenizer = Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json"))
+    ids = tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
+    ppl = perplexity(_open(pt, out / "points" / pt.name), windows(ids, args.seqlen), progress=True)
+    return ppl["ppl"], ppl["tokens"]
 
 
 def _open(pt: Point, folder: Path):
@@ -482,13 +502,17 @@ def _rename_data(dest: Path, keep: tuple[str, ...] = ()) -> None:
 
 def lm_head_node(model) -> str:
     """Name of the MatMul-like node the ``logits`` output comes from (through Cast / Reshape / Add)."""
+    return _logits_matmul(model).name
+
+
+def _logits_matmul(model):
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get("logits")
     while node is not None and node.op_type not in MATMULS:
         node = producers.get(node.input[0])
     if node is None:
         raise ValueError("no MatMul computes the logits: not a graph this benchmark knows")
-    return node.name
+    return node
 
 
 def _speed(results: dict, out: Path, names: list[str], seqlen: int) -> None:
@@ -516,24 +540,32 @@ def summary_table(results: dict) -> str:
     fp32 = pts.get("fp32", {}).get("ppl")
     fp16_bytes = pts.get("fp16", {}).get("bytes")
     blocks16 = pts.get("fp16", {}).get("bytes_blocks")
-    lines = ["| point | tool | MB deployed | vs fp16 | block linears MB | vs fp16 | PPL (ORT) | vs fp32 | prefill-512 ms (1t / 2t) "
+    lines = ["| point | tool | MB deployed | vs fp16 | block linears MB | vs fp16 | PPL (ORT) | vs fp32 | whole split PPL | prefill-512 ms (1t / 2t) "
              "| decode ms/token (1t / 2t) | s to make | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in pts.items():
         if "skipped" in r:
-            lines.append(f"| {name} | {r['tool']} | skipped: {r['skipped']} | | | | | | | | | |")
+            lines.append(f"| {name} | {r['tool']} | skipped: {r['skipped']} | | | | | | | | | | |")
             continue
         size = f"{r['bytes'] / 1e6:.1f}"
-        rel = f"{100 * (1 - r['bytes'] / fp16_bytes):.1f}% smaller" if fp16_bytes else ""
+        rel = _smaller(r["bytes"], fp16_bytes)
         blocks = f"{r['bytes_blocks'] / 1e6:.1f}" if "bytes_blocks" in r else "-"
-        blocks_rel = f"{100 * (1 - r['bytes_blocks'] / blocks16):.1f}% smaller" if blocks16 and "bytes_blocks" in r else ""
+        blocks_rel = _smaller(r.get("bytes_blocks"), blocks16)
         ppl_rel = f"{100 * (r['ppl'] / fp32 - 1):+.2f}%" if fp32 else ""
         speed = [" / ".join(f"{r[f'{k}_t{t}']:.1f}" if f"{k}_t{t}" in r else "-" for t in (1, 2)) for k in ("prefill_ms", "decode_ms")]
         made = f"{r['seconds']:.0f}" if "seconds" in r else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        whole = f"{r['ppl_whole']:.4f}" if "ppl_whole" in r else "-"
         lines.append(f"| {name} | {r['tool']} | {size} | {rel} | {blocks} | {blocks_rel} | {r['ppl']:.4f} |"
-                     f" {ppl_rel} | {speed[0]} | {speed[1]} | {made} | {rss} |")
+                     f" {ppl_rel} | {whole} | {speed[0]} | {speed[1]} | {made} | {rss} |")
     return "\n".join(lines) + "\n"
+
+
+def _smaller(size: int | None, reference: int | None) -> str:
+    if not size or not reference:
+        return ""
+    change = 1 - size / reference
+    return f"{100 * change:.1f}% smaller" if change >= 0 else f"{100 * -change:.1f}% larger"
 
 
 def pareto_plot(results: dict, path: Path) -> None:

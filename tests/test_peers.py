@@ -54,7 +54,7 @@ def test_points_are_made_measured_and_resumed(tiny_model_dir, tmp_path, capsys, 
     del pts["ort-dynamic-int8"]
     (out / "results.json").write_text(json.dumps({**results, "points": {**pts, "modelopt-rtndq": skipped}}))
     capsys.readouterr()
-    assert peers.main(_args(tiny_model_dir, out, POINTS)) == 0
+    assert peers.main([*_args(tiny_model_dir, out, POINTS), "--whole-split", "fp32"]) == 0
     err = capsys.readouterr().err
     assert f"{len(POINTS)} points, {len(POINTS) - 1} already measured" in err and "[1/1] ort-dynamic-int8" in err
     again = json.loads((out / "results.json").read_text())["points"]
@@ -62,6 +62,8 @@ def test_points_are_made_measured_and_resumed(tiny_model_dir, tmp_path, capsys, 
         n: first[n]["seconds"] for n in POINTS if n != "ort-dynamic-int8"}
     assert again["ort-dynamic-int8"]["bytes"] == first["ort-dynamic-int8"]["bytes"]
     assert "skipped" in again["modelopt-rtndq"]
+    assert again["fp32"]["tokens_whole"] > again["fp32"]["tokens"] and math.isfinite(again["fp32"]["ppl_whole"])
+    assert "ppl_whole" not in again["ort-rtn-asym-b32"]
     assert not (out / "points" / "ort-dynamic-int8.partial").exists()
 
 
