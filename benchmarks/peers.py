@@ -239,15 +239,10 @@ def linear_bytes(path: Path) -> tuple[int, int]:
     embedding's Gather is neither (QuBLAST's bundles count block linears the same way)."""
     import onnx
 
-    from export.sizes import initializer_bytes
+    from export.sizes import graph_index, initializer_bytes
 
     proto = onnx.load(str(path), load_external_data=False)
-    inits = {t.name: t for t in proto.graph.initializer}
-    producers = {out: node for node in proto.graph.node for out in node.output}
-    users: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    inits, producers, users = graph_index(proto)
 
     def weights(node) -> set[str]:
         found, stack = set(), list(node.input[1:])

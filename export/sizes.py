@@ -34,15 +34,21 @@ def initializer_bytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
-def linear_bytes_in_graph(proto: onnx.ModelProto, node_modules: dict[str, str], paths: set[str]) -> dict[str, int]:
-    """Bytes the graph stores for each linear in ``paths``: its weight constant, or the codes and
-    scales of its DequantizeLinear, plus a bias added right after its MatMul."""
+def graph_index(proto: onnx.ModelProto) -> tuple[dict, dict, dict]:
+    """(initializers by name, the node producing each tensor, the nodes reading each tensor)."""
     inits = {t.name: t for t in proto.graph.initializer}
     producers = {out: node for node in proto.graph.node for out in node.output}
     users: dict[str, list] = {}
     for node in proto.graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
+    return inits, producers, users
+
+
+def linear_bytes_in_graph(proto: onnx.ModelProto, node_modules: dict[str, str], paths: set[str]) -> dict[str, int]:
+    """Bytes the graph stores for each linear in ``paths``: its weight constant, or the codes and
+    scales of its DequantizeLinear, plus a bias added right after its MatMul."""
+    inits, producers, users = graph_index(proto)
     out = {}
     for node in proto.graph.node:
         path = node_modules.get(node.name)
