@@ -78,6 +78,7 @@ def points() -> list[Point]:
         for label, flags in BUDGETS:
             out.append(Point(f"qublast-{target}-{label}", "qublast", {"target": target, "flags": flags}))
         out.append(Point(f"qublast-{target}-uniform-w4", "qublast", {"target": target, "flags": ["--uniform", "w4"]}))
+    out.append(Point("qublast-cpu-uniform-w8", "qublast", {"target": "cpu", "flags": ["--uniform", "w8"]}))  # no w8 on jetson
     return out
 
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed:
         _speed(results, out, [pt.name for pt in chosen], args.seqlen)
         _write_json(out / "results.json", results)
-    table = summary_table(results)
+    table = summary_table(results) + "\n" + frontier_table(results)
     (out / "results.md").write_text(table, encoding="utf-8")
     pareto_plot(results, out / "pareto.png")
     print(table)
@@ -538,7 +539,14 @@ def summary_table(results: dict) -> str:
     lines = ["| point | tool | MB deployed | vs fp16 | block linears MB | vs fp16 | PPL (ORT) | vs fp32 | whole split PPL | prefill-512 ms (1t / 2t) "
              "| decode ms/token (1t / 2t) | s to make | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in pts.items():
+    groups = ("fp", "qublast", "ort", "genai", "modelopt")
+
+    def order(item):  # tools together, QuBLAST's targets apart, each by size
+        _, r = item
+        return (groups.index(r["tool"]) if r["tool"] in groups else len(groups), r.get("params", {}).get("target", ""),
+                "skipped" in r, r.get("bytes", 0))
+
+    for name, r in sorted(pts.items(), key=order):
         if "skipped" in r:
             lines.append(f"| {name} | {r['tool']} | skipped: {r['skipped']} | | | | | | | | | | |")
             continue
@@ -563,35 +571,67 @@ def _smaller(size: int | None, reference: int | None) -> str:
     return f"{100 * change:.1f}% smaller" if change >= 0 else f"{100 * -change:.1f}% larger"
 
 
+def frontier_table(results: dict) -> str:
+    """Markdown: each peer point against QuBLAST's measured points, no interpolation. At the peer's
+    size: the lowest PPL of a QuBLAST point no larger; at the peer's PPL: the smallest QuBLAST
+    point no worse. Sizes both as deployed and as block linears alone."""
+    pts = [r for r in results["points"].values() if "bytes" in r]
+    ours = [r for r in pts if r["tool"] == "qublast"]
+    lines = ["| peer point | its MB (blocks) | its PPL | QuBLAST's best PPL at <= its MB | at <= its block MB "
+             "| QuBLAST's smallest MB at <= its PPL | blocks MB at <= its PPL |", "|---|---|---|---|---|---|---|"]
+
+    def best_ppl(key, limit):
+        found = [r for r in ours if r[key] <= limit]
+        return "none" if not found else "{:.4f} ({})".format(*min((r["ppl"], r["name"]) for r in found))
+
+    def smallest(key, limit):
+        found = [r for r in ours if r["ppl"] <= limit]
+        return "none" if not found else "{:.1f} ({})".format(*min((r[key] / 1e6, r["name"]) for r in found))
+
+    for r in sorted((r for r in pts if r["tool"] not in ("qublast", "fp")), key=lambda r: (r["tool"], r["bytes"])):
+        lines.append(f"| {r['name']} | {r['bytes'] / 1e6:.1f} ({r['bytes_blocks'] / 1e6:.1f}) | {r['ppl']:.4f} "
+                     f"| {best_ppl('bytes', r['bytes'])} | {best_ppl('bytes_blocks', r['bytes_blocks'])} "
+                     f"| {smallest('bytes', r['ppl'])} | {smallest('bytes_blocks', r['ppl'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def pareto_plot(results: dict, path: Path) -> None:
-    """Size vs PPL, every tool its own marker, QuBLAST's frontier a line."""
+    """Size vs PPL, every tool its own marker, QuBLAST's frontier per target a line; the whole
+    deployed model on the left, the block linears alone on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     markers = {"fp": ("s", "black"), "ort": ("^", "tab:orange"), "genai": ("v", "tab:green"), "modelopt": ("D", "tab:purple"),
-               "qublast": ("o", "tab:blue")}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    measured = [(n, r) for n, r in results["points"].items() if "bytes" in r]
-    for tool, (marker, color) in markers.items():
-        pts = [(r["bytes"] / 1e6, r["ppl"]) for _, r in measured if r["tool"] == tool]
-        if pts:
-            ax.scatter(*zip(*pts), marker=marker, color=color, label=tool)
-    ours = sorted((r["bytes"] / 1e6, r["ppl"]) for _, r in measured if r["tool"] == "qublast")
-    frontier, best = [], float("inf")
-    for size, ppl in ours:
-        if ppl < best:
-            frontier.append((size, ppl))
-            best = ppl
-    if len(frontier) > 1:
-        ax.plot(*zip(*frontier), color="tab:blue", linewidth=1)
-    ax.set_xlabel("deployed MB (files)")
-    ax.set_ylabel("WikiText-2 PPL through ONNX Runtime")
-    ax.legend()
+               "qublast cpu": ("o", "tab:blue"), "qublast jetson": ("P", "tab:red")}
+    measured = [r for r in results["points"].values() if "bytes" in r]
+
+    def group(r: dict) -> str:
+        return f"qublast {r['params']['target']}" if r["tool"] == "qublast" else r["tool"]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, key, label in ((axes[0], "bytes", "deployed MB (the files the graph ships)"),
+                           (axes[1], "bytes_blocks", "block linears MB (embedding and lm_head left out)")):
+        for name, (marker, color) in markers.items():
+            pts = [(r[key] / 1e6, r["ppl"]) for r in measured if group(r) == name and r.get(key)]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, color=color, label=name, s=28)
+            if name.startswith("qublast") and len(pts) > 1:
+                frontier, best = [], float("inf")
+                for size, ppl in sorted(pts):
+                    if ppl < best:
+                        frontier.append((size, ppl))
+                        best = ppl
+                ax.plot(*zip(*frontier), color=color, linewidth=1)
+        ax.set_xlabel(label)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("WikiText-2 PPL through ONNX Runtime")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
 

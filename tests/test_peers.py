@@ -99,3 +99,21 @@ def test_linear_bytes_finds_the_head_through_the_logits(tmp_path):
                                helper.make_tensor_value_info("attn", TensorProto.FLOAT, None)], initializer=[w1, w2, b1])
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     assert peers.linear_bytes(tmp_path / "m.onnx") == ((8 * 16 + 16) * 4, 16 * 32 * 4)
+
+
+def test_frontier_table_compares_each_peer_with_qublast_points_only():
+    def pt(name, tool, mb, blocks, ppl):
+        return {"name": name, "tool": tool, "params": {}, "bytes": int(mb * 1e6), "bytes_blocks": int(blocks * 1e6), "ppl": ppl}
+
+    results = {"points": {p["name"]: p for p in (
+        pt("fp16", "fp", 200, 150, 10.0),
+        pt("q-small", "qublast", 60, 40, 14.0), pt("q-big", "qublast", 100, 80, 10.5),
+        pt("peer-a", "ort", 90, 35, 13.0),  # our best no larger than it is q-small; q-big is the smallest as good
+        pt("peer-b", "genai", 300, 200, 10.1),  # nothing of ours is as good
+    )}}
+    rows = {line.split(" | ")[0].strip("| "): line for line in peers.frontier_table(results).splitlines()[2:]}
+    assert set(rows) == {"peer-a", "peer-b"}
+    cells = [c.strip() for c in rows["peer-a"].strip("|").split("|")]
+    assert cells[3:] == ["14.0000 (q-small)", "none", "100.0 (q-big)", "80.0 (q-big)"]
+    cells = [c.strip() for c in rows["peer-b"].strip("|").split("|")]
+    assert cells[3:] == ["10.5000 (q-big)", "10.5000 (q-big)", "none", "none"]
