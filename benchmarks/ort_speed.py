@@ -43,20 +43,21 @@ def bandwidth_gbs(mib: int = 512) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
-def interleaved(models: list, *, prefill: int, decode: int, repeats: int) -> list[tuple[float, float]]:
+def interleaved(models: list, *, prefill: int, decode: int, repeats: int, vocab: int = 1000) -> list[tuple[float, float]]:
     """(prefill ms, decode ms/token) per model, medians over ``repeats`` rounds; each round runs one
-    pass (a prefill of ``prefill`` tokens, then ``decode`` greedy steps) of every model in turn."""
+    pass (a prefill of ``prefill`` token ids drawn below ``vocab``, then ``decode`` greedy steps) of
+    every model in turn."""
     for model in models:
-        model.forward(np.array([[100, 200, 300, 400]]))  # warm-up
+        model.forward(np.array([[1, 2, 3, 4]]))  # warm-up
     passes: list[list[tuple[float, float]]] = [[] for _ in models]
     for _ in range(repeats):
         for model, done in zip(models, passes):
-            done.append(_one_pass(model, prefill=prefill, decode=decode))
+            done.append(_one_pass(model, prefill=prefill, decode=decode, vocab=vocab))
     return [(float(np.median([p for p, _ in done])), float(np.median([d for _, d in done]))) for done in passes]
 
 
-def _one_pass(model, *, prefill: int, decode: int) -> tuple[float, float]:
-    ids = np.random.default_rng(0).integers(100, 1000, size=(1, prefill))
+def _one_pass(model, *, prefill: int, decode: int, vocab: int) -> tuple[float, float]:
+    ids = np.random.default_rng(0).integers(vocab // 10, vocab, size=(1, prefill))
     start = time.perf_counter()
     logits, past = model.forward(ids)
     prefill_ms = 1e3 * (time.perf_counter() - start)

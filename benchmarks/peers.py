@@ -277,16 +277,17 @@ def _whole_split(pt: Point, out: Path, args) -> tuple[float, int]:
     return ppl["ppl"], ppl["tokens"]
 
 
-def _open(pt: Point, folder: Path):
-    """The point's model: a QuBLAST bundle with its own session options, a peer's graph with ORT's defaults."""
+def _open(pt: Point, folder: Path, threads: int | None = None):
+    """The point's model: a QuBLAST bundle with its own session options, a peer's graph (ONNX
+    Runtime's quantizers, ModelOpt, genai) with ORT's defaults."""
     from runtime.bundle import open_bundle
     from runtime.session import OrtModel
 
     if pt.tool in ("fp", "qublast"):
-        return open_bundle(folder).model
+        return open_bundle(folder, threads=threads).model
     if pt.tool == "genai":
-        return GenaiGraph(folder)
-    return OrtModel(str(folder / "model.onnx"))
+        return GenaiGraph(folder, threads=threads)
+    return OrtModel(str(folder / "model.onnx"), threads=threads)
 
 
 def _make(pt: Point, out: Path, args) -> None:
@@ -512,19 +513,18 @@ def _logits_matmul(model):
 
 
 def _speed(results: dict, out: Path, names: list[str], seqlen: int) -> None:
-    from benchmarks.ort_speed import interleaved
-    from runtime.bundle import open_bundle
-    from runtime.session import OrtModel
+    from tokenizers import Tokenizer
 
+    from benchmarks.ort_speed import interleaved
+
+    vocab = Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json")).get_vocab_size()
     measured = [n for n in names if "bytes" in results["points"].get(n, {})]
     for threads in (1, 2):
         models = []
         for name in measured:
-            folder = out / "points" / name
-            tool = results["points"][name]["tool"]
-            models.append(OrtModel(str(folder / "model.onnx"), threads=threads) if tool == "ort" else
-                          GenaiGraph(folder, threads=threads) if tool == "genai" else open_bundle(folder, threads=threads).model)
-        timings = interleaved(models, prefill=seqlen, decode=32, repeats=5)
+            r = results["points"][name]
+            models.append(_open(Point(name, r["tool"], r["params"]), out / "points" / name, threads=threads))
+        timings = interleaved(models, prefill=seqlen, decode=32, repeats=5, vocab=min(vocab, 1000))
         for name, (prefill, decode) in zip(measured, timings):
             results["points"][name][f"prefill_ms_t{threads}"] = prefill
             results["points"][name][f"decode_ms_t{threads}"] = decode

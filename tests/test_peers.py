@@ -54,7 +54,7 @@ def test_points_are_made_measured_and_resumed(tiny_model_dir, tmp_path, capsys, 
     del pts["ort-dynamic-int8"]
     (out / "results.json").write_text(json.dumps({**results, "points": {**pts, "modelopt-rtndq": skipped}}))
     capsys.readouterr()
-    assert peers.main([*_args(tiny_model_dir, out, POINTS), "--whole-split", "fp32"]) == 0
+    assert peers.main([*_args(tiny_model_dir, out, POINTS), "--whole-split", "fp32", "--speed"]) == 0
     err = capsys.readouterr().err
     assert f"{len(POINTS)} points, {len(POINTS) - 1} already measured" in err and "[1/1] ort-dynamic-int8" in err
     again = json.loads((out / "results.json").read_text())["points"]
@@ -65,6 +65,8 @@ def test_points_are_made_measured_and_resumed(tiny_model_dir, tmp_path, capsys, 
     assert again["fp32"]["tokens_whole"] > again["fp32"]["tokens"] and math.isfinite(again["fp32"]["ppl_whole"])
     assert "ppl_whole" not in again["ort-rtn-asym-b32"]
     assert not (out / "points" / "ort-dynamic-int8.partial").exists()
+    for name in POINTS:  # --speed times every kind of graph, each opened as its tool ships it
+        assert all(again[name][f"{k}_ms_t{t}"] > 0 for k in ("prefill", "decode") for t in (1, 2)), name
 
 
 def test_refuses_a_folder_it_did_not_write_and_bad_points(tiny_model_dir, tmp_path, capsys):
