@@ -217,13 +217,9 @@ def _produce_and_measure(pt: Point, out: Path, args) -> dict:
             shutil.rmtree(folder)
             raise _Skipped(reason)
     model = _open(pt, folder)
-    from tokenizers import Tokenizer
+    from runtime.perplexity import perplexity, windows
 
-    from runtime.perplexity import perplexity, wikitext_text, windows
-
-    tokenizer = Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json"))
-    ids = tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
-    ppl = perplexity(model, windows(ids, args.seqlen, max_windows=args.windows), progress=False)
+    ppl = perplexity(model, windows(_text_ids(out, args), args.seqlen, max_windows=args.windows), progress=False)
     files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name in DEPLOYED}
     blocks, head = linear_bytes(folder / "model.onnx")
     return {**asdict(pt), "files": files, "bytes": sum(files.values()), "bytes_blocks": blocks, "bytes_head": head,
@@ -267,14 +263,23 @@ def linear_bytes(path: Path) -> tuple[int, int]:
 
 
 def _whole_split(pt: Point, out: Path, args) -> tuple[float, int]:
+    from runtime.perplexity import perplexity, windows
+
+    ppl = perplexity(_open(pt, out / "points" / pt.name), windows(_text_ids(out, args), args.seqlen), progress=True)
+    return ppl["ppl"], ppl["tokens"]
+
+
+def _tokenizer(out: Path):
+    """The model's tokenizer, as the fp32 point's bundle carries it (every point reads text through it)."""
     from tokenizers import Tokenizer
 
-    from runtime.perplexity import perplexity, wikitext_text, windows
+    return Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json"))
 
-    tokenizer = Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json"))
-    ids = tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
-    ppl = perplexity(_open(pt, out / "points" / pt.name), windows(ids, args.seqlen), progress=True)
-    return ppl["ppl"], ppl["tokens"]
+
+def _text_ids(out: Path, args) -> list[int]:
+    from runtime.perplexity import wikitext_text
+
+    return _tokenizer(out).encode(wikitext_text(args.text), add_special_tokens=False).ids
 
 
 def _open(pt: Point, folder: Path, threads: int | None = None):
@@ -356,7 +361,6 @@ def _modelopt_point(pt: Point, args, out: Path, dest: Path) -> None:
         return
     import numpy as np
     import onnx
-    from tokenizers import Tokenizer
 
     from runtime.perplexity import windows
 
@@ -368,8 +372,7 @@ def _modelopt_point(pt: Point, args, out: Path, dest: Path) -> None:
             (dest / "SKIPPED").write_text(f"ModelOpt's mixed mode picks its INT8 layers by genai's names, and {exc}\n", encoding="utf-8")
             return
     onnx.save(model, str(dest / "source.onnx"), save_as_external_data=True, location="source.onnx.data")
-    tokenizer = Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json"))
-    ids = tokenizer.encode(Path(args.calib_text).read_text(encoding="utf-8"), add_special_tokens=False).ids
+    ids = _tokenizer(out).encode(Path(args.calib_text).read_text(encoding="utf-8"), add_special_tokens=False).ids
     np.save(dest / "calib.npy", windows(ids, args.seqlen, max_windows=MODELOPT_CALIB_WINDOWS))
     command = [args.modelopt_python, str(ROOT / "benchmarks" / "modelopt_int4.py"), str(dest / "source.onnx"), str(dest / "model.onnx"),
                pt.params["method"], "1" if pt.params["mixed"] else "0", str(dest / "calib.npy")]
@@ -513,11 +516,9 @@ def _logits_matmul(model):
 
 
 def _speed(results: dict, out: Path, names: list[str], seqlen: int) -> None:
-    from tokenizers import Tokenizer
-
     from benchmarks.ort_speed import interleaved
 
-    vocab = Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json")).get_vocab_size()
+    vocab = _tokenizer(out).get_vocab_size()
     measured = [n for n in names if "bytes" in results["points"].get(n, {})]
     for threads in (1, 2):
         models = []
