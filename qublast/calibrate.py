@@ -32,7 +32,7 @@ from .evaluate import PeakRecorder, ce_shift, fp16_overflow, window_ce
 from .formats import fits, get_format, get_target, linear_format
 from .quant import CLIP_GRID
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
-from .reconstruct import WindowCache, reconstruct
+from .reconstruct import ROUNDINGS, WindowCache, reconstruct
 from .scaling import ALPHA_GRID, RANGE_METHODS
 from .sensitivity import ESTIMATES, sweep
 from .sizes import block_bytes, fp16_bytes, predicted_sizes, rest_bytes, vocab_bytes
@@ -79,6 +79,7 @@ class CalibConfig:
     gptq_windows: int = 32  # GPTQ's own calibration windows (its Hessians)
     reconstruct: int = 2  # cross-block reconstruction: blocks per window (0: off)
     reconstruct_steps: int = 40
+    rounding: str = "fixed"  # what reconstruction tunes: the scales (fixed codes) or also each code's rounding (learned)
     device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
     dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
     spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)
@@ -119,6 +120,8 @@ class CalibConfig:
             raise InputError(f"--gptq-windows must be >= 1, got {self.gptq_windows}")
         if self.reconstruct < 0 or self.reconstruct_steps < 1:
             raise InputError(f"--reconstruct must be >= 0 and --reconstruct-steps >= 1, got {self.reconstruct}, {self.reconstruct_steps}")
+        if self.rounding not in ROUNDINGS:
+            raise InputError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         check_device(self.device)
         torch_dtype(self.dtype)
         if self.spend_tries < 0:
@@ -339,7 +342,7 @@ class _Builder:
             if tune:
                 started = time.perf_counter()
                 transforms, records = reconstruct(self.model, self.spec, transforms, vocab, torch.from_numpy(self.sens),
-                                                  window=self.cfg.reconstruct, steps=self.cfg.reconstruct_steps,
+                                                  window=self.cfg.reconstruct, steps=self.cfg.reconstruct_steps, rounding=self.cfg.rounding,
                                                   log=lambda _m: None, cache=self.windows)
                 self.seconds += time.perf_counter() - started
                 self.count += 1
@@ -454,7 +457,8 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
         "quantizers": list(cfg.quantizers), "act_order": cfg.act_order, "gptq_windows": cfg.gptq_windows,
-        "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps, "device": cfg.device, "dtype": cfg.dtype,
+        "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps, "rounding": cfg.rounding,
+        "device": cfg.device, "dtype": cfg.dtype,
         "sweep": cfg.sweep,
     }
 

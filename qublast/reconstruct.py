@@ -12,6 +12,19 @@ Activation fake-quantization passes gradients straight through. The tuned scales
 fp16 values (what the graph stores); the codes stay, so the recipe stores them and replays
 exactly. The deployed format is unchanged.
 
+With ``rounding="learned"`` the codes are learned too, jointly with the log-gains (AutoRound-style
+sign/straight-through rounding inside CBQ's cross-block window): every code may move one step from
+the code it starts from (GPTQ's, or round-to-nearest's) towards the fp weight,
+
+    W = (scale * exp(g)) * (q + d * h),   d = sign(W_fp / scale - q),   h = [V >= 0] in {0, 1}
+
+with V learnable (start -1: every code where it was) and h's gradient passed straight through
+sigmoid(V). The forward pass always uses the hard codes, so the scales adapt to the codes that
+are deployed (AdaRound's soft rectified sigmoid with an annealed regulariser was measured too
+and lost to this on the tiny models: docs/results.md). A code that would leave the format's range
+does not move. The result is an ordinary symmetric INT code with an fp16 scale per group, so
+every format and target keeps its layout and legality.
+
 A window's result depends only on the formats of the blocks up to its end (and the vocabulary
 formats that make block 0's input), so repair's plans, which differ from one another in a few
 blocks, share every window before the first block that changed: ``WindowCache`` keeps them.
@@ -24,11 +37,15 @@ from dataclasses import replace
 import torch
 from torch.nn.utils import parametrize
 
-from .apply import BlockTransform, transforms_applied
+from .apply import BlockTransform, fold_block, restored, transforms_applied
 from .arch import ArchSpec
-from .blocks import BlockRunner, get_module
+from .blocks import BlockRunner, blocks_of, get_module
 from .device import kept_on
-from .quant import QuantizedWeight, dequantize, measured
+from .quant import QuantizedWeight, dequantize, measured, qrange
+
+ROUNDINGS = ("fixed", "learned")  # what reconstruction tunes: the scales, or the scales and each code's rounding
+V_START = -1.0  # every code starts where it was (h = [V >= 0] = 0)
+ROUND_LR = 0.05  # Adam's step on V: a code crosses over after about 20 consistent steps
 
 
 class _Dequantized(torch.nn.Module):
@@ -48,6 +65,38 @@ class _Dequantized(torch.nn.Module):
         """``qw`` with the tuned scales, rounded to fp16 values (on ``qw``'s device)."""
         scale = (self.scale * torch.exp(self.gain.detach())).half().float()
         return replace(qw, scale=scale.to(qw.scale.device))
+
+
+class _LearnedRounding(_Dequantized):
+    """``(scale * exp(gain)) * (q + d * h)``: the scales' gains and every code's rounding learnable."""
+
+    def __init__(self, qw: QuantizedWeight, fp_weight: torch.Tensor):
+        super().__init__(qw)
+        qmin, qmax = qrange(qw.bits)
+        out_f, in_f = qw.q.shape
+        groups = fp_weight.detach().float().view(out_f, in_f // qw.block_size, qw.block_size)
+        exact = (groups / qw.scale.float().unsqueeze(-1)).view(out_f, in_f)
+        q = qw.q.float()
+        d = torch.sign(exact - q)
+        d = torch.where((q + d < qmin) | (q + d > qmax), torch.zeros_like(d), d)
+        self.register_buffer("d", d)
+        self.v = torch.nn.Parameter(torch.full_like(q, V_START))
+
+    def h(self) -> torch.Tensor:
+        """The hard step [V >= 0], its gradient straight through sigmoid(V)."""
+        soft = torch.sigmoid(self.v)
+        return soft + ((self.v >= 0).float() - soft).detach()
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        codes = self.q + self.d * self.h()
+        return dequantize(codes, self.scale * torch.exp(self.gain), self.block_size).to(weight.dtype)
+
+    def moved(self) -> int:
+        return int(((self.v.detach() >= 0) & (self.d != 0)).sum())
+
+    def tuned(self, qw: QuantizedWeight) -> QuantizedWeight:
+        codes = (self.q + self.d * (self.v.detach() >= 0).float()).to(torch.int8)
+        return replace(super().tuned(qw), q=codes.to(qw.q.device))
 
 
 class WindowCache:
@@ -78,13 +127,16 @@ def _window_key(transforms: list[BlockTransform], vocab, last: int, settings: tu
 
 
 def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, ids: torch.Tensor, *, window: int,
-                steps: int, lr: float = 2e-3, batch: int = 2, log=print,
+                steps: int, lr: float = 2e-3, batch: int = 2, log=print, rounding: str = "fixed",
                 cache: WindowCache | None = None) -> tuple[list[BlockTransform], list[dict]]:
-    """Tune every quantized block's scales, ``window`` blocks at a time, on token windows ``ids`` [N, S].
+    """Tune every quantized block's scales (and with ``rounding="learned"`` its codes' rounding),
+    ``window`` blocks at a time, on token windows ``ids`` [N, S].
 
-    Returns the transforms with their tuned codes and scales (``codes``; quantizer "<q>+cbq") and
-    one record per window (loss before and after; ``cached`` when ``cache`` had it). The model is
-    left as it came in."""
+    Returns the transforms with their tuned codes and scales (``codes``; quantizer "<q>+cbq", or
+    "<q>+cbq-round") and one record per window (loss before and after, codes moved; ``cached``
+    when ``cache`` had it). The model is left as it came in."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     runner = BlockRunner(model, spec, ids)
     layers, hidden, targets = runner.layers, runner.first_hidden, {}
     for index in range(len(layers)):  # the fp model's output of every window
@@ -93,7 +145,9 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
             targets[index] = hidden
     del hidden
     tuned, records, keys = list(transforms), [], []
-    settings = (window, steps, lr, batch, tuple(ids.shape))
+    settings = (window, steps, lr, batch, tuple(ids.shape), rounding)
+    fp_weights = _folded_weights(model, spec, transforms) if rounding == "learned" else None
+    suffix = "+cbq-round" if rounding == "learned" else "+cbq"
     with transforms_applied(model, spec, transforms, vocab) as qweights:
         x_q = runner.embed(ids)  # block 0's input through the deployed table (times Falcon-H1's embedding multiplier)
         for start in range(0, len(layers), window):
@@ -103,27 +157,47 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
             keys.append(key)
             hit = cache.get(key) if cache is not None else None
             if hit is None:
-                record, codes, x_q = _tune_window(runner, spec, blocks, qweights, x_q, target, steps=steps, lr=lr, batch=batch)
+                record, codes, x_q = _tune_window(runner, spec, blocks, qweights, x_q, target, steps=steps, lr=lr, batch=batch,
+                                                  fp_weights=fp_weights)
                 if cache is not None:
                     cache.put(key, (record, codes, x_q))
             else:
                 record, codes, x_q = hit
                 record = {**record, "cached": True}
             records.append({"blocks": list(blocks), **record})
-            log(f"reconstruction: blocks {blocks[0]}-{blocks[-1]}: relative error {record['before']:.4g} -> {record['after']:.4g}")
+            moved = f", {record['moved']} of {record['codes']} codes moved" if "moved" in record else ""
+            log(f"reconstruction: blocks {blocks[0]}-{blocks[-1]}: relative error {record['before']:.4g} -> {record['after']:.4g}{moved}")
             for i, block_codes in codes.items():
-                tuned[i] = replace(tuned[i], codes=block_codes, quantizer=f"{tuned[i].quantizer}+cbq")
+                tuned[i] = replace(tuned[i], codes=block_codes, quantizer=f"{tuned[i].quantizer}{suffix}")
     if cache is not None:
         cache.end_plan(keys)
     return tuned, records
 
 
-def _tune_window(runner: BlockRunner, spec: ArchSpec, blocks: range, qweights, x_q, target, *, steps: int, lr: float, batch: int):
+def _folded_weights(model, spec: ArchSpec, transforms: list[BlockTransform]) -> dict[str, torch.Tensor]:
+    """The fp weight of every linear a transform quantizes, after its block's folds (what its codes
+    approximate): ``{path: [out, in]}``, on the CPU."""
+    out = {}
+    for index, (layer, t) in enumerate(zip(blocks_of(model, spec), transforms)):
+        formats = t.formats(spec)
+        names = [n for n in spec.linears if formats[n].bits is not None]
+        if not names:
+            continue
+        with restored(layer):
+            fold_block(layer, spec, t.smooth)
+            for name in names:
+                out[f"{spec.blocks}.{index}.{name}"] = get_module(layer, name).weight.detach().float().cpu().clone()
+    return out
+
+
+def _tune_window(runner: BlockRunner, spec: ArchSpec, blocks: range, qweights, x_q, target, *, steps: int, lr: float, batch: int,
+                 fp_weights: dict[str, torch.Tensor] | None = None):
     """Tune one window; returns (record, {block: tuned codes per linear}, the window's quantized output)."""
     layers = runner.layers
     paths = {i: {n: f"{spec.blocks}.{i}.{n}" for n in spec.linears if f"{spec.blocks}.{i}.{n}" in qweights} for i in blocks}
     with kept_on([layers[i] for i in blocks], runner.ids.device):  # trained: no offload between calls
-        record, results = _tune(runner, blocks, paths, qweights, x_q, target, steps=steps, lr=lr, batch=batch)
+        record, results = _tune(runner, blocks, paths, qweights, x_q, target, steps=steps, lr=lr, batch=batch,
+                                fp_weights=fp_weights)
     codes = {i: {n: measured(results[paths[i][n]], get_module(layers[i], n).weight) for n in paths[i]} for i in blocks if paths[i]}
     with torch.no_grad():
         for i in blocks:
@@ -131,15 +205,23 @@ def _tune_window(runner: BlockRunner, spec: ArchSpec, blocks: range, qweights, x
     return record, codes, x_q
 
 
-def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: int, lr: float, batch: int):
-    """Adam on the window's log-gains; returns ({"before", "after", "steps"}, {path: tuned QuantizedWeight})."""
+def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: int, lr: float, batch: int,
+          fp_weights: dict[str, torch.Tensor] | None = None):
+    """Adam on the window's log-gains (and, given ``fp_weights``, on its codes' rounding); returns
+    ({"before", "after", "steps"[, "moved", "codes"]}, {path: tuned QuantizedWeight})."""
     layers = runner.layers
     params = {}
     for i in blocks:
         for name, path in paths[i].items():
             linear = get_module(layers[i], name)
-            parametrize.register_parametrization(linear, "weight", _Dequantized(qweights[path]))
+            qw = qweights[path]
+            if fp_weights is None:
+                module = _Dequantized(qw)
+            else:
+                module = _LearnedRounding(qw, fp_weights[path].to(qw.q.device))
+            parametrize.register_parametrization(linear, "weight", module)
             params[path] = linear.parametrizations.weight[0]
+    learned = fp_weights is not None
     try:
         def loss(rows) -> torch.Tensor:
             out = x_q[rows]
@@ -151,7 +233,10 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
         with torch.no_grad():
             before = float(loss(every))
         if params:
-            optimizer = torch.optim.Adam([p.gain for p in params.values()], lr=lr)
+            groups = [{"params": [p.gain for p in params.values()], "lr": lr}]
+            if learned:
+                groups.append({"params": [p.v for p in params.values()], "lr": ROUND_LR})
+            optimizer = torch.optim.Adam(groups)
             generator = torch.Generator().manual_seed(0)
             for _ in range(steps):
                 rows = torch.randperm(x_q.shape[0], generator=generator)[:batch]
@@ -160,6 +245,7 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
                 value.backward()
                 optimizer.step()
         results = {path: p.tuned(qweights[path]) for path, p in params.items()}
+        moves = {"moved": sum(p.moved() for p in params.values()), "codes": sum(p.q.numel() for p in params.values())} if learned else {}
     finally:
         for i in blocks:
             for name in paths[i]:
@@ -177,4 +263,6 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
         results = {path: qweights[path] for path in results}
         set_weights(results)
         after = before
-    return {"before": before, "after": after, "steps": steps if params else 0}, results
+        moves = {**moves, "moved": 0} if moves else moves
+    return {"before": before, "after": after, "steps": steps if params else 0, **moves}, results
+
