@@ -21,7 +21,7 @@ import torch
 from runtime.targets import EMBED_FORMATS
 
 from . import rescale
-from .allocate import Choice, Plan, repair, solve_for_loss, solve_for_size
+from .allocate import Choice, Plan, repair, solve_for_loss, solve_for_size, spend
 from .apply import transforms_applied
 from .arch import ArchSpec
 from .blocks import BlockRunner, blocks_of
@@ -376,11 +376,13 @@ def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder
         shifts[key], peaks[key] = ce_shift(windows, fp_windows), (float(windows.mean()), recorder.summary())
         return shifts[key].upper(Z_UPPER)
 
-    # Repair compares plans as quantized (reconstruction lowers most plans' loss a little and
-    # costs minutes a plan); the plan it keeps is then reconstructed and measured again. The
-    # reconstruction is kept only if it lowered the measured bound (it fits the sensitivity
-    # windows, and can fit them at the held-out text's expense); if it was kept and left the
-    # plan over the bound, repair goes on measuring reconstructed plans.
+    # Repair compares plans as quantized (reconstruction lowers most plans' loss and costs minutes
+    # a plan); the plan it keeps is then reconstructed and measured again. The reconstruction is
+    # kept only if it lowered the measured bound (it fits the sensitivity windows, and can fit them
+    # at the held-out text's expense). If it was kept and left the plan over the bound, repair goes
+    # on measuring reconstructed plans; if it left room under the bound, that room is spent the
+    # same way (smaller plans, each reconstructed and measured: the sweep's losses are of the
+    # codes before reconstruction, so only these measurements see what it buys).
     target = cfg.safety * max_loss
     formats, history = repair(plan, options, max_loss=target, measure=measure, log=log, spend_tries=cfg.spend_tries)
     reconstructed = False
@@ -394,6 +396,11 @@ def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder
         if reconstructed and tuned > target:
             formats, more = repair(Plan(tuple(formats), kept["bytes"], kept["predicted"]), options, max_loss=target,
                                    measure=lambda f: measure(f, reconstructed=True), log=log)
+            history += [{**step, "action": f"reconstructed {step['action']}"} for step in more[1:]]
+        elif reconstructed and cfg.spend_tries:
+            more = [history[-1]]
+            formats = spend(formats, options, more, max_loss=target, measure=lambda f: measure(f, reconstructed=True),
+                            tries=cfg.spend_tries, log=log)
             history += [{**step, "action": f"reconstructed {step['action']}"} for step in more[1:]]
     for step in history:
         shift = shifts[(tuple(step["formats"]), step["action"].startswith("reconstruct"))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from qublast.apply import BlockTransform
@@ -32,6 +33,42 @@ def test_reconstruction_lowers_the_window_error_and_keeps_the_codes():
     for name, p in model.named_parameters():  # the model comes back as it went in
         assert torch.equal(p, before[name]), name
 
+
+
+def test_learned_rounding_moves_codes_one_step_towards_the_fp_weight_and_beats_fixed_codes():
+    """``rounding="learned"``: from the codes it is given (round-to-nearest here), every code stays
+    or moves one step towards the fp weight, inside the INT4 range, with fp16 scales; on the tiny
+    model it lowers each window's error below tuning the scales alone (deterministic: seeded)."""
+    from qublast.apply import fold_block, quantize_linear, restored
+    from qublast.blocks import blocks_of, get_module
+
+    model = tiny_model("llama", layers=4)
+    spec = arch_for("llama")
+    target = get_target("jetson")
+    vocab = VocabTransform.of(target, embed="fp16", head="fp16")
+    ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    plan = [BlockTransform(get_format("w4", target)) for _ in range(4)]
+    run = dict(window=2, steps=40, log=lambda _m: None)
+    fixed, fixed_records = reconstruct(model, spec, plan, vocab, ids, **run)
+    learned, records = reconstruct(model, spec, plan, vocab, ids, rounding="learned", **run)
+    assert [r["after"] for r in records] < [r["after"] for r in fixed_records]  # first window: same start, lower error
+    assert all(r["after"] < r["before"] for r in records) and sum(r["moved"] for r in records) > 0
+    moved = 0
+    for index, (layer, t) in enumerate(zip(blocks_of(model, spec), learned)):
+        assert t.quantizer == "rtn+cbq-round"
+        with restored(layer):
+            fold_block(layer, spec, t.smooth)
+            for name, qw in t.codes.items():
+                weight = get_module(layer, name).weight
+                start = quantize_linear(get_module(layer, name), t.formats(spec)[name])  # the codes it started from
+                step = qw.q.int() - start.q.int()
+                assert int(step.abs().max()) <= 1 and int(qw.q.min()) >= -8 and int(qw.q.max()) <= 7
+                exact = (weight.detach().view(qw.q.shape[0], -1, qw.block_size) / start.scale.unsqueeze(-1)).view_as(weight)
+                towards = torch.sign(exact - start.q.float())
+                assert bool((step[step != 0] == towards[step != 0]).all())  # only ever towards the fp weight
+                assert torch.equal(qw.scale, qw.scale.half().float())
+                moved += int((step != 0).sum())
+    assert moved == sum(r["moved"] for r in records)
 
 def _codes(tuned):
     return [{n: (qw.q.clone(), qw.scale.clone()) for n, qw in t.codes.items()} for t in tuned]
@@ -64,16 +101,19 @@ def test_window_cache_reuses_the_windows_before_the_first_changed_block():
         assert all(torch.equal(_codes(first)[i][n][1], _codes(cached)[i][n][1]) for n in _codes(first)[i])
 
 
-def test_reconstructed_bundle_replays_exactly(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("rounding", ["fixed", "learned"])
+def test_reconstructed_bundle_replays_exactly(tiny_model_dir, tmp_path, rounding):
     from qublast.export import main
     from qublast.recipe import read_recipe
 
     out = tmp_path / "r"
     assert main(["--model", str(tiny_model_dir), "--target", "cpu", "--calib-seqlen", "32", "--calib-windows", "2",
                  "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--uniform", "w4",
-                 "--reconstruct", "2", "--reconstruct-steps", "10", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+                 "--reconstruct", "2", "--reconstruct-steps", "10", "--rounding", rounding,
+                 "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     recipe = read_recipe(out / "recipe.json")
-    assert all(b["quantizer"].endswith("+cbq") for b in recipe["blocks"])
+    assert all(b["quantizer"].endswith("+cbq" if rounding == "fixed" else "+cbq-round") for b in recipe["blocks"])
+    assert recipe["calibration"]["rounding"] == rounding
     assert recipe["allocation"]["reconstruction"][0]["after"] <= recipe["allocation"]["reconstruction"][0]["before"]
     costs = json.loads((out / "run.json").read_text())["calibration_costs"]  # the run's record, apart from the recipe
     assert "costs" not in recipe["calibration"]
@@ -83,26 +123,33 @@ def test_reconstructed_bundle_replays_exactly(tiny_model_dir, tmp_path):
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 1e-4
 
 
-def test_repair_reconstructs_only_the_plan_it_keeps(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("bound", ["0.05", "0.003"])  # 0.003: reconstruction leaves room, a smaller plan is tried
+def test_repair_reconstructs_only_the_plan_it_keeps(tiny_model_dir, tmp_path, bound):
     """Under a PPL bound, repair compares plans as quantized; the kept plan is reconstructed and
-    measured again (and repaired again only if that left it over the bound): one reconstruction per
-    reconstructed measurement, and the deployed plan is the last one measured."""
+    measured again, then repaired again if that left it over the bound or spent down if it left
+    room, measuring reconstructed plans: one reconstruction per reconstructed measurement (and one
+    more when the plan deployed is not the last one measured), and the deployed plan fits."""
     from qublast.export import main
     from qublast.recipe import read_recipe
 
     out = tmp_path / "r"
     assert main(["--model", str(tiny_model_dir), "--target", "cpu", "--calib-seqlen", "32", "--calib-windows", "2",
-                 "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--max-ppl-increase", "0.05",
+                 "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--max-ppl-increase", bound,
                  "--reconstruct", "2", "--reconstruct-steps", "5", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     recipe = read_recipe(out / "recipe.json")
     allocation = recipe["allocation"]
     history = allocation["repair"]
+    if bound == "0.003":  # the reconstructed plan's room is spent on a smaller plan, measured reconstructed
+        down = [step for step in history if step["action"] == "reconstructed down"]
+        kept = next(step for step in history if step["action"] == "reconstructed")
+        assert down and all(step["bytes"] < kept["bytes"] for step in down)
     tuned = [step for step in history if step["action"].startswith("reconstruct")]
+    measured = [step for step in tuned if step["action"] != "reconstructed kept"]  # "kept" repeats a measured plan
     costs = json.loads((out / "run.json").read_text())["calibration_costs"]
-    assert tuned and costs["reconstructions"] == len(tuned)
     deployed = [b["format"] for b in recipe["blocks"]]
     quantized = [b for b in recipe["blocks"] if b["format"] != "fp16"]
-    if allocation["reconstructed"]:  # kept: it lowered the bound, and repair went on until it fit
+    assert tuned and costs["reconstructions"] == len(measured) + (measured[-1]["formats"][:-1] != deployed)
+    if allocation["reconstructed"]:  # kept: it lowered the bound, and repair went on until it fit (or spent the room)
         assert tuned[0]["action"] == "reconstructed" and tuned[-1]["measured"] <= allocation["repair_target_dce"]
         assert tuned[-1]["formats"][:-1] == deployed
         assert all(b["quantizer"].endswith("+cbq") for b in quantized)
