@@ -98,7 +98,7 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
                    help="optimizer steps per reconstruction window (default %(default)s)")
     p.add_argument("--rounding", default=DEFAULTS.rounding, choices=ROUNDINGS,
                    help="what reconstruction tunes: fixed (the scales; the codes stay GPTQ's or round-to-nearest's, "
-                        "default) or learned (the scales and every code's rounding, AdaRound-style; docs/results.md)")
+                        "default) or learned (the scales and every code's rounding, AutoRound-style straight-through; docs/results.md)")
     p.add_argument("--device", default=DEFAULTS.device, help="where calibration computes: cpu (default), cuda or cuda:N; "
                                                   "blocks move there one at a time")
     p.add_argument("--dtype", default=DEFAULTS.dtype, choices=("float32", "float16", "bfloat16"),
