@@ -82,20 +82,24 @@ class _LearnedRounding(_Dequantized):
         self.register_buffer("d", d)
         self.v = torch.nn.Parameter(torch.full_like(q, V_START))
 
+    def step(self) -> torch.Tensor:
+        """Where each code moves (1) or stays (0): [V >= 0], without a gradient."""
+        return (self.v.detach() >= 0).float()
+
     def h(self) -> torch.Tensor:
-        """The hard step [V >= 0], its gradient straight through sigmoid(V)."""
+        """The hard step, its gradient straight through sigmoid(V)."""
         soft = torch.sigmoid(self.v)
-        return soft + ((self.v >= 0).float() - soft).detach()
+        return soft + (self.step() - soft).detach()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         codes = self.q + self.d * self.h()
         return dequantize(codes, self.scale * torch.exp(self.gain), self.block_size).to(weight.dtype)
 
     def moved(self) -> int:
-        return int(((self.v.detach() >= 0) & (self.d != 0)).sum())
+        return int((self.step() * self.d != 0).sum())
 
     def tuned(self, qw: QuantizedWeight) -> QuantizedWeight:
-        codes = (self.q + self.d * (self.v.detach() >= 0).float()).to(torch.int8)
+        codes = (self.q + self.d * self.step()).to(torch.int8)
         return replace(super().tuned(qw), q=codes.to(qw.q.device))
 
 
