@@ -58,6 +58,7 @@ def render(recipe: Recipe, *, run: dict | None = None) -> str:
         f"| quantized, PyTorch | {m['ppl_quant_torch']:.4f} | {100 * (m['ppl_quant_torch'] / m['ppl_fp'] - 1):+.2f}% |",
         f"| quantized, ONNX Runtime (deployed graph) | {m['ppl_quant_ort']:.4f} | {100 * (m['ppl_quant_ort'] / m['ppl_fp'] - 1):+.2f}% |",
         "",
+        *_bound_lines(recipe),
         *_size_lines(m),
         "",
         f"Logit agreement PyTorch vs ORT: {m.get('logit_agreement')}. Timings (s): {_timings(run)}",
@@ -96,6 +97,16 @@ def render(recipe: Recipe, *, run: dict | None = None) -> str:
     lines += _act_ranges(recipe)
     lines += ["", "## Allocation", "", f"```\n{_allocation_text(recipe.allocation)}\n```", ""]
     return "\n".join(lines)
+
+
+def _bound_lines(recipe: Recipe) -> list[str]:
+    """Said only when the deployed graph went over ``--max-ppl-increase`` on the evaluation text."""
+    if recipe.metrics.get("within_bound") is not False:
+        return []
+    return [f"**Over the bound on this text**: {100 * recipe.metrics['ppl_increase_ort']:+.2f}% against "
+            f"`max_ppl_increase = {recipe.constraint.value}`. Repair held the bound on held-out windows of the "
+            "calibration text; this text shifted further than `--safety` allows. A smaller "
+            "`--safety`, or calibration text like this one, leaves more room.", ""]
 
 
 def _mixed_lines(recipe: Recipe) -> list[str]:

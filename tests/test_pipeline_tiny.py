@@ -51,6 +51,7 @@ def test_bundle_contents(bundle):
     m = recipe["metrics"]
     assert recipe["target"]["name"] == "cpu" and recipe["evaluation"]["ort_session"] == {"session.qdq_matmulnbits_accuracy_level": "4"}
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
+    assert m["within_bound"] == (m["ppl_increase_ort"] <= 0.05)  # the verification's verdict on the evaluation text
     assert m["size_bytes"] <= m["size_bytes_fp16"] and m["size_bytes_blocks"] <= m["size_bytes_blocks_fp16"]
     assert m["logit_agreement"]["decode_max_abs"] < 1e-2 * m["logit_agreement"]["logit_range"]
     assert recipe["allocation"]["repair"][-1]["measured"] <= recipe["allocation"]["repair_target_dce"] or all(

@@ -355,3 +355,23 @@ def test_every_field_has_a_role_and_decisions_drop_what_was_measured():
     assert schema.decisions(validate(other)) == decided
     other["blocks"][1]["linears"][0]["block_size"] = 64
     assert schema.decisions(validate(other)) != decided
+
+
+@pytest.mark.parametrize("ppl_ort,within", [(10.4, True), (10.6, False)])
+def test_a_bundle_over_its_ppl_bound_says_so(ppl_ort, within, capsys):
+    """Repair holds --max-ppl-increase on held-out calibration text; the verification on the user's
+    text says when that did not carry over: a warning line, ``within_bound`` and a report line."""
+    from export.pipeline import _bound_check
+    from qublast.report import _bound_lines
+
+    r = _recipe()
+    r["calibration"]["safety"] = 0.9
+    r["metrics"].update(ppl_quant_ort=ppl_ort, ppl_increase_ort=ppl_ort / 10.0 - 1, logit_agreement=None)
+    verdict = _bound_check(r, "the test text")
+    assert verdict == {"within_bound": within}
+    err = capsys.readouterr().err
+    assert ("over --max-ppl-increase 0.05" in err and "+6.00%" in err and "--safety 0.9" in err) is not within
+    r["metrics"].update(verdict)
+    assert any("Over the bound on this text" in line for line in _bound_lines(validate(r))) is not within
+    r["constraint"] = {"mode": "target_size", "value": 0.5}
+    assert _bound_check(r, "the test text") == {}
