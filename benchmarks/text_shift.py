@@ -71,8 +71,8 @@ def main() -> int:
     for path in (args.calib_text, args.eval_text, args.bundle / "recipe.json", args.bundle / "scales.safetensors"):
         if path is not None and not path.is_file():
             p.error(f"not a file: {path}")
-    if args.windows < 2:
-        p.error("--windows must be >= 2")
+    if args.windows < 2 or args.threads < 1:
+        p.error("--windows must be >= 2 and --threads >= 1")
 
     from qublast.apply import fold_recipe, quantize_recipe
     from qublast.errors import QublastError
@@ -83,23 +83,23 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     try:
         recipe = read_recipe(args.bundle / "recipe.json")
+        cal = recipe["calibration"]
+        if "sens_windows" not in cal or "holdout_windows" not in cal:
+            p.error("the recipe does not record its calibration windows (made before they were recorded)")
+        label = cal["text"]
+        if args.calib_text is None and not (label.startswith("embedded:") or label.startswith("file:")):
+            p.error(f"the recipe was calibrated on {label}: give that text with --calib-text")
+        if args.calib_text is None and label.startswith("file:") and not Path(label[5:]).is_file():
+            p.error(f"the recipe's calibration text {label[5:]} is not here: give it with --calib-text")
         model, tokenizer, spec = load_model(resolve_source(args.model))
+        path = args.calib_text or (label[5:] if label.startswith("file:") else None)
+        calib = tokenize(tokenizer, calib_text(path=str(path) if path else None).text)
+        counts = (cal["sens_windows"], cal["holdout_windows"], cal.get("gptq_windows") or 0, args.windows)
+        _, held, fit, unused = calib_windows(calib, cal["seqlen"], counts, seed=cal["seed"])
+        test = eval_windows(tokenize(tokenizer, eval_text(path=str(args.eval_text)).text), recipe["metrics"]["seqlen"],
+                            max_windows=args.windows)
     except QublastError as exc:
         p.error(str(exc))
-    cal = recipe["calibration"]
-    if "sens_windows" not in cal or "holdout_windows" not in cal:
-        p.error("the recipe does not record its calibration windows (made before they were recorded)")
-    label = cal["text"]
-    if args.calib_text is None and not (label.startswith("embedded:") or label.startswith("file:")):
-        p.error(f"the recipe was calibrated on {label}: give that text with --calib-text")
-    if args.calib_text is None and label.startswith("file:") and not Path(label[5:]).is_file():
-        p.error(f"the recipe's calibration text {label[5:]} is not here: give it with --calib-text")
-    path = args.calib_text or (label[5:] if label.startswith("file:") else None)
-    calib = tokenize(tokenizer, calib_text(path=str(path) if path else None).text)
-    counts = (cal["sens_windows"], cal["holdout_windows"], cal.get("gptq_windows") or 0, args.windows)
-    _, held, fit, unused = calib_windows(calib, cal["seqlen"], counts, seed=cal["seed"])
-    test = eval_windows(tokenize(tokenizer, eval_text(path=str(args.eval_text)).text), recipe["metrics"]["seqlen"],
-                        max_windows=args.windows)
     sets = {"held-out (repair's)": held, "GPTQ's fit windows": fit[:16], "unused calibration windows": unused,
             "evaluation text": test}
     sets = {k: v for k, v in sets.items() if len(v)}
