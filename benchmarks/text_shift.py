@@ -35,19 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ASSETS = Path(__file__).resolve().parents[2] / "shared/assets/wikitext-2"
 
 
-def token_ce(model, windows: np.ndarray, desc: str) -> np.ndarray:
-    """Next-token CE of every predicted token, ``[windows, seqlen - 1]``."""
-    out = []
-    with torch.no_grad():
-        for i, window in enumerate(windows):
-            ids = torch.from_numpy(window[None]).long()
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            out.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").numpy())
-            print(f"\r{desc}: {i + 1}/{len(windows)}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    return np.stack(out)
-
-
 def row(name: str, fp: np.ndarray, quant: np.ndarray, mask: np.ndarray | None = None) -> str:
     if mask is None:
         d = (quant - fp).mean(axis=1)
@@ -76,6 +63,7 @@ def main() -> int:
 
     from qublast.apply import fold_recipe, quantize_recipe
     from qublast.errors import QublastError
+    from qublast.evaluate import token_ce
     from qublast.models import load_model, resolve_source
     from qublast.recipe import read_recipe, read_tensors, validate
     from qublast.text import calib_text, calib_windows, eval_text, eval_windows, tokenize
@@ -103,12 +91,12 @@ def main() -> int:
     sets = {"held-out (repair's)": held, "GPTQ's fit windows": fit[:16], "unused calibration windows": unused,
             "evaluation text": test}
     sets = {k: v for k, v in sets.items() if len(v)}
-    fp = {k: token_ce(model, v, f"fp {k}") for k, v in sets.items()}
+    fp = {k: token_ce(model, v, batch_size=1, desc=f"fp {k}") for k, v in sets.items()}
     typed = validate(recipe)
     scales = read_tensors(args.bundle / "scales.safetensors")
     fold_recipe(model, spec, typed, scales)
     quantize_recipe(model, spec, typed, scales)
-    quant = {k: token_ce(model, v, f"quantized {k}") for k, v in sets.items()}
+    quant = {k: token_ce(model, v, batch_size=1, desc=f"quantized {k}") for k, v in sets.items()}
 
     print(f"{args.bundle}: constraint {recipe['constraint']}, calibration {path or label}, evaluation {args.eval_text}")
     print("| windows | n | tokens | fp CE | dCE | dCE / fp CE |\n|---|---|---|---|---|---|")

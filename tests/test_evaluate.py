@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qublast.evaluate import ce_shift, perplexity, window_ce
+from qublast.evaluate import ce_shift, perplexity, token_ce, window_ce
 from tests.tiny import tiny_model
 
 
@@ -24,6 +24,11 @@ def test_window_ce_matches_perplexity():
         first = model(input_ids=torch.from_numpy(windows[:1])).logits[0, :-1]
         expected = torch.nn.functional.cross_entropy(first, torch.from_numpy(windows[0, 1:])).item()
     assert per_window[0] == pytest.approx(expected, rel=1e-5)
+    per_token = token_ce(model, windows, batch_size=3)
+    # every predicted token, in window order across batches, averaging to the window means
+    assert per_token.shape == (5, 15)
+    assert per_token.astype(np.float64).mean(axis=1) == pytest.approx(per_window, rel=1e-12)
+    assert per_token[0].mean() == pytest.approx(expected, rel=1e-5)
 
 
 def test_ce_shift_is_paired_with_window_stderr():
