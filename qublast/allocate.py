@@ -96,11 +96,12 @@ def predicted(formats: list[str], options: list[list[Choice]]) -> tuple[int, flo
 
 
 FAR = 1.0  # a measured loss above FAR x the bound is repaired by a calibrated jump (1: any loss over the bound)
+MIN_SAVING = 0.0025  # spend measures a smaller plan only when it saves at least this fraction of the kept plan's bytes
 
 
 def repair(
     plan: Plan, options: list[list[Choice]], *, max_loss: float, measure: Callable[[list[str]], float],
-    log: Callable[[str], None] = print, spend_tries: int = 0, far: float = FAR,
+    log: Callable[[str], None] = print, spend_tries: int = 0, far: float = FAR, min_saving: float = MIN_SAVING,
 ) -> tuple[list[str], list[dict]]:
     """Measure the plan; while the measured loss (``measure`` may return an upper confidence bound)
     exceeds ``max_loss``, move up and measure again: to the knapsack's plan for the predicted loss
@@ -131,12 +132,14 @@ def repair(
         formats[index] = option.format
         history.append(_step(formats, options, measure(formats), action="up", upgraded=index, to=option.format))
     if spend_tries and history[-1]["measured"] <= max_loss:
-        formats = spend(formats, options, history, max_loss=max_loss, measure=measure, tries=spend_tries, log=log)
+        formats = spend(formats, options, history, max_loss=max_loss, measure=measure, tries=spend_tries, log=log,
+                        min_saving=min_saving)
     return formats, history
 
 
 def spend(formats: list[str], options: list[list[Choice]], history: list[dict], *, max_loss: float,
-          measure: Callable[[list[str]], float], tries: int, log: Callable[[str], None] = print) -> list[str]:
+          measure: Callable[[list[str]], float], tries: int, log: Callable[[str], None] = print,
+          min_saving: float = MIN_SAVING) -> list[str]:
     """Two-sided repair: while the measured bound leaves room under ``max_loss``, move to a smaller plan.
 
     The predictions are calibrated by the last accepted measurement (ratio = measured bound /
@@ -145,7 +148,9 @@ def spend(formats: list[str], options: list[list[Choice]], history: list[dict], 
     towards the accepted plan's. When the calibrated target admits no smaller plan and none has
     measured over yet, one step down the frontier (the least-loss plan smaller than the accepted
     one) is measured instead: one plan's ratio is a noisy calibration, and the measurement, not
-    the prediction, decides. At most ``tries`` measurements; appends each to ``history``."""
+    the prediction, decides. A plan that saves less than ``min_saving`` of the accepted plan's
+    bytes is not worth a measurement (after reconstruction each one is a reconstruction too) and
+    counts as no smaller plan. At most ``tries`` measurements; appends each to ``history``."""
     accepted, ceiling = history[-1], float("inf")  # ceiling: predicted loss of the smallest plan that did not fit
     frontier = pareto_frontier(options)  # bytes ascending, predicted loss descending
     for _ in range(tries):
@@ -153,11 +158,14 @@ def spend(formats: list[str], options: list[list[Choice]], history: list[dict], 
         target = max_loss / ratio
         if ceiling < float("inf"):
             target = min(target, (accepted["predicted"] + ceiling) / 2)
+        worth = accepted["bytes"] * (1 - min_saving)  # a plan must store at most this many bytes
         candidate = next((p for p in frontier if p.loss <= target), None)
-        if candidate is None or candidate.bytes >= accepted["bytes"]:
+        if candidate is None or candidate.bytes >= accepted["bytes"] or candidate.bytes > worth:
             if ceiling < float("inf"):
+                log(f"spend: stops; no plan between the kept one and the smallest that measured over saves "
+                    f"{min_saving:.2%} of {accepted['bytes']} bytes")
                 break
-            candidate = next((p for p in reversed(frontier) if p.bytes < accepted["bytes"]), None)
+            candidate = next((p for p in reversed(frontier) if p.bytes < accepted["bytes"] and p.bytes <= worth), None)
             if candidate is None:
                 break
         step = _step(list(candidate.formats), options, measure(list(candidate.formats)), action="down")

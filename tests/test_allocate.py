@@ -12,6 +12,7 @@ from qublast.allocate import (
     Plan,
     best_upgrade,
     pareto_frontier,
+    predicted,
     repair,
     solve_for_loss,
     solve_for_size,
@@ -287,6 +288,38 @@ def test_spend_measures_one_step_down_when_the_calibrated_target_admits_no_small
     assert history[-1]["action"] == "kept" and history[-1]["measured"] <= 0.05
 
 
+def test_spend_measures_no_plan_that_saves_next_to_nothing():
+    """A unit whose smaller option saves one byte in eleven thousand (in the README's run: 14 KB of
+    240 MB, measured twice, each a held-out pass, after reconstruction a reconstruction): spend
+    never measures a plan saving less than MIN_SAVING of the kept plan's bytes, and says why it stops."""
+    from qublast.allocate import MIN_SAVING
+
+    options = [[Choice("fp16", 1000, 0.0), Choice("w4", 250, 0.04)], [Choice("a", 10000, 0.0), Choice("b", 9999, 0.001)]]
+    truth = {"fp16": 0.0, "w4": 0.04, "a": 0.0, "b": 0.0}
+    measured = []
+
+    def measure(formats):
+        measured.append(predicted(formats, options)[0])
+        return sum(truth[f] for f in formats)
+
+    lines = []
+    plan = solve_for_loss(options, 0.0005)
+    assert plan.formats == ("fp16", "a")
+    formats, history = repair(plan, options, max_loss=0.0005, measure=measure, log=lines.append, spend_tries=4)
+    assert formats == ["fp16", "a"]
+    assert measured == [11000, 10250]  # the plan, then the first plan worth a measurement (over the bound)
+    accepted = 11000
+    for step in history:
+        if step["action"] == "down":
+            assert step["bytes"] <= accepted * (1 - MIN_SAVING)
+    assert any("stops" in line for line in lines)
+    # with no minimum the one-byte plan is what spend measures first (and keeps: it fits)
+    measured.clear()
+    formats, _ = repair(plan, options, max_loss=0.0005, measure=measure, log=lambda _m: None, spend_tries=1,
+                        min_saving=0.0)
+    assert measured == [11000, 10999] and formats == ["fp16", "b"]
+
+
 @pytest.mark.parametrize("loss", ["kl", "dce"])
 def test_calibrate_allocates_on_the_chosen_loss(tmp_path, monkeypatch, loss):
     """A block whose dCE is negative (favourable noise) but whose KL is the largest: the KL
@@ -333,3 +366,44 @@ def test_unknown_allocation_loss_is_an_input_error():
 
     with pytest.raises(InputError, match="allocation loss"):
         CalibConfig(alloc_loss="mse")
+
+
+def test_calibrate_measures_each_plan_once(tmp_path, monkeypatch):
+    """Repair may come back to a plan it measured (a spend step landing on an earlier jump's plan,
+    as in the README's run): the held-out windows are run once per plan, the repeat answers from
+    the first measurement, and the recipe records both steps."""
+    import torch
+
+    import qublast.calibrate as calibrate_mod
+    from qublast.arch import arch_for
+    from qublast.calibrate import CalibConfig, calibrate
+    from qublast.sensitivity import Sensitivity
+    from tests.tiny import VOCAB, tiny_model
+
+    model = tiny_model("llama")
+    spec = arch_for(model.config.model_type)
+
+    def table(*_args, **_kwargs):
+        return ([{"fp16": Sensitivity(i, "fp16", 0.0, 0.0), "w8": Sensitivity(i, "w8", 0.0, 1e-4),
+                  "w4": Sensitivity(i, "w4", 0.001, 0.002)} for i in (0, 1)],
+                {unit: {"fp16": Sensitivity(unit, "fp16", 0.0, 0.0)} for unit in ("embed", "lm_head")})
+
+    def twice(plan, options, *, max_loss, measure, log, spend_tries):
+        history = []
+        for _ in range(2):
+            history.append({"formats": list(plan.formats), "measured": measure(list(plan.formats)),
+                            "predicted": plan.loss, "bytes": plan.bytes, "action": "plan"})
+        return list(plan.formats), history
+
+    runs = []
+    real = calibrate_mod.window_ce
+    monkeypatch.setattr(calibrate_mod, "window_ce", lambda *a, **k: runs.append(1) or real(*a, **k))
+    monkeypatch.setattr(calibrate_mod, "sweep", table)
+    monkeypatch.setattr(calibrate_mod, "repair", twice)
+    cfg = CalibConfig(target="cpu", candidates=("fp16", "w8", "w4"), max_ppl_increase=0.5, calib_seqlen=16, sens_windows=2,
+                      holdout_windows=2, quantizers=("rtn",), cache_dir=tmp_path, reconstruct=0, lm_head="fp16", embeddings="fp16")
+    ids = torch.randint(0, VOCAB, (16 * 4,), generator=torch.Generator().manual_seed(0)).numpy()
+    recipe, _ = calibrate(model, spec, model_info={"weight_sha256": "x"}, calib_ids=ids, calib_label="t", cfg=cfg, log=lambda _m: None)
+    steps = recipe["allocation"]["repair"]
+    assert len(steps) == 2 and steps[0]["measured"] == steps[1]["measured"] and steps[0]["dce"] == steps[1]["dce"]
+    assert len(runs) == 2  # the fp model's windows, then the plan's: not the plan's twice
