@@ -68,25 +68,32 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, block_size: in
 def _solve(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, order: torch.Tensor, *, bits: int, block_size: int,
            importance: torch.Tensor, clip_grid: tuple[float, ...], static: bool) -> torch.Tensor:
     """The column loop on ``w`` [out, in] (already in visiting order); fills ``scales`` when not
-    ``static``; returns the codes [out, in] in visiting order."""
+    ``static``; returns the codes [out, in] in visiting order. The loop runs once per column, so
+    what does not change inside it (columns, pivots, static scales) is read out before it."""
     qmin, qmax = qrange(bits)
     out_f, in_f = w.shape
     codes = torch.zeros_like(w)
+    columns, pivots = order.tolist(), torch.diagonal(hinv).tolist()
     for start in range(0, in_f, LAZY_BATCH):
         end = min(start + LAZY_BATCH, in_f)
         block, errors = w[:, start:end].clone(), torch.zeros(out_f, end - start, device=w.device)
+        batch_scales = scales[:, [c // block_size for c in columns[start:end]]] if static else None  # [out, n]
         for i in range(end - start):
-            col = int(order[start + i])
-            group = col // block_size
-            if not static and col % block_size == 0:  # a group begins (visiting order = column order)
-                span = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :block_size]  # [out, bs], error-updated
-                scales[:, group] = quantize_weight(span, bits=bits, block_size=block_size, clip_grid=clip_grid,
-                                                   importance=importance[start + i:start + i + block_size]).scale[:, 0]
-            scale = scales[:, group]
-            q = torch.clamp(torch.round(block[:, i] / scale), qmin, qmax)
+            col = columns[start + i]
+            if static:
+                scale = batch_scales[:, i]
+            else:
+                group = col // block_size
+                if col % block_size == 0:  # a group begins (visiting order = column order)
+                    span = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :block_size]  # [out, bs], error-updated
+                    scales[:, group] = quantize_weight(span, bits=bits, block_size=block_size, clip_grid=clip_grid,
+                                                       importance=importance[start + i:start + i + block_size]).scale[:, 0]
+                scale = scales[:, group]
+            column = block[:, i]
+            q = torch.round(column / scale).clamp_(qmin, qmax)
             codes[:, start + i] = q
-            err = (block[:, i] - q * scale) / hinv[start + i, start + i]
-            block[:, i:] -= err[:, None] * hinv[start + i, start + i:end][None, :]
+            err = (column - q * scale).div_(pivots[start + i])
+            block[:, i:].addr_(err, hinv[start + i, start + i:end], alpha=-1.0)
             errors[:, i] = err
-        w[:, end:] -= errors @ hinv[start:end, end:]
+        w[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1.0)
     return codes
