@@ -37,11 +37,10 @@ def token_ce(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 2
     out, device = [], model_device(model)
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", file=sys.stderr):
         ids = torch.from_numpy(windows[start : start + batch_size]).long().to(device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, S, V]
-            # class dim last and contiguous: log-softmax over a strided class dim sums 49k exps in a
-            # less accurate order and biased SmolLM2's PPL by -0.013%
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1)
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, S, V]
+        # class dim last and contiguous: log-softmax over a strided class dim sums 49k exps in a
+        # less accurate order and biased SmolLM2's PPL by -0.013%
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1)
         out.append(nll.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, max(windows.shape[1] - 1, 0)), dtype=np.float32)
 
