@@ -79,6 +79,7 @@ class CalibConfig:
     gptq_windows: int = 32  # GPTQ's own calibration windows (its Hessians)
     reconstruct: int = 2  # cross-block reconstruction: blocks per window (0: off)
     reconstruct_steps: int = 40
+    reconstruct_windows: int | None = None  # token windows reconstruction tunes on: the sweep's, then GPTQ's (None: the sweep's)
     rounding: str = "fixed"  # what reconstruction tunes: the scales (fixed codes) or also each code's rounding (learned)
     device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
     dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
@@ -120,6 +121,8 @@ class CalibConfig:
             raise InputError(f"--gptq-windows must be >= 1, got {self.gptq_windows}")
         if self.reconstruct < 0 or self.reconstruct_steps < 1:
             raise InputError(f"--reconstruct must be >= 0 and --reconstruct-steps >= 1, got {self.reconstruct}, {self.reconstruct_steps}")
+        if self.reconstruct_windows is not None and self.reconstruct_windows < 1:
+            raise InputError(f"--reconstruct-windows must be >= 1, got {self.reconstruct_windows}")
         if self.rounding not in ROUNDINGS:
             raise InputError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         check_device(self.device)
@@ -194,8 +197,14 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     The model keeps its fp weights."""
     target = get_target(cfg.target)
     gptq = "gptq" in cfg.quantizers
-    sens, holdout, *fit = calib_windows(calib_ids, cfg.calib_seqlen, (cfg.sens_windows, cfg.holdout_windows)
-                                        + ((cfg.gptq_windows,) if gptq else ()), seed=cfg.seed)
+    # reconstruction tunes on the sweep's windows and, past those, windows of its own (GPTQ's codes
+    # are fitted to GPTQ's windows: tuning on them would see less of the error the test text shows)
+    n_tune = cfg.reconstruct_windows or cfg.sens_windows
+    more = n_tune - cfg.sens_windows if cfg.reconstruct else 0
+    sens, holdout, *rest = calib_windows(calib_ids, cfg.calib_seqlen, (cfg.sens_windows, cfg.holdout_windows)
+                                         + ((cfg.gptq_windows,) if gptq else ()) + ((more,) if more > 0 else ()), seed=cfg.seed)
+    fit = rest[:1] if gptq else []
+    tune_ids = np.concatenate([sens, *rest[len(fit):]])[:n_tune]
     layers = blocks_of(model, spec)
     fixed = cfg.fixed_formats(len(layers))
     candidates = ("fp16", *sorted(set(fixed) - {"fp16"})) if fixed else cfg.candidates
@@ -218,7 +227,7 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     importance = head_importance(runner)
     del runner
     options = _options(model, spec, target, table, vocab_table, candidates, embed_choices, head_choices, cfg.alloc_loss)
-    builder = _Builder(model, spec, target, table, vocab_table, importance, sens, cfg, log)
+    builder = _Builder(model, spec, target, table, vocab_table, importance, tune_ids, cfg, log)
     allocation: dict = {}
     if fixed:
         formats = [*fixed, vocab_option(embed_choices[0], head_choices[0])]
@@ -320,9 +329,9 @@ class _Builder:
     config says so. The last plan built is kept (a plan's codes are as large as the model), so
     the one the repair measured last is deployed without tuning it again."""
 
-    def __init__(self, model, spec, target, table, vocab_table, importance, sens: np.ndarray, cfg: CalibConfig, log):
+    def __init__(self, model, spec, target, table, vocab_table, importance, tune_ids: np.ndarray, cfg: CalibConfig, log):
         self.model, self.spec, self.target, self.table, self.vocab_table = model, spec, target, table, vocab_table
-        self.importance, self.sens, self.cfg, self.log = importance, sens, cfg, log
+        self.importance, self.tune_ids, self.cfg, self.log = importance, tune_ids, cfg, log
         self.cache: dict[tuple, tuple] = {}
         self.windows = WindowCache()  # tuned windows shared by plans with the same leading formats
         self.seconds, self.count = 0.0, 0
@@ -341,7 +350,7 @@ class _Builder:
             records = []
             if tune:
                 started = time.perf_counter()
-                transforms, records = reconstruct(self.model, self.spec, transforms, vocab, torch.from_numpy(self.sens),
+                transforms, records = reconstruct(self.model, self.spec, transforms, vocab, torch.from_numpy(self.tune_ids),
                                                   window=self.cfg.reconstruct, steps=self.cfg.reconstruct_steps, rounding=self.cfg.rounding,
                                                   log=lambda _m: None, cache=self.windows)
                 self.seconds += time.perf_counter() - started
@@ -467,6 +476,7 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
         "quantizers": list(cfg.quantizers), "act_order": cfg.act_order, "gptq_windows": cfg.gptq_windows,
         "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps, "rounding": cfg.rounding,
+        "reconstruct_windows": cfg.reconstruct_windows or cfg.sens_windows,
         "device": cfg.device, "dtype": cfg.dtype,
         "sweep": cfg.sweep,
     }

@@ -96,6 +96,9 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
                         "the fp model's output (default %(default)s; 0 turns it off; docs/results.md)")
     p.add_argument("--reconstruct-steps", type=int, default=DEFAULTS.reconstruct_steps,
                    help="optimizer steps per reconstruction window (default %(default)s)")
+    p.add_argument("--reconstruct-windows", type=int, default=DEFAULTS.reconstruct_windows,
+                   help="token windows of --calib-seqlen reconstruction tunes on: the sweep's, then windows of its "
+                        "own (default: the sweep's, --calib-windows; docs/results.md)")
     p.add_argument("--rounding", default=DEFAULTS.rounding, choices=ROUNDINGS,
                    help="what reconstruction tunes: fixed (the scales; the codes stay GPTQ's or round-to-nearest's, "
                         "default) or learned (the scales and every code's rounding, AutoRound-style straight-through; docs/results.md)")
@@ -115,7 +118,7 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
 RECIPE_DECIDES = ("max_ppl_increase", "target_size", "blocks_size", "uniform", "formats", "lm_head", "embeddings",
                   "candidates", "calib_text", "calib_dataset", "calib_seqlen", "calib_windows", "holdout_windows", "seed",
                   "safety", "no_scaling", "range_method", "alloc_loss", "spend_tries", "quantizers", "no_act_order",
-                  "gptq_windows", "reconstruct", "reconstruct_steps", "rounding", "allow_test_calibration", "sweep")
+                  "gptq_windows", "reconstruct", "reconstruct_steps", "reconstruct_windows", "rounding", "allow_test_calibration", "sweep")
 
 
 def given(p: argparse.ArgumentParser, argv: list[str]) -> dict[str, tuple[str, str | None]]:
@@ -172,6 +175,7 @@ def _check_unused(flags: dict, args: argparse.Namespace) -> None:
         "gptq_windows": "gptq" not in names and "without gptq in --quantizers",
         "reconstruct_steps": args.reconstruct == 0 and "with --reconstruct 0",
         "rounding": args.reconstruct == 0 and "with --reconstruct 0",
+        "reconstruct_windows": args.reconstruct == 0 and "with --reconstruct 0",
     }
     for dest, (flag, _) in flags.items():
         if why.get(dest):
@@ -225,7 +229,7 @@ def config_from_args(args: argparse.Namespace, *, calibrate_only: bool = False):
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
         quantizers=_names("--quantizers", args.quantizers), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,
         reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps, rounding=args.rounding,
-        device=args.device, dtype=args.dtype,
+        reconstruct_windows=args.reconstruct_windows, device=args.device, dtype=args.dtype,
         spend_tries=args.spend_tries, sweep=args.sweep,
     )
     from export.pipeline import ExportConfig  # deferred heavy import (onnx, transformers): CalibConfig's flag errors stay fast

@@ -220,3 +220,40 @@ def test_an_all_fp16_plan_is_not_reconstructed(tiny_model_dir, tmp_path):
     costs = json.loads((out / "run.json").read_text())["calibration_costs"]
     assert "reconstructions" not in costs
     assert "reconstruction" not in read_recipe(out / "recipe.json")["allocation"]
+
+
+@pytest.mark.parametrize("quantizers", ["rtn,gptq", "rtn"])
+def test_reconstruct_windows_are_the_sweeps_then_its_own(tiny_model_dir, tmp_path, monkeypatch, quantizers):
+    """``--reconstruct-windows N`` tunes on N windows: the sweep's first, then windows drawn for it,
+    none of them a held-out window or one GPTQ fitted its codes to; the recipe records N."""
+    import numpy as np
+
+    import qublast.calibrate as calibrate
+    from qublast.export import main
+    from qublast.recipe import read_recipe
+
+    seen, drawn = {}, {}
+    real_windows, real_reconstruct = calibrate.calib_windows, calibrate.reconstruct
+
+    def windows(*a, **k):
+        drawn["sets"] = real_windows(*a, **k)
+        return drawn["sets"]
+
+    def spy(model, spec, transforms, vocab, ids, **k):
+        seen["ids"] = ids.numpy().copy()
+        return real_reconstruct(model, spec, transforms, vocab, ids, **k)
+
+    monkeypatch.setattr(calibrate, "calib_windows", windows)
+    monkeypatch.setattr(calibrate, "reconstruct", spy)
+    out = tmp_path / "r"
+    gptq = ["--gptq-windows", "3"] if "gptq" in quantizers else []
+    assert main(["--model", str(tiny_model_dir), "--target", "cpu", "--calib-seqlen", "32", "--calib-windows", "2",
+                 "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--uniform", "w4",
+                 "--quantizers", quantizers, *gptq, "--reconstruct-windows", "4",
+                 "--reconstruct-steps", "5", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    sens, *others, own = drawn["sets"]
+    assert [len(s) for s in drawn["sets"]] == [2, 2, *([3] if gptq else []), 2]
+    np.testing.assert_array_equal(seen["ids"], np.concatenate([sens, own]))
+    elsewhere = {row.tobytes() for s in others for row in s}  # held-out windows, and GPTQ's
+    assert not any(row.tobytes() in elsewhere for row in seen["ids"])
+    assert read_recipe(out / "recipe.json")["calibration"]["reconstruct_windows"] == 4
