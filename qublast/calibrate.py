@@ -79,7 +79,7 @@ class CalibConfig:
     gptq_windows: int = 32  # GPTQ's own calibration windows (its Hessians)
     reconstruct: int = 2  # cross-block reconstruction: blocks per window (0: off)
     reconstruct_steps: int = 40
-    reconstruct_windows: int | None = None  # token windows reconstruction tunes on: the sweep's, then GPTQ's (None: the sweep's)
+    reconstruct_windows: int | None = None  # token windows reconstruction tunes on: the sweep's, then its own (None: the sweep's)
     rounding: str = "fixed"  # what reconstruction tunes: the scales (fixed codes) or also each code's rounding (learned)
     device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
     dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
