@@ -200,19 +200,22 @@ def _tune_window(runner: BlockRunner, spec: ArchSpec, blocks: range, qweights, x
     layers = runner.layers
     paths = {i: {n: f"{spec.blocks}.{i}.{n}" for n in spec.linears if f"{spec.blocks}.{i}.{n}" in qweights} for i in blocks}
     with kept_on([layers[i] for i in blocks], runner.ids.device):  # trained: no offload between calls
-        record, results = _tune(runner, blocks, paths, qweights, x_q, target, steps=steps, lr=lr, batch=batch,
-                                fp_weights=fp_weights)
+        record, results, out = _tune(runner, blocks, paths, qweights, x_q, target, steps=steps, lr=lr, batch=batch,
+                                     fp_weights=fp_weights)
     codes = {i: {n: measured(results[paths[i][n]], get_module(layers[i], n).weight) for n in paths[i]} for i in blocks if paths[i]}
-    with torch.no_grad():
-        for i in blocks:
-            x_q = runner.run_block(i, x_q)
-    return record, codes, x_q
+    if out is None:  # the window's weights went back to where they started: its output again
+        with torch.no_grad():
+            out = x_q
+            for i in blocks:
+                out = runner.run_block(i, out)
+    return record, codes, out
 
 
 def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: int, lr: float, batch: int,
           fp_weights: dict[str, torch.Tensor] | None = None):
     """Adam on the window's log-gains (and, given ``fp_weights``, on its codes' rounding); returns
-    ({"before", "after", "steps"[, "moved", "codes"]}, {path: tuned QuantizedWeight})."""
+    ({"before", "after", "steps"[, "moved", "codes"]}, {path: tuned QuantizedWeight}, the tuned
+    window's output for every row of ``x_q``, or None where the tuning was not kept)."""
     layers = runner.layers
     params = {}
     for i in blocks:
@@ -227,10 +230,12 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
             params[path] = linear.parametrizations.weight[0]
     learned = fp_weights is not None
     try:
-        def loss(rows) -> torch.Tensor:
+        def loss(rows, outputs: list | None = None) -> torch.Tensor:
             out = x_q[rows]
             for i in blocks:
                 out = runner.block_forward(i, out)
+            if outputs is not None:
+                outputs.append(out)
             return (out - target[rows]).pow(2).mean() / target[rows].pow(2).mean().clamp(min=1e-12)
 
         every = torch.arange(x_q.shape[0])
@@ -261,12 +266,13 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
                 weight.data = chosen[path].dequantize().to(weight.device, weight.dtype)
 
     set_weights(results)  # the tuned (fp16-rounded) weights, for the windows after this one
+    outputs: list = []
     with torch.no_grad():
-        after = float(loss(torch.arange(x_q.shape[0])))
+        after = float(loss(torch.arange(x_q.shape[0]), outputs))
     if not math.isfinite(after) or after > before:  # never keep a worse window
         results = {path: qweights[path] for path in results}
         set_weights(results)
-        after = before
+        after, outputs = before, [None]
         moves = {**moves, "moved": 0} if moves else moves
-    return {"before": before, "after": after, "steps": steps if params else 0, **moves}, results
+    return {"before": before, "after": after, "steps": steps if params else 0, **moves}, results, outputs[0]
 
