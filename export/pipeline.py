@@ -204,9 +204,8 @@ def preflight(cfg: ExportConfig) -> Inputs:
     if calib_src is not None:
         counts = [("--calib-windows", cfg.calib.sens_windows), ("--holdout-windows", cfg.calib.holdout_windows)]
         counts += [("--gptq-windows", cfg.calib.gptq_windows)] if "gptq" in cfg.calib.quantizers else []
-        more = (cfg.calib.reconstruct_windows or 0) - cfg.calib.sens_windows  # reconstruction's own, past the sweep's
-        if cfg.calib.reconstruct and more > 0:
-            counts.append((f"--reconstruct-windows {cfg.calib.reconstruct_windows} less --calib-windows", more))
+        if cfg.calib.own_tune_windows:
+            counts.append((f"--reconstruct-windows {cfg.calib.tune_windows} less --calib-windows", cfg.calib.own_tune_windows))
         qtext.check_length(calib_src, "calibration text", sum(n for _, n in counts), cfg.calib.calib_seqlen,
                            " + ".join(f"{flag} {n}" for flag, n in counts) + " of --calib-seqlen")
         if eval_src is not None and not cfg.allow_test_calibration:

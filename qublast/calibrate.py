@@ -158,6 +158,17 @@ class CalibConfig:
                   "blocks_size": self.blocks_size, "max_ppl_increase": self.max_ppl_increase}
         return values[self.mode]
 
+    @property
+    def tune_windows(self) -> int:
+        """Windows reconstruction tunes on: the sweep's, then ``own_tune_windows`` drawn for it."""
+        return self.reconstruct_windows or self.sens_windows
+
+    @property
+    def own_tune_windows(self) -> int:
+        """Windows drawn for reconstruction alone, past the sweep's (never held-out or GPTQ's ones:
+        GPTQ's codes are fitted to its windows, where tuning would see less of the test text's error)."""
+        return max(0, self.tune_windows - self.sens_windows) if self.reconstruct else 0
+
     def fixed_formats(self, num_blocks: int) -> list[str] | None:
         """The formats the user fixed (``--uniform`` or ``--formats``), or None when allocation chooses."""
         if self.uniform:
@@ -197,14 +208,11 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     The model keeps its fp weights."""
     target = get_target(cfg.target)
     gptq = "gptq" in cfg.quantizers
-    # reconstruction tunes on the sweep's windows and, past those, windows of its own (GPTQ's codes
-    # are fitted to GPTQ's windows: tuning on them would see less of the error the test text shows)
-    n_tune = cfg.reconstruct_windows or cfg.sens_windows
-    more = n_tune - cfg.sens_windows if cfg.reconstruct else 0
+    more = cfg.own_tune_windows
     sens, holdout, *rest = calib_windows(calib_ids, cfg.calib_seqlen, (cfg.sens_windows, cfg.holdout_windows)
-                                         + ((cfg.gptq_windows,) if gptq else ()) + ((more,) if more > 0 else ()), seed=cfg.seed)
+                                         + ((cfg.gptq_windows,) if gptq else ()) + ((more,) if more else ()), seed=cfg.seed)
     fit = rest[:1] if gptq else []
-    tune_ids = np.concatenate([sens, *rest[len(fit):]])[:n_tune]
+    tune_ids = np.concatenate([sens, *rest[len(fit):]])[: cfg.tune_windows]
     layers = blocks_of(model, spec)
     fixed = cfg.fixed_formats(len(layers))
     candidates = ("fp16", *sorted(set(fixed) - {"fp16"})) if fixed else cfg.candidates
@@ -476,7 +484,7 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
         "quantizers": list(cfg.quantizers), "act_order": cfg.act_order, "gptq_windows": cfg.gptq_windows,
         "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps, "rounding": cfg.rounding,
-        "reconstruct_windows": cfg.reconstruct_windows or cfg.sens_windows,
+        "reconstruct_windows": cfg.tune_windows,
         "device": cfg.device, "dtype": cfg.dtype,
         "sweep": cfg.sweep,
     }

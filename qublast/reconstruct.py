@@ -230,12 +230,14 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
             params[path] = linear.parametrizations.weight[0]
     learned = fp_weights is not None
     try:
-        def loss(rows, outputs: list | None = None) -> torch.Tensor:
+        def forward(rows) -> torch.Tensor:
             out = x_q[rows]
             for i in blocks:
                 out = runner.block_forward(i, out)
-            if outputs is not None:
-                outputs.append(out)
+            return out
+
+        def loss(rows, out: torch.Tensor | None = None) -> torch.Tensor:
+            out = forward(rows) if out is None else out
             return (out - target[rows]).pow(2).mean() / target[rows].pow(2).mean().clamp(min=1e-12)
 
         every = torch.arange(x_q.shape[0])
@@ -266,13 +268,13 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
                 weight.data = chosen[path].dequantize().to(weight.device, weight.dtype)
 
     set_weights(results)  # the tuned (fp16-rounded) weights, for the windows after this one
-    outputs: list = []
     with torch.no_grad():
-        after = float(loss(torch.arange(x_q.shape[0]), outputs))
+        out = forward(every)
+        after = float(loss(every, out))
     if not math.isfinite(after) or after > before:  # never keep a worse window
         results = {path: qweights[path] for path in results}
         set_weights(results)
-        after, outputs = before, [None]
+        after, out = before, None
         moves = {**moves, "moved": 0} if moves else moves
-    return {"before": before, "after": after, "steps": steps if params else 0, **moves}, results, outputs[0]
+    return {"before": before, "after": after, "steps": steps if params else 0, **moves}, results, out
 
