@@ -53,12 +53,21 @@ class Score:
 class BlockRunner:
     """Block-by-block execution on token windows ``ids`` [N, S] (see module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, spec: ArchSpec, ids: torch.Tensor, *, chunk: int = 2):
+    def __init__(self, model: torch.nn.Module, spec: ArchSpec, ids: torch.Tensor, *, chunk: int = 2,
+                 outputs: tuple[int, ...] = (), scored: bool = True):
+        """``outputs``: blocks whose fp output on the windows to keep (``self.outputs``, from the
+        same forward pass); ``scored=False`` skips the fp log-probabilities and score (``fp_score``
+        is None), for callers that only run blocks."""
         self.model, self.spec, self.ids, self.chunk = model, spec, ids.to(model_device(model)), chunk
         self.layers = blocks_of(model, spec)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.first_hidden, self.layer_kwargs = self._capture()
-        self.final_hidden = self.run_from(0, self.first_hidden)  # [N, S, H], the fp model's
+        last = len(self.layers) - 1
+        self.first_hidden, self.layer_kwargs, kept = self._capture({*outputs, last})
+        self.final_hidden = kept[last]  # [N, S, H], the fp model's
+        self.outputs = {i: kept[i] for i in outputs}
+        self.ref_logprobs, self.fp_score = None, None
+        if not scored:
+            return
         head = get_module(model, spec.lm_head)
         vocab = head.out_features
         # the fp head's tensors (not copies): scoring a quantized lm_head gives the module other
@@ -71,22 +80,34 @@ class BlockRunner:
         self.fp_score = self.score(self.final_hidden)
 
     @torch.no_grad()
-    def _capture(self) -> tuple[torch.Tensor, list[dict]]:
+    def _capture(self, outputs: set[int]) -> tuple[torch.Tensor, list[dict], dict[int, torch.Tensor]]:
+        """One forward pass of the model through its last block: block 0's input, every block's
+        keyword arguments, and the output of the blocks in ``outputs`` (the calls ``run_block``
+        makes, so the same values as running them block by block)."""
         captured: list[dict] = [None] * len(self.layers)  # type: ignore[list-item]
         first: list[torch.Tensor] = []
+        kept: dict[int, torch.Tensor] = {}
+        last = len(self.layers) - 1
 
-        def hook(index):
+        def pre(index):
             def pre_hook(_module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if index == 0:
                     first.append(hidden.detach())
                 captured[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                if index == len(self.layers) - 1:
-                    raise _StopForward
 
             return pre_hook
 
-        handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        def post(index):
+            def hook(_module, _args, output):
+                kept[index] = (output[0] if isinstance(output, tuple) else output).detach()
+                if index == last:  # the final norm and lm_head are not needed
+                    raise _StopForward
+
+            return hook
+
+        handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        handles += [self.layers[i].register_forward_hook(post(i)) for i in sorted(outputs)]
         try:
             self.model(input_ids=self.ids, use_cache=False)
         except _StopForward:
@@ -94,7 +115,7 @@ class BlockRunner:
         finally:
             for handle in handles:
                 handle.remove()
-        return first[0], captured
+        return first[0], captured, kept
 
     @torch.no_grad()
     def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -173,4 +194,4 @@ def _first_rows(value, n: int, batch: int):
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the last block's inputs are known."""
+    """Raised by the capture hook once the last block's output is known."""

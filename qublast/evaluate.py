@@ -115,7 +115,8 @@ class PeakRecorder:
             self._attention = None
 
     def _record(self, name: str, tensor: torch.Tensor) -> None:
-        self.peaks[name] = max(self.peaks.get(name, 0.0), float(tensor.detach().abs().max()))
+        low, high = torch.aminmax(tensor.detach())  # max |x| without a copy of |x|
+        self.peaks[name] = max(self.peaks.get(name, 0.0), -float(low), float(high))
 
     def _hook(self, name: str):
         def hook(_module, _args, output):

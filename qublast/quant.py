@@ -76,15 +76,19 @@ def quantize_weight(
     best_err = torch.full_like(absmax, float("inf"))
     best_scale = torch.ones_like(absmax)
     best_ratio = torch.ones_like(absmax)
-    weight = 1.0 if importance is None else importance.float().reshape(1, in_f // block_size, block_size)
+    weight = None if importance is None else importance.float().reshape(1, in_f // block_size, block_size)
+    work = torch.empty_like(groups)  # one buffer for every ratio's codes and errors (the search is memory-bound)
     for ratio in clip_grid:
-        scale = _fp16_scale(absmax * ratio / qmax)
-        q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
-        err = ((q * scale.unsqueeze(-1) - groups).pow(2) * weight).sum(dim=-1)  # [out, G]
+        scale = _fp16_scale(absmax * ratio / qmax).unsqueeze(-1)  # [out, G, 1]
+        torch.div(groups, scale, out=work).round_().clamp_(qmin, qmax)  # codes
+        work.mul_(scale).sub_(groups).square_()  # squared error of each weight
+        if weight is not None:
+            work.mul_(weight)
+        err = work.sum(dim=-1)  # [out, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+        best_scale = torch.where(better, scale.squeeze(-1), best_scale)
+        best_ratio.masked_fill_(better, ratio)
     q = torch.clamp(torch.round(groups / best_scale.unsqueeze(-1)), qmin, qmax)
     q = q.to(torch.int8).view(out_f, in_f)
     stats = _error_stats(w.detach().float(), dequantize(q, best_scale, block_size), best_ratio)

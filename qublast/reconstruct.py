@@ -141,13 +141,10 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
     when ``cache`` had it). The model is left as it came in."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
-    runner = BlockRunner(model, spec, ids)
-    layers, hidden, targets = runner.layers, runner.first_hidden, {}
-    for index in range(len(layers)):  # the fp model's output of every window
-        hidden = runner.run_block(index, hidden)
-        if (index + 1) % window == 0 or index + 1 == len(layers):
-            targets[index] = hidden
-    del hidden
+    count = len(blocks_of(model, spec))
+    ends = tuple(i for i in range(count) if (i + 1) % window == 0 or i + 1 == count)
+    runner = BlockRunner(model, spec, ids, outputs=ends, scored=False)  # the fp model's output of every window
+    layers, targets = runner.layers, dict(runner.outputs)
     tuned, records, keys = list(transforms), [], []
     settings = (window, steps, lr, batch, tuple(ids.shape), rounding)
     fp_weights = _folded_weights(model, spec, transforms) if rounding == "learned" else None

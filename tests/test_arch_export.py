@@ -54,6 +54,25 @@ def test_block_runner_reproduces_model(model_type):
     assert runner.fp_score.kl == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_block_runner_keeps_the_outputs_it_would_compute(model_type):
+    """The final hidden state and the kept block outputs come from the capture's one forward pass
+    and equal, bit for bit, what running the captured blocks one by one computes; without
+    scoring the runner holds no fp log-probabilities."""
+    model = tiny_model(model_type, layers=3)
+    spec = arch_for(model.config.model_type)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    runner = BlockRunner(model, spec, ids, outputs=(0, 1), scored=False)
+    assert runner.fp_score is None and runner.ref_logprobs is None
+    hidden = runner.first_hidden
+    for index in range(3):
+        hidden = runner.run_block(index, hidden)
+        if index in runner.outputs:
+            assert torch.equal(runner.outputs[index], hidden)
+    assert sorted(runner.outputs) == [0, 1]
+    assert torch.equal(runner.final_hidden, hidden)
+
+
 def _searched_transforms(model, spec, target, formats):
     """The scaling map searched per block on random tokens, as the sweep does."""
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
