@@ -144,7 +144,7 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
     count = len(blocks_of(model, spec))
     ends = tuple(i for i in range(count) if (i + 1) % window == 0 or i + 1 == count)
     runner = BlockRunner(model, spec, ids, outputs=ends, scored=False)  # the fp model's output of every window
-    layers, targets = runner.layers, dict(runner.outputs)
+    layers, targets = runner.layers, runner.outputs  # popped window by window: freed as they are used
     tuned, records, keys = list(transforms), [], []
     settings = (window, steps, lr, batch, tuple(ids.shape), rounding)
     fp_weights = _folded_weights(model, spec, transforms) if rounding == "learned" else None
