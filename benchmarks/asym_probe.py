@@ -18,24 +18,29 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+from qublast.errors import QublastError
 from qublast.evaluate import perplexity
 from qublast.gptq import DAMP, gptq_quantize
 from qublast.models import load_model, resolve_source
 from qublast.quant import CLIP_GRID, quantize_weight
 from qublast.text import calib_text, calib_windows, eval_text, eval_windows, tokenize
 
-BLOCKS = (128, 64, 32, 16)
+BLOCKS = (128, 64, 32, 16)  # CPU w4's block sizes, largest first
+LEVELS = 15  # 4-bit codes 0..15
 
 
 def block_for(in_features: int) -> int:
-    return next(b for b in BLOCKS if in_features % b == 0)
-
-
-LEVELS = 15  # 4-bit codes 0..15
+    """The block CPU ``w4`` takes for an input of ``in_features``: the largest of ``BLOCKS`` dividing it."""
+    for block in BLOCKS:
+        if in_features % block == 0:
+            return block
+    raise ValueError(f"no INT4 block size of {BLOCKS} divides an input of {in_features}")
 
 
 def asymmetric_grid(w: torch.Tensor, block: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +132,18 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seqlen", type=int, default=512)
     args = ap.parse_args()
-    model, tokenizer, spec = load_model(resolve_source(args.model))
+    for flag, path in (("--eval-text", args.eval_text), ("--calib-text", args.calib_text)):
+        if path is not None and not Path(path).is_file():
+            print(f"asym_probe: error: {flag} {path}: no such file", file=sys.stderr)
+            sys.exit(2)
+    if min(args.windows, args.gptq_windows, args.seqlen) < 1:
+        print("asym_probe: error: --windows, --gptq-windows and --seqlen must be at least 1", file=sys.stderr)
+        sys.exit(2)
+    try:
+        model, tokenizer, spec = load_model(resolve_source(args.model))
+    except QublastError as exc:
+        print(f"asym_probe: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     windows = eval_windows(tokenize(tokenizer, eval_text(path=args.eval_text).text), args.seqlen, max_windows=args.windows)
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.startswith(spec.blocks + ".")]
