@@ -17,6 +17,7 @@ from runtime.targets import WeightFormat
 from .apply import BlockTransform, QuantMemo, block_transformed, fold_block, restored
 from .arch import ArchSpec
 from .blocks import BlockRunner, foldable, get_module
+from .formats import linear_format
 from .scaling import ALPHA_GRID, act_range, act_scale, smooth_scales
 
 SEARCH_TOKENS = 1024
@@ -101,12 +102,25 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt:
     if not scaling:
         return off, off
     best = min(off, scored(zeros), key=lambda c: c[1])  # activation-aware clipping alone
-    for producer in zeros:
+    for producer in searched(spec, fmt, zeros):
         for a in grid[1:]:
             candidate = scored({**best[0].alpha, producer: a})
             if candidate[1] < best[1]:
                 best = candidate
     return best, off
+
+
+def searched(spec: ArchSpec, fmt: WeightFormat, producers) -> list[str]:
+    """The producers whose alpha the search tries: those whose fold reaches a weight ``fmt``
+    quantizes (a linear of the group, or the producer itself when it is one, as ``up_proj`` is
+    for ``down_proj``). Where a mixed format keeps all of them unquantized (Jetson's ``w4m``:
+    attention in fp16), the fold changes no code, only the fp rounding of the block's output, so
+    a winning alpha there would be noise; it stays 0 (no fold)."""
+    def quantized(name: str) -> bool:
+        return name in spec.linears and linear_format(fmt, spec, name).bits is not None
+
+    reach = {g.producer for g in spec.groups if g.producer and (quantized(g.producer) or any(map(quantized, g.linears)))}
+    return [p for p in producers if p in reach]
 
 
 @torch.no_grad()

@@ -101,6 +101,31 @@ def test_search_reports_the_unscaled_error_it_beat(fmt):
     assert 0 < err <= unscaled
 
 
+def test_search_tries_no_alpha_whose_fold_reaches_no_code(monkeypatch):
+    """Jetson's w4m keeps attention in fp16, so input_layernorm's fold reaches no code: its alpha is
+    not tried and stays 0. up_proj is INT4 itself there, so its alpha (for down_proj) is still
+    tried; w4, and the CPU's w4m (attention in INT8), try every producer."""
+    from qublast import mapsearch
+    from qublast.scaling import ALPHA_GRID
+
+    model = tiny_model("llama")
+    spec = arch_for(model.config.model_type)
+    producers = [g.producer for g in spec.groups if g.producer]
+    w4m = get_format("w4m", JETSON)
+    assert mapsearch.searched(spec, w4m, producers) == ["post_attention_layernorm", "mlp.up_proj"]
+    assert mapsearch.searched(spec, get_format("w4", JETSON), producers) == producers
+    assert mapsearch.searched(spec, get_format("w4m", CPU), producers) == producers
+    tried = []
+    real = mapsearch.block_transformed
+    monkeypatch.setattr(mapsearch, "block_transformed", lambda block, spec, t, **kw: (tried.append(dict(t.alpha)), real(block, spec, t, **kw))[1])
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    runner = BlockRunner(model, spec, ids)
+    (t, err), (off, unscaled) = search_transform(runner, 0, runner.first_hidden, w4m, scaling=True, range_method="mse")
+    assert len(tried) == 2 + 2 * (len(ALPHA_GRID) - 1)  # the map off, clipping alone, two producers' alphas
+    assert all(a["input_layernorm"] == 0 for a in tried) and t.alpha["input_layernorm"] == 0
+    assert 0 < err <= unscaled
+
+
 @pytest.mark.parametrize("map_shift", [1.0, -1.0])
 def test_sweep_keeps_the_map_only_where_it_lowers_dce(tmp_path, monkeypatch, map_shift):
     """The issue's rule: where the map makes a block worse, the block keeps alpha = 0. On a random
