@@ -7,6 +7,7 @@ The model is left exactly as it came in (fp weights); the decisions live in the 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import resource
@@ -251,10 +252,10 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
         costs.update(reconstruction_s=builder.seconds, reconstructions=builder.count)
     peaks = allocation.pop("peaks", None)
     with transforms_applied(model, spec, transforms, vocab) as qweights:
-        if peaks is None:  # not measured by the repair: a fixed or size-budget plan
-            with PeakRecorder(model) as recorder:
+        if "heldout_ce_quant" not in allocation:  # not measured by the repair: a fixed or size-budget plan
+            with _recording(model, target) as recorder:
                 allocation["heldout_ce_quant"] = float(window_ce(model, holdout).mean())
-            peaks = recorder.summary()
+            peaks = recorder.summary() if recorder else None
     recipe = {
         "format": RECIPE_FORMAT, "version": RECIPE_VERSION, "stage": "calibrated", "model": model_info, "target": target_entry(target),
         "calibration": {**_calibration_entry(cfg, calib_label, candidates, peaks), "costs": _costs(costs, table, vocab_table)},
@@ -279,10 +280,10 @@ def _runner(model, spec, sens: np.ndarray, target, model_info: dict, log) -> Blo
     """The sweep's runner. For an fp16 graph the fp model's activations must fit fp16: where they do
     not, the model is rescaled exactly (``qublast.rescale``; the factors go to ``model_info``) and
     measured again; what rescaling cannot bring within fp16's headroom is refused, by name."""
+    if target.graph_dtype != "float16":
+        return BlockRunner(model, spec, torch.from_numpy(sens))
     with PeakRecorder(model) as peaks:
         runner = BlockRunner(model, spec, torch.from_numpy(sens))
-    if target.graph_dtype != "float16":
-        return runner
     before = peaks.summary()
     factors = rescale.choose(peaks.peaks, spec, len(blocks_of(model, spec))) if fp16_overflow(before) else None
     if factors:
@@ -304,6 +305,14 @@ def _runner(model, spec, sens: np.ndarray, target, model_info: dict, log) -> Blo
     if not factors:
         log(f"fp16 range: largest activation {before['max']:.4g} ({before['where']})")
     return runner
+
+
+def _recording(model, target):
+    """The activation peak recorder where the target's graph is fp16 (what the graph must hold:
+    ``_runner``, ``export.graph``); elsewhere nothing to record (``None``), and the held-out passes run
+    with the model's own attention, as the fp pass they are paired with does (the recorder attends
+    with the explicit grouped attention to see the scores, about 15% slower)."""
+    return PeakRecorder(model) if target.graph_dtype == "float16" else contextlib.nullcontext()
 
 
 def _check_fits(layers, spec, target, candidates, fixed) -> None:
@@ -390,9 +399,9 @@ def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder
         key = (tuple(formats), reconstructed)
         if key not in shifts:
             transforms, vocab, _ = builder.build(formats, reconstructed=reconstructed)
-            with transforms_applied(model, spec, transforms, vocab), PeakRecorder(model) as recorder:
+            with transforms_applied(model, spec, transforms, vocab), _recording(model, builder.target) as recorder:
                 windows = window_ce(model, holdout)
-            shifts[key], peaks[key] = ce_shift(windows, fp_windows), (float(windows.mean()), recorder.summary())
+            shifts[key], peaks[key] = ce_shift(windows, fp_windows), (float(windows.mean()), recorder.summary() if recorder else None)
         return shifts[key].upper(Z_UPPER)
 
     # Repair compares plans as quantized (reconstruction lowers most plans' loss and costs minutes

@@ -57,6 +57,7 @@ def test_bundle_contents(bundle):
     assert recipe["allocation"]["repair"][-1]["measured"] <= recipe["allocation"]["repair_target_dce"] or all(
         b["format"] == "fp16" for b in recipe["blocks"])
     assert "| block | format |" in (bundle / "report.md").read_text()
+    assert recipe["calibration"]["activation_peaks"] is None  # an fp32 graph: no fp16 range to hold
     for block in recipe["blocks"]:  # the per-block map ablation: chosen alpha never worse than alpha 0
         assert block["block_err"] <= block["block_err_unscaled"], block["index"]
     for path in bundle.rglob("*"):  # readable by any user once copied to a device
@@ -106,6 +107,9 @@ def test_jetson_bundle_is_an_fp16_tensorrt_graph(jetson_bundle):
     m = recipe["metrics"]
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 0.005
     assert recipe["evaluation"]["ort_session"] == {"session.disable_quant_qdq": "1"}  # the graph as written
+    # what the fp16 graph must hold, measured on the held-out text (the CPU's fp32 graph records none)
+    assert recipe["calibration"]["activation_peaks"]["max"] > 0
+    assert "Largest activation" in (jetson_bundle / "report.md").read_text()
 
 
 def test_vocabulary_units_untied_and_pinned(tmp_path):
