@@ -33,7 +33,7 @@ from .evaluate import PeakRecorder, ce_shift, fp16_overflow, window_ce
 from .formats import fits, get_format, get_target, linear_format
 from .quant import CLIP_GRID
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
-from .reconstruct import ROUNDINGS, WindowCache, reconstruct
+from .reconstruct import RETUNES, ROUNDINGS, WindowCache, reconstruct
 from .scaling import ALPHA_GRID, RANGE_METHODS
 from .sensitivity import ESTIMATES, sweep
 from .sizes import block_bytes, fp16_bytes, predicted_sizes, rest_bytes, vocab_bytes
@@ -82,6 +82,7 @@ class CalibConfig:
     reconstruct_steps: int = 40
     reconstruct_windows: int | None = None  # token windows reconstruction tunes on: the sweep's, then its own (None: the sweep's)
     rounding: str = "fixed"  # what reconstruction tunes: the scales (fixed codes) or also each code's rounding (learned)
+    retune: str = "all"  # which windows a later plan tunes again: all after its first changed block, or only those it changed
     device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
     dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
     spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)
@@ -126,6 +127,8 @@ class CalibConfig:
             raise InputError(f"--reconstruct-windows must be >= 1, got {self.reconstruct_windows}")
         if self.rounding not in ROUNDINGS:
             raise InputError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.retune not in RETUNES:
+            raise InputError(f"--retune must be one of {', '.join(RETUNES)}, got {self.retune!r}")
         check_device(self.device)
         torch_dtype(self.dtype)
         if self.spend_tries < 0:
@@ -350,7 +353,7 @@ class _Builder:
         self.model, self.spec, self.target, self.table, self.vocab_table = model, spec, target, table, vocab_table
         self.importance, self.tune_ids, self.cfg, self.log = importance, tune_ids, cfg, log
         self.cache: dict[tuple, tuple] = {}
-        self.windows = WindowCache()  # tuned windows shared by plans with the same leading formats
+        self.windows = WindowCache(retune=cfg.retune)  # tuned windows shared by plans with the same leading formats
         self.seconds, self.count = 0.0, 0
 
     def build(self, formats, *, reconstructed: bool = True) -> tuple[list, VocabTransform, list]:
@@ -374,7 +377,9 @@ class _Builder:
                 self.count += 1
                 before, after = sum(r["before"] for r in records), sum(r["after"] for r in records)
                 reused = sum(bool(r.get("cached")) for r in records)
-                self.log(f"reconstruction: window errors summed {before:.4g} -> {after:.4g} ({reused} of {len(records)} windows reused)")
+                kept = sum(bool(r.get("reused")) and not r.get("cached") for r in records)
+                self.log(f"reconstruction: window errors summed {before:.4g} -> {after:.4g} ({reused} of {len(records)} windows reused"
+                         + (f", {kept} kept an earlier plan's tuned scales)" if self.cfg.retune == "changed" else ")"))
             self.cache = {key: (transforms, vocab, records)}
         return self.cache[key]
 
@@ -492,7 +497,7 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "alpha_grid": list(ALPHA_GRID), "range_method": cfg.range_method, "alloc_loss": cfg.alloc_loss,
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
         "quantizers": list(cfg.quantizers), "act_order": cfg.act_order, "gptq_windows": cfg.gptq_windows,
-        "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps, "rounding": cfg.rounding,
+        "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps, "rounding": cfg.rounding, "retune": cfg.retune,
         "reconstruct_windows": cfg.tune_windows,
         "device": cfg.device, "dtype": cfg.dtype,
         "sweep": cfg.sweep,

@@ -17,7 +17,7 @@ from runtime.targets import EMBED_FORMATS, TARGETS
 from .calibrate import ALLOC_LOSSES, AUTO, DEFAULTS, CalibConfig
 from .errors import InputError, QublastError
 from .formats import ALL_FORMATS
-from .reconstruct import ROUNDINGS
+from .reconstruct import RETUNES, ROUNDINGS
 from .scaling import RANGE_METHODS
 from .sensitivity import ESTIMATES
 from .text import EVAL_SEQLEN
@@ -102,6 +102,10 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--rounding", default=DEFAULTS.rounding, choices=ROUNDINGS,
                    help="what reconstruction tunes: fixed (the scales; the codes stay GPTQ's or round-to-nearest's, "
                         "default) or learned (the scales and every code's rounding, AutoRound-style straight-through; docs/results.md)")
+    p.add_argument("--retune", default=DEFAULTS.retune, choices=RETUNES,
+                   help="which reconstruction windows a later plan of the repair tunes again: all after its first changed "
+                        "block (default), or changed: only those holding a changed block, the others keeping their tuned "
+                        "scales where these still fit better on the new input (faster; docs/results.md)")
     p.add_argument("--device", default=DEFAULTS.device, help="where calibration computes: cpu (default), cuda or cuda:N; "
                                                   "blocks move there one at a time")
     p.add_argument("--dtype", default=DEFAULTS.dtype, choices=("float32", "float16", "bfloat16"),
@@ -118,7 +122,7 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
 RECIPE_DECIDES = ("max_ppl_increase", "target_size", "blocks_size", "uniform", "formats", "lm_head", "embeddings",
                   "candidates", "calib_text", "calib_dataset", "calib_seqlen", "calib_windows", "holdout_windows", "seed",
                   "safety", "no_scaling", "range_method", "alloc_loss", "spend_tries", "quantizers", "no_act_order",
-                  "gptq_windows", "reconstruct", "reconstruct_steps", "reconstruct_windows", "rounding", "allow_test_calibration", "sweep")
+                  "gptq_windows", "reconstruct", "reconstruct_steps", "reconstruct_windows", "rounding", "retune", "allow_test_calibration", "sweep")
 
 
 def given(p: argparse.ArgumentParser, argv: list[str]) -> dict[str, tuple[str, str | None]]:
@@ -175,6 +179,8 @@ def _check_unused(flags: dict, args: argparse.Namespace) -> None:
         "gptq_windows": "gptq" not in names and "without gptq in --quantizers",
         "reconstruct_steps": args.reconstruct == 0 and "with --reconstruct 0",
         "rounding": args.reconstruct == 0 and "with --reconstruct 0",
+        "retune": (args.reconstruct == 0 and "with --reconstruct 0")
+                  or ((fixed or sized) and f"with {fixed or sized} (only --max-ppl-increase reconstructs more than one plan)"),
         "reconstruct_windows": args.reconstruct == 0 and "with --reconstruct 0",
     }
     for dest, (flag, _) in flags.items():
@@ -228,7 +234,7 @@ def config_from_args(args: argparse.Namespace, *, calibrate_only: bool = False):
         seed=args.seed, safety=args.safety, cache_dir=args.cache_dir,
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
         quantizers=_names("--quantizers", args.quantizers), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,
-        reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps, rounding=args.rounding,
+        reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps, rounding=args.rounding, retune=args.retune,
         reconstruct_windows=args.reconstruct_windows, device=args.device, dtype=args.dtype,
         spend_tries=args.spend_tries, sweep=args.sweep,
     )

@@ -28,6 +28,11 @@ every format and target keeps its layout and legality.
 A window's result depends only on the formats of the blocks up to its end (and the vocabulary
 formats that make block 0's input), so repair's plans, which differ from one another in a few
 blocks, share every window before the first block that changed: ``WindowCache`` keeps them.
+With ``retune="changed"`` a window after the first change whose own blocks kept their formats
+keeps its tuned scales (and codes) from the last plan that tuned it, where they still match the
+fp output better than the plan's untuned codes on its new input: only the windows holding a
+changed block are tuned again (each tuned window aims at the fp model's output, so the input of
+the windows after it moves little). The plan is measured on held-out text either way.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from .device import kept_on
 from .quant import QuantizedWeight, dequantize, measured, qrange
 
 ROUNDINGS = ("fixed", "learned")  # what reconstruction tunes: the scales, or the scales and each code's rounding
+RETUNES = ("all", "changed")  # which windows a later plan tunes again: all after its first change, or those it changed
 V_START = -1.0  # every code starts where it was (h = [V >= 0] = 0)
 ROUND_LR = 0.05  # Adam's step on V: a code crosses over after about 20 consistent steps
 
@@ -106,10 +112,15 @@ class _LearnedRounding(_Dequantized):
 class WindowCache:
     """Tuned windows of recent plans: key -> (record, tuned codes per block, the quantized model's
     output of the window). Valid within one calibration (one table of block transforms per format);
-    entries not used by the last ``keep`` plans are dropped (each holds one hidden state)."""
+    entries not used by the last ``keep`` plans are dropped (each holds one hidden state).
+    ``retune="changed"``: also the last tuned codes of every window by its own blocks' formats
+    (``own``), which a later plan reuses where only earlier blocks changed (module docstring)."""
 
-    def __init__(self, keep: int = 3):
-        self.keep, self.entries, self.plans, self.hits = keep, {}, [], 0
+    def __init__(self, keep: int = 3, retune: str = "all"):
+        if retune not in RETUNES:
+            raise ValueError(f"retune must be one of {', '.join(RETUNES)}, got {retune!r}")
+        self.keep, self.retune, self.entries, self.own, self.plans = keep, retune, {}, {}, []
+        self.hits = self.reused = 0
 
     def get(self, key):
         hit = self.entries.get(key)
@@ -118,16 +129,26 @@ class WindowCache:
 
     def put(self, key, value) -> None:
         self.entries[key] = value
+        if self.retune == "changed":
+            self.own[_own_key(key)] = value[1]
 
     def end_plan(self, keys: list) -> None:
         self.plans = (self.plans + [set(keys)])[-self.keep:]
         live = set().union(*self.plans)
         self.entries = {k: v for k, v in self.entries.items() if k in live}
+        owned = {_own_key(k) for k in live}
+        self.own = {k: v for k, v in self.own.items() if k in owned}
 
 
-def _window_key(transforms: list[BlockTransform], vocab, last: int, settings: tuple) -> tuple:
-    fmts = tuple((t.format, t.quantizer) for t in transforms[: last + 1])
-    return (vocab.embed.name, vocab.head.name, settings, fmts)
+def _window_key(transforms: list[BlockTransform], vocab, blocks: range, settings: tuple) -> tuple:
+    fmts = tuple((t.format, t.quantizer) for t in transforms[: blocks[-1] + 1])
+    return (vocab.embed.name, vocab.head.name, settings, fmts, blocks[0])
+
+
+def _own_key(key: tuple) -> tuple:
+    """A window key's part that its tuned codes depend on: the settings and its own blocks' formats."""
+    _embed, _head, settings, fmts, first = key
+    return settings, first, fmts[first:]
 
 
 def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, ids: torch.Tensor, *, window: int,
@@ -154,17 +175,23 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
         for start in range(0, len(layers), window):
             blocks = range(start, min(start + window, len(layers)))
             target = targets.pop(blocks[-1])
-            key = _window_key(transforms, vocab, blocks[-1], settings)
+            key = _window_key(transforms, vocab, blocks, settings)
             keys.append(key)
             hit = cache.get(key) if cache is not None else None
-            if hit is None:
-                record, codes, x_q = _tune_window(runner, spec, blocks, qweights, x_q, target, steps=steps, lr=lr, batch=batch,
-                                                  fp_weights=fp_weights)
-                if cache is not None:
-                    cache.put(key, (record, codes, x_q))
-            else:
+            if hit is not None:
                 record, codes, x_q = hit
                 record = {**record, "cached": True}
+            else:
+                earlier = cache.own.get(_own_key(key)) if cache is not None and cache.retune == "changed" else None
+                reused = _reused_window(runner, blocks, x_q, target, earlier) if earlier else None
+                if reused is not None:
+                    cache.reused += 1
+                    record, codes, x_q = reused
+                else:
+                    record, codes, x_q = _tune_window(runner, spec, blocks, qweights, x_q, target, steps=steps, lr=lr,
+                                                      batch=batch, fp_weights=fp_weights)
+                if cache is not None:
+                    cache.put(key, (record, codes, x_q))
             records.append({"blocks": list(blocks), **record})
             moved = f", {record['moved']} of {record['codes']} codes moved" if "moved" in record else ""
             log(f"reconstruction: blocks {blocks[0]}-{blocks[-1]}: relative error {record['before']:.4g} -> {record['after']:.4g}{moved}")
@@ -173,6 +200,38 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
     if cache is not None:
         cache.end_plan(keys)
     return tuned, records
+
+
+@torch.no_grad()
+def _reused_window(runner: BlockRunner, blocks: range, x_q, target, codes: dict):
+    """The window with an earlier plan's tuned ``codes`` ({block: {linear: QuantizedWeight}}; its
+    blocks' formats are this plan's, its input ``x_q`` is not): (record, codes, the window's
+    output), or None where they match ``target`` worse than the plan's untuned codes do on this
+    input (the model's weights left as they came)."""
+    layers = runner.layers
+
+    def run() -> torch.Tensor:
+        out = x_q
+        for i in blocks:
+            out = runner.run_block(i, out)
+        return out
+
+    def loss(out: torch.Tensor) -> float:
+        return float((out - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12))
+
+    with kept_on([layers[i] for i in blocks], runner.ids.device):
+        before = loss(run())  # the plan's own codes, as transforms_applied set them
+        linears = {(i, n): get_module(layers[i], n) for i, block in codes.items() for n in block}
+        untuned = {k: linear.weight.data for k, linear in linears.items()}
+        for (i, n), linear in linears.items():
+            linear.weight.data = codes[i][n].dequantize().to(linear.weight.device, linear.weight.dtype)
+        out = run()
+        after = loss(out)
+        if not math.isfinite(after) or after > before:
+            for k, linear in linears.items():
+                linear.weight.data = untuned[k]
+            return None
+    return {"before": before, "after": after, "steps": 0, "reused": True}, codes, out
 
 
 def _folded_weights(model, spec: ArchSpec, transforms: list[BlockTransform]) -> dict[str, torch.Tensor]:

@@ -102,6 +102,62 @@ def test_window_cache_reuses_the_windows_before_the_first_changed_block():
         assert all(torch.equal(_codes(first)[i][n][1], _codes(cached)[i][n][1]) for n in _codes(first)[i])
 
 
+def test_retune_changed_keeps_the_tuned_scales_of_windows_whose_blocks_did_not_change():
+    """retune="changed": after block 0 changes, the windows of blocks 2-5 keep the first plan's tuned
+    codes (they fit the new input better than the plan's untuned ones), only blocks 0-1 are tuned
+    again; the default tunes every window after the change; the model is left as it came."""
+    model = tiny_model("llama", layers=6)
+    spec = arch_for("llama")
+    target = get_target("jetson")
+    vocab = VocabTransform.of(target, embed="fp16", head="fp16")
+    ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def plan(*formats):
+        return [BlockTransform(get_format(f, target)) for f in formats]
+
+    run = dict(window=2, steps=10, log=lambda _m: None)
+    cache = WindowCache(retune="changed")
+    first, _ = reconstruct(model, spec, plan(*["w4"] * 6), vocab, ids, cache=cache, **run)
+    changed = plan("w8a8", *["w4"] * 5)
+    kept, records = reconstruct(model, spec, changed, vocab, ids, cache=cache, **run)
+    assert [bool(r.get("reused")) for r in records] == [False, True, True] and cache.reused == 2
+    assert all(r["after"] <= r["before"] and r["steps"] == 0 for r in records[1:])
+    for i in range(2, 6):  # the first plan's tuned codes and scales, unchanged
+        assert all(torch.equal(_codes(first)[i][n][0], _codes(kept)[i][n][0]) and torch.equal(_codes(first)[i][n][1], _codes(kept)[i][n][1])
+                   for n in _codes(first)[i])
+    _, all_records = reconstruct(model, spec, changed, vocab, ids, cache=WindowCache(), **run)
+    assert not any(r.get("reused") for r in all_records) and all(r["steps"] == 10 for r in all_records)
+    assert records[0]["after"] == all_records[0]["after"]  # the changed window is tuned as before
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_reused_codes_that_fit_worse_are_not_kept():
+    """An earlier plan's codes that match the fp output worse than the plan's own untuned codes on
+    this input are refused (None) and the window's weights are put back."""
+    from dataclasses import replace
+
+    from qublast.apply import transforms_applied
+    from qublast.blocks import BlockRunner
+    from qublast.reconstruct import _reused_window
+
+    model = tiny_model("llama", layers=2)
+    spec = arch_for("llama")
+    target = get_target("jetson")
+    vocab = VocabTransform.of(target, embed="fp16", head="fp16")
+    ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+    runner = BlockRunner(model, spec, ids, outputs=(1,), scored=False)
+    with transforms_applied(model, spec, [BlockTransform(get_format("w4", target))] * 2, vocab) as qweights:
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        worse = {i: {n: replace(qweights[f"{spec.blocks}.{i}.{n}"], scale=qweights[f"{spec.blocks}.{i}.{n}"].scale * 1.5)
+                     for n in spec.linears} for i in (0, 1)}
+        assert _reused_window(runner, range(2), runner.first_hidden, runner.outputs[1], worse) is None
+        assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+        same = {i: {n: qweights[f"{spec.blocks}.{i}.{n}"] for n in spec.linears} for i in (0, 1)}
+        record, codes, out = _reused_window(runner, range(2), runner.first_hidden, runner.outputs[1], same)
+        assert record["after"] == pytest.approx(record["before"]) and codes is same and record["reused"]
+
+
 @pytest.mark.parametrize("rounding", ["fixed", "learned"])
 def test_reconstructed_bundle_replays_exactly(tiny_model_dir, tmp_path, rounding):
     from qublast.export import main

@@ -79,6 +79,7 @@ EXPORT_REFUSALS = [
     (["--reconstruct", "0", "--reconstruct-steps", "9"], "--reconstruct-steps has no effect with --reconstruct 0"),
     (["--reconstruct-steps", "99999999999"], "--reconstruct-steps must be at most 10000"),
     (["--reconstruct", "0", "--reconstruct-windows", "9"], "--reconstruct-windows has no effect with --reconstruct 0"),
+    (["--reconstruct", "0", "--retune", "changed"], "--retune has no effect with --reconstruct 0"),
     (["--reconstruct-windows", "0"], "--reconstruct-windows must be >= 1, got 0"),
     (["--reconstruct-windows", "5000"], "--reconstruct-windows 5000 less --calib-windows 4998"),
     (["--calib-windows", "0"], "--calib-windows must be >= 1, got 0"),
@@ -111,6 +112,7 @@ def test_flags_a_mode_ignores_are_refused(tiny_model_dir, tmp_path, capsys):
         (["--uniform", "w8", "--alloc-loss", "dce"], "--alloc-loss has no effect with --uniform"),
         (["--formats", "w8,w4", "--spend-tries", "5"], "--spend-tries has no effect with --formats"),
         (["--target-size", "0.5", "--safety", "0.5"], "--safety has no effect with --target-size"),
+        (["--uniform", "w8", "--retune", "changed"], "--retune has no effect with --uniform"),
     ]
     for extra, message in cases:
         assert main([*base, *extra]) == 2, extra
