@@ -346,13 +346,16 @@ def _options(model, spec, target, table, vocab_table, candidates, embed_choices,
 
 class _Builder:
     """The transforms of a plan (blocks, then embedding and lm_head), reconstructed when the
-    config says so. The last plan built is kept (a plan's codes are as large as the model), so
-    the one the repair measured last is deployed without tuning it again."""
+    config says so. The last plan built is kept (a plan's codes are as large as the model), and
+    the last one the repair measured within its bound (``keep``), so the plan it keeps is deployed
+    as it was measured, without tuning it again (with ``--retune changed`` a second tuning could
+    differ: it depends on the plans tuned before)."""
 
     def __init__(self, model, spec, target, table, vocab_table, importance, tune_ids: np.ndarray, cfg: CalibConfig, log):
         self.model, self.spec, self.target, self.table, self.vocab_table = model, spec, target, table, vocab_table
         self.importance, self.tune_ids, self.cfg, self.log = importance, tune_ids, cfg, log
         self.cache: dict[tuple, tuple] = {}
+        self.kept: dict[tuple, tuple] = {}
         self.windows = WindowCache(retune=cfg.retune)  # tuned windows shared by plans with the same leading formats
         self.seconds, self.count = 0.0, 0
 
@@ -360,9 +363,10 @@ class _Builder:
         """(block transforms, vocabulary transform, reconstruction records) of a plan; reconstructed
         when the config says so and ``reconstructed`` does not turn it off."""
         blocks, embed, head = split_plan(formats)
-        # an all-fp16 stack has no quantized block to reconstruct (its windows would cost time for nothing)
-        tune = bool(self.cfg.reconstruct) and reconstructed and any(f != "fp16" for f in blocks)
-        key = (tuple(formats), tune)
+        key = self._key(formats, reconstructed)
+        tune = key[1]
+        if key in self.kept:
+            return self.kept[key]
         if key not in self.cache:
             transforms = [row[f].transform(self.target) for row, f in zip(self.table, blocks)]
             vocab = VocabTransform.of(self.target, embed=embed, head=head, head_importance=self.importance,
@@ -382,6 +386,16 @@ class _Builder:
                          + (f", {kept} kept an earlier plan's tuned scales)" if self.cfg.retune == "changed" else ")"))
             self.cache = {key: (transforms, vocab, records)}
         return self.cache[key]
+
+    def keep(self, formats, *, reconstructed: bool) -> None:
+        """Hold the build of ``formats`` (built last) beside the next ones: the repair measured it within its bound."""
+        key = self._key(formats, reconstructed)
+        self.kept = {key: self.kept.get(key) or self.cache[key]}
+
+    def _key(self, formats, reconstructed: bool) -> tuple:
+        # an all-fp16 stack has no quantized block to reconstruct (its windows would cost time for nothing)
+        tune = bool(self.cfg.reconstruct) and reconstructed and any(f != "fp16" for f in split_plan(formats)[0])
+        return tuple(formats), tune
 
 
 def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder, log) -> tuple[list[str], dict]:
@@ -407,6 +421,8 @@ def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder
             with transforms_applied(model, spec, transforms, vocab), _recording(model, builder.target) as recorder:
                 windows = window_ce(model, holdout)
             shifts[key], peaks[key] = ce_shift(windows, fp_windows), (float(windows.mean()), recorder.summary() if recorder else None)
+            if shifts[key].upper(Z_UPPER) <= cfg.safety * max_loss:  # a plan the repair may keep: deployed as measured
+                builder.keep(formats, reconstructed=reconstructed)
         return shifts[key].upper(Z_UPPER)
 
     # Repair compares plans as quantized (reconstruction lowers most plans' loss and costs minutes

@@ -111,15 +111,16 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt:
 
 
 def searched(spec: ArchSpec, fmt: WeightFormat, producers) -> list[str]:
-    """The producers whose alpha the search tries: those whose fold reaches a weight ``fmt``
-    quantizes (a linear of the group, or the producer itself when it is one, as ``up_proj`` is
-    for ``down_proj``). Where a mixed format keeps all of them unquantized (Jetson's ``w4m``:
-    attention in fp16), the fold changes no code, only the fp rounding of the block's output, so
-    a winning alpha there would be noise; it stays 0 (no fold)."""
+    """The producers whose alpha the search tries: those with a linear of their group that ``fmt``
+    quantizes. A fold multiplies the group's input channels by s (their codes and, for w8a8, their
+    input ranges change) and divides the producer's output rows by 1/s, which no code notices: every
+    scale group, per-channel scale and GPTQ update lies within one row, and the clip search is
+    scale-free. Where a mixed format keeps a group unquantized (Jetson's ``w4m``: attention and
+    ``down_proj`` in fp16) a winning alpha would be the fp rounding's noise; it stays 0 (no fold)."""
     def quantized(name: str) -> bool:
-        return name in spec.linears and linear_format(fmt, spec, name).bits is not None
+        return linear_format(fmt, spec, name).bits is not None
 
-    reach = {g.producer for g in spec.groups if g.producer and (quantized(g.producer) or any(map(quantized, g.linears)))}
+    reach = {g.producer for g in spec.groups if g.producer and any(map(quantized, g.linears))}
     return [p for p in producers if p in reach]
 
 

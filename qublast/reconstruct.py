@@ -206,8 +206,8 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
 def _reused_window(runner: BlockRunner, blocks: range, x_q, target, codes: dict):
     """The window with an earlier plan's tuned ``codes`` ({block: {linear: QuantizedWeight}}; its
     blocks' formats are this plan's, its input ``x_q`` is not): (record, codes, the window's
-    output), or None where they match ``target`` worse than the plan's untuned codes do on this
-    input (the model's weights left as they came)."""
+    output), or None where they do not match ``target`` better than the plan's untuned codes do on
+    this input (the model's weights left as they came)."""
     layers = runner.layers
 
     def run() -> torch.Tensor:
@@ -217,7 +217,7 @@ def _reused_window(runner: BlockRunner, blocks: range, x_q, target, codes: dict)
         return out
 
     def loss(out: torch.Tensor) -> float:
-        return float((out - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12))
+        return float(_relative_error(out, target))
 
     with kept_on([layers[i] for i in blocks], runner.ids.device):
         before = loss(run())  # the plan's own codes, as transforms_applied set them
@@ -227,11 +227,17 @@ def _reused_window(runner: BlockRunner, blocks: range, x_q, target, codes: dict)
             linear.weight.data = codes[i][n].dequantize().to(linear.weight.device, linear.weight.dtype)
         out = run()
         after = loss(out)
-        if not math.isfinite(after) or after > before:
+        if not math.isfinite(after) or after >= before:  # not better: tuned on this input instead
             for k, linear in linears.items():
                 linear.weight.data = untuned[k]
             return None
     return {"before": before, "after": after, "steps": 0, "reused": True}, codes, out
+
+
+def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|out - target|^2 / |target|^2 in fp32 whatever the model's dtype (fp16 squares overflow above 256)."""
+    out, target = out.float(), target.float()
+    return (out - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
 
 
 def _folded_weights(model, spec: ArchSpec, transforms: list[BlockTransform]) -> dict[str, torch.Tensor]:
@@ -293,8 +299,7 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
             return out
 
         def loss(rows, out: torch.Tensor | None = None) -> torch.Tensor:
-            out = forward(rows) if out is None else out
-            return (out - target[rows]).pow(2).mean() / target[rows].pow(2).mean().clamp(min=1e-12)
+            return _relative_error(forward(rows) if out is None else out, target[rows])
 
         every = torch.arange(x_q.shape[0])
         with torch.no_grad():

@@ -129,16 +129,49 @@ def test_retune_changed_keeps_the_tuned_scales_of_windows_whose_blocks_did_not_c
     _, all_records = reconstruct(model, spec, changed, vocab, ids, cache=WindowCache(), **run)
     assert not any(r.get("reused") for r in all_records) and all(r["steps"] == 10 for r in all_records)
     assert records[0]["after"] == all_records[0]["after"]  # the changed window is tuned as before
+    later = plan("w8a8", "w4", "w4", "w4", "w4m", "w4")  # then block 4 changes: its window is tuned, not reused
+    _, records = reconstruct(model, spec, later, vocab, ids, cache=cache, **run)
+    assert [(bool(r.get("cached")), bool(r.get("reused")) and not r.get("cached"), r["steps"]) for r in records] == [
+        (True, False, 10), (True, False, 0), (False, False, 10)]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_reused_codes_that_fit_worse_are_not_kept():
+def test_the_plan_the_repair_keeps_is_deployed_as_it_was_measured():
+    """calibrate's builder holds the last plan measured within the bound beside later builds: after
+    three more reconstructed tries (the window cache keeps three plans), asking for it again returns
+    the very build that was measured, with no fourth tuning (with --retune changed a second
+    tuning could differ from the first)."""
+    import numpy as np
+
+    from qublast.calibrate import CalibConfig, _Builder
+    from qublast.sensitivity import Sensitivity
+
+    model = tiny_model("llama", layers=2)
+    spec = arch_for("llama")
+    formats = ("fp16", "w4m", "w4", "w8a8")
+    table = [{f: Sensitivity(i, f, 0.0, 0.0) for f in formats} for i in range(2)]
+    vocab_table = {"embed": {"fp16": Sensitivity("embed", "fp16", 0.0, 0.0)}, "lm_head": {"fp16": Sensitivity("lm_head", "fp16", 0.0, 0.0)}}
+    cfg = CalibConfig(target="jetson", reconstruct_steps=2, retune="changed")
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 16))
+    builder = _Builder(model, spec, get_target("jetson"), table, vocab_table, None, ids, cfg, log=lambda _m: None)
+    kept = ["w4", "w4", "fp16/fp16"]
+    measured = builder.build(kept)
+    builder.keep(kept, reconstructed=True)
+    for other in (["w4m", "w4"], ["w4", "w4m"], ["w8a8", "w4"]):
+        builder.build([*other, "fp16/fp16"])
+    assert builder.count == 4
+    assert builder.build(kept) is measured and builder.count == 4
+    assert builder.build(kept, reconstructed=False) is not measured  # another plan: built, not the kept one
+
+
+def test_reused_codes_are_kept_only_where_they_fit_better():
     """An earlier plan's codes that match the fp output worse than the plan's own untuned codes on
-    this input are refused (None) and the window's weights are put back."""
+    this input, or no better (the untuned codes themselves), are refused (None: the window is tuned)
+    and its weights are put back; codes tuned on this input are kept, their weights in the model."""
     from dataclasses import replace
 
     from qublast.apply import transforms_applied
-    from qublast.blocks import BlockRunner
+    from qublast.blocks import BlockRunner, get_module
     from qublast.reconstruct import _reused_window
 
     model = tiny_model("llama", layers=2)
@@ -154,8 +187,16 @@ def test_reused_codes_that_fit_worse_are_not_kept():
         assert _reused_window(runner, range(2), runner.first_hidden, runner.outputs[1], worse) is None
         assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
         same = {i: {n: qweights[f"{spec.blocks}.{i}.{n}"] for n in spec.linears} for i in (0, 1)}
-        record, codes, out = _reused_window(runner, range(2), runner.first_hidden, runner.outputs[1], same)
-        assert record["after"] == pytest.approx(record["before"]) and codes is same and record["reused"]
+        assert _reused_window(runner, range(2), runner.first_hidden, runner.outputs[1], same) is None  # no better: tuned instead
+    tuned, records = reconstruct(model, spec, [BlockTransform(get_format("w4", target))] * 2, vocab, ids, window=2, steps=10,
+                                 log=lambda _m: None)
+    assert records[0]["after"] < records[0]["before"]
+    better = {i: tuned[i].codes for i in (0, 1)}  # tuned on this very input: they fit better than the untuned codes
+    with transforms_applied(model, spec, [BlockTransform(get_format("w4", target))] * 2, vocab):
+        record, codes, out = _reused_window(runner, range(2), runner.first_hidden, runner.outputs[1], better)
+        assert codes is better and record["reused"] and record["steps"] == 0
+        assert record["before"] == pytest.approx(records[0]["before"]) and record["after"] == pytest.approx(records[0]["after"])
+        assert torch.equal(get_module(model, f"{spec.blocks}.0.mlp.up_proj").weight, better[0]["mlp.up_proj"].dequantize())
 
 
 @pytest.mark.parametrize("rounding", ["fixed", "learned"])
@@ -184,8 +225,9 @@ def test_reconstructed_bundle_replays_exactly(tiny_model_dir, tmp_path, rounding
 def test_repair_reconstructs_only_the_plan_it_keeps(tiny_model_dir, tmp_path, bound):
     """Under a PPL bound, repair compares plans as quantized; the kept plan is reconstructed and
     measured again, then repaired again if that left it over the bound or spent down if it left
-    room, measuring reconstructed plans: one reconstruction per reconstructed measurement (and one
-    more when the plan deployed is not the last one measured), and the deployed plan fits."""
+    room, measuring reconstructed plans: one reconstruction per reconstructed measurement (the plan
+    deployed is the build that was measured, even when later tries measured over), and the deployed
+    plan fits."""
     from qublast.export import main
     from qublast.recipe import read_recipe
 
@@ -205,7 +247,7 @@ def test_repair_reconstructs_only_the_plan_it_keeps(tiny_model_dir, tmp_path, bo
     costs = json.loads((out / "run.json").read_text())["calibration_costs"]
     deployed = [b["format"] for b in recipe["blocks"]]
     quantized = [b for b in recipe["blocks"] if b["format"] != "fp16"]
-    assert tuned and costs["reconstructions"] == len(measured) + (measured[-1]["formats"][:-1] != deployed)
+    assert tuned and costs["reconstructions"] == len(measured)
     if allocation["reconstructed"]:  # kept: it lowered the bound, and repair went on until it fit (or spent the room)
         assert tuned[0]["action"] == "reconstructed" and tuned[-1]["measured"] <= allocation["repair_target_dce"]
         assert tuned[-1]["formats"][:-1] == deployed
