@@ -113,7 +113,7 @@ def search_transform(runner: BlockRunner, index: int, hidden: torch.Tensor, fmt:
 def searched(spec: ArchSpec, fmt: WeightFormat, producers) -> list[str]:
     """The producers whose alpha the search tries: those with a linear of their group that ``fmt``
     quantizes. A fold multiplies the group's input channels by s (their codes and, for w8a8, their
-    input ranges change) and divides the producer's output rows by 1/s, which no code notices: every
+    input ranges change) and divides the producer's output rows by s, which no code notices: every
     scale group, per-channel scale and GPTQ update lies within one row, and the clip search is
     scale-free. Where a mixed format keeps a group unquantized (Jetson's ``w4m``: attention and
     ``down_proj`` in fp16) a winning alpha would be the fp rounding's noise; it stays 0 (no fold)."""
