@@ -210,22 +210,16 @@ def _reused_window(runner: BlockRunner, blocks: range, x_q, target, codes: dict)
     this input (the model's weights left as they came)."""
     layers = runner.layers
 
-    def run() -> torch.Tensor:
-        out = x_q
-        for i in blocks:
-            out = runner.run_block(i, out)
-        return out
-
     def loss(out: torch.Tensor) -> float:
         return float(_relative_error(out, target))
 
     with kept_on([layers[i] for i in blocks], runner.ids.device):
-        before = loss(run())  # the plan's own codes, as transforms_applied set them
+        before = loss(_window_output(runner, blocks, x_q))  # the plan's own codes, as transforms_applied set them
         linears = {(i, n): get_module(layers[i], n) for i, block in codes.items() for n in block}
         untuned = {k: linear.weight.data for k, linear in linears.items()}
         for (i, n), linear in linears.items():
             linear.weight.data = codes[i][n].dequantize().to(linear.weight.device, linear.weight.dtype)
-        out = run()
+        out = _window_output(runner, blocks, x_q)
         after = loss(out)
         if not math.isfinite(after) or after >= before:  # not better: tuned on this input instead
             for k, linear in linears.items():
@@ -266,11 +260,16 @@ def _tune_window(runner: BlockRunner, spec: ArchSpec, blocks: range, qweights, x
                                      fp_weights=fp_weights)
     codes = {i: {n: measured(results[paths[i][n]], get_module(layers[i], n).weight) for n in paths[i]} for i in blocks if paths[i]}
     if out is None:  # the window's weights went back to where they started: its output again
-        with torch.no_grad():
-            out = x_q
-            for i in blocks:
-                out = runner.run_block(i, out)
+        out = _window_output(runner, blocks, x_q)
     return record, codes, out
+
+
+@torch.no_grad()
+def _window_output(runner: BlockRunner, blocks: range, x: torch.Tensor) -> torch.Tensor:
+    """The window's output for ``x`` with the weights its blocks hold now."""
+    for i in blocks:
+        x = runner.run_block(i, x)
+    return x
 
 
 def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: int, lr: float, batch: int,
