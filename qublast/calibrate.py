@@ -82,7 +82,7 @@ class CalibConfig:
     reconstruct_steps: int = 40
     reconstruct_windows: int | None = None  # token windows reconstruction tunes on: the sweep's, then its own (None: the sweep's)
     rounding: str = "fixed"  # what reconstruction tunes: the scales (fixed codes) or also each code's rounding (learned)
-    retune: str = "all"  # which windows a later plan tunes again: all after its first changed block, or only those it changed
+    retune: str = "changed"  # which windows a later plan tunes again: only those it changed, or all after its first changed block
     device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
     dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
     spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)

@@ -103,9 +103,9 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
                    help="what reconstruction tunes: fixed (the scales; the codes stay GPTQ's or round-to-nearest's, "
                         "default) or learned (the scales and every code's rounding, AutoRound-style straight-through; docs/results.md)")
     p.add_argument("--retune", default=DEFAULTS.retune, choices=RETUNES,
-                   help="which reconstruction windows a later plan of the repair tunes again: all after its first changed "
-                        "block (default), or changed: only those holding a changed block, the others keeping their tuned "
-                        "scales where these still fit better on the new input (faster; docs/results.md)")
+                   help="which reconstruction windows a later plan of the repair tunes again: changed (default): only "
+                        "those holding a changed block, the others keeping their tuned scales where these still fit better "
+                        "on the new input; or all after its first changed block (slower; docs/results.md)")
     p.add_argument("--device", default=DEFAULTS.device, help="where calibration computes: cpu (default), cuda or cuda:N; "
                                                   "blocks move there one at a time")
     p.add_argument("--dtype", default=DEFAULTS.dtype, choices=("float32", "float16", "bfloat16"),

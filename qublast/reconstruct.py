@@ -121,6 +121,14 @@ class WindowCache:
             raise ValueError(f"retune must be one of {', '.join(RETUNES)}, got {retune!r}")
         self.keep, self.retune, self.entries, self.own, self.plans = keep, retune, {}, {}, []
         self.hits = self.reused = 0
+        self._fp: tuple | None = None  # (ids, window, runner): the fp model's window outputs, the same for every plan
+
+    def fp_runner(self, model, spec: ArchSpec, ids: torch.Tensor, ends: tuple[int, ...]) -> BlockRunner:
+        """The unscored runner holding the fp model's output of every window on ``ids`` (one capture
+        pass per calibration, not per plan: the model's fp weights and the windows do not change)."""
+        if self._fp is None or self._fp[1] != ends or not torch.equal(self._fp[0], ids):
+            self._fp = (ids.clone(), ends, BlockRunner(model, spec, ids, outputs=ends, scored=False))
+        return self._fp[2]
 
     def get(self, key):
         hit = self.entries.get(key)
@@ -164,21 +172,29 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     count = len(blocks_of(model, spec))
     ends = tuple(i for i in range(count) if (i + 1) % window == 0 or i + 1 == count)
-    runner = BlockRunner(model, spec, ids, outputs=ends, scored=False)  # the fp model's output of every window
-    layers, targets = runner.layers, runner.outputs  # popped window by window: freed as they are used
+    if cache is not None:  # the targets stay for the next plan
+        runner = cache.fp_runner(model, spec, ids, ends)
+        layers, targets = runner.layers, dict(runner.outputs)
+    else:
+        runner = BlockRunner(model, spec, ids, outputs=ends, scored=False)  # the fp model's output of every window
+        layers, targets = runner.layers, runner.outputs  # popped window by window: freed as they are used
     tuned, records, keys = list(transforms), [], []
     settings = (window, steps, lr, batch, tuple(ids.shape), rounding)
     fp_weights = _folded_weights(model, spec, transforms) if rounding == "learned" else None
     suffix = "+cbq-round" if rounding == "learned" else "+cbq"
     with transforms_applied(model, spec, transforms, vocab) as qweights:
         x_q = runner.embed(ids)  # block 0's input through the deployed table (times Falcon-H1's embedding multiplier)
+        exact = torch.equal(x_q, runner.first_hidden)  # x_q is the fp model's hidden state, bit for bit
         for start in range(0, len(layers), window):
             blocks = range(start, min(start + window, len(layers)))
             target = targets.pop(blocks[-1])
             key = _window_key(transforms, vocab, blocks, settings)
             keys.append(key)
-            hit = cache.get(key) if cache is not None else None
-            if hit is not None:
+            exact = exact and all(_unchanged(transforms[i], spec) for i in blocks)
+            hit = cache.get(key) if cache is not None and not exact else None
+            if exact:  # fp blocks on the fp input: their output is the target (the capture ran the same blocks)
+                record, codes, x_q = {"before": 0.0, "after": 0.0, "steps": 0}, {}, target
+            elif hit is not None:
                 record, codes, x_q = hit
                 record = {**record, "cached": True}
             else:
@@ -200,6 +216,11 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
     if cache is not None:
         cache.end_plan(keys)
     return tuned, records
+
+
+def _unchanged(t: BlockTransform, spec: ArchSpec) -> bool:
+    """True when ``t`` leaves its block as the fp model has it: no quantized linear, no fold."""
+    return not t.smooth and all(fmt.bits is None for fmt in t.formats(spec).values())
 
 
 @torch.no_grad()
@@ -301,6 +322,11 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
             return _relative_error(forward(rows) if out is None else out, target[rows])
 
         every = torch.arange(x_q.shape[0])
+        if not params:  # nothing to tune: the window's output once
+            with torch.no_grad():
+                out = forward(every)
+            error = float(loss(every, out))
+            return {"before": error, "after": error, "steps": 0}, {}, out
         with torch.no_grad():
             before = float(loss(every))
         if params:

@@ -9,6 +9,7 @@ import torch
 
 from qublast.apply import BlockTransform
 from qublast.arch import arch_for
+from qublast.blocks import blocks_of
 from qublast.formats import get_format, get_target
 from qublast.reconstruct import WindowCache, reconstruct
 from qublast.vocab import VocabTransform
@@ -100,6 +101,40 @@ def test_window_cache_reuses_the_windows_before_the_first_changed_block():
     assert not any(r.get("cached") for r in records)
     for i in (0, 1):  # the reused window's codes are the first plan's
         assert all(torch.equal(_codes(first)[i][n][1], _codes(cached)[i][n][1]) for n in _codes(first)[i])
+
+
+def test_fp_windows_cost_no_tuning_and_the_fp_targets_serve_every_plan():
+    """A plan's fp16 windows before its first quantized block output the fp targets themselves (no
+    pass), a later fp16 window runs once and tunes nothing; the cache's fp targets serve a second
+    plan; codes and errors are those of a reconstruction with no cache, bit for bit."""
+    model = tiny_model("llama", layers=8)
+    spec = arch_for("llama")
+    target = get_target("cpu")
+    vocab = VocabTransform.of(target, embed="fp16", head="fp16")
+    ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+
+    def plan(*formats):
+        return [BlockTransform(get_format(f, target)) for f in formats]
+
+    run = dict(window=2, steps=5, log=lambda _m: None)
+    cache = WindowCache()
+    first = plan("fp16", "fp16", "w4", "fp16", "fp16", "fp16", "w4", "w4")
+    second = plan("fp16", "fp16", "fp16", "fp16", "w4", "fp16", "fp16", "fp16")
+    calls = []
+    hook = blocks_of(model, spec)[0].register_forward_hook(lambda *_a: calls.append(1))
+    for p in (first, second):
+        calls.clear()
+        cached, records = reconstruct(model, spec, p, vocab, ids, cache=cache, **run)
+        assert len(calls) == (0 if p is second else 1)  # block 0 runs only in the first plan's fp capture pass
+        fresh, fresh_records = reconstruct(model, spec, p, vocab, ids, **run)
+        assert [(r["before"], r["after"], r["steps"]) for r in records] == [
+            (r["before"], r["after"], r["steps"]) for r in fresh_records]
+        for a, b in zip(_codes(cached), _codes(fresh)):
+            assert a.keys() == b.keys() and all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)
+    assert records[0] == {"blocks": [0, 1], "before": 0.0, "after": 0.0, "steps": 0}  # fp blocks, fp input
+    assert records[3]["steps"] == 0 and records[3]["before"] == records[3]["after"] > 0  # fp blocks after a quantized one
+    hook.remove()
+    assert cache._fp is not None and cache.hits == 0
 
 
 def test_retune_changed_keeps_the_tuned_scales_of_windows_whose_blocks_did_not_change():
