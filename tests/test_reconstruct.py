@@ -76,16 +76,22 @@ def _codes(tuned):
     return [{n: (qw.q.clone(), qw.scale.clone()) for n, qw in t.codes.items()} for t in tuned]
 
 
-def test_window_cache_reuses_the_windows_before_the_first_changed_block():
-    model = tiny_model("llama", layers=4)
+def _setting(layers: int, target_name: str = "jetson"):
+    """(model, spec, target, vocab with fp16 table and head, token windows [4, 24], plan(*formats))."""
+    model = tiny_model("llama", layers=layers)
     spec = arch_for("llama")
-    target = get_target("jetson")
+    target = get_target(target_name)
     vocab = VocabTransform.of(target, embed="fp16", head="fp16")
     ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
 
     def plan(*formats):
         return [BlockTransform(get_format(f, target)) for f in formats]
 
+    return model, spec, target, vocab, ids, plan
+
+
+def test_window_cache_reuses_the_windows_before_the_first_changed_block():
+    model, spec, target, vocab, ids, plan = _setting(4)
     run = dict(window=2, steps=10, log=lambda _m: None)
     cache = WindowCache()
     first, _ = reconstruct(model, spec, plan("w4", "w4", "w4", "w4"), vocab, ids, cache=cache, **run)
@@ -107,15 +113,7 @@ def test_fp_windows_cost_no_tuning_and_the_fp_targets_serve_every_plan():
     """A plan's fp16 windows before its first quantized block output the fp targets themselves (no
     pass), a later fp16 window runs once and tunes nothing; the cache's fp targets serve a second
     plan; codes and errors are those of a reconstruction with no cache, bit for bit."""
-    model = tiny_model("llama", layers=8)
-    spec = arch_for("llama")
-    target = get_target("cpu")
-    vocab = VocabTransform.of(target, embed="fp16", head="fp16")
-    ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
-
-    def plan(*formats):
-        return [BlockTransform(get_format(f, target)) for f in formats]
-
+    model, spec, _target, vocab, ids, plan = _setting(8, "cpu")
     run = dict(window=2, steps=5, log=lambda _m: None)
     cache = WindowCache()
     first = plan("fp16", "fp16", "w4", "fp16", "fp16", "fp16", "w4", "w4")
@@ -141,16 +139,8 @@ def test_retune_changed_keeps_the_tuned_scales_of_windows_whose_blocks_did_not_c
     """retune="changed": after block 0 changes, the windows of blocks 2-5 keep the first plan's tuned
     codes (they fit the new input better than the plan's untuned ones), only blocks 0-1 are tuned
     again; the default tunes every window after the change; the model is left as it came."""
-    model = tiny_model("llama", layers=6)
-    spec = arch_for("llama")
-    target = get_target("jetson")
-    vocab = VocabTransform.of(target, embed="fp16", head="fp16")
-    ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+    model, spec, _target, vocab, ids, plan = _setting(6)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    def plan(*formats):
-        return [BlockTransform(get_format(f, target)) for f in formats]
-
     run = dict(window=2, steps=10, log=lambda _m: None)
     cache = WindowCache(retune="changed")
     first, _ = reconstruct(model, spec, plan(*["w4"] * 6), vocab, ids, cache=cache, **run)
