@@ -193,7 +193,7 @@ def reconstruct(model, spec: ArchSpec, transforms: list[BlockTransform], vocab, 
             exact = exact and all(_unchanged(transforms[i], spec) for i in blocks)
             hit = cache.get(key) if cache is not None and not exact else None
             if exact:  # fp blocks on the fp input: their output is the target (the capture ran the same blocks)
-                record, codes, x_q = {"before": 0.0, "after": 0.0, "steps": 0}, {}, target
+                record, codes, x_q = {"before": 0.0, "after": 0.0, "steps": 0, **_none_moved(fp_weights is not None)}, {}, target
             elif hit is not None:
                 record, codes, x_q = hit
                 record = {**record, "cached": True}
@@ -326,21 +326,20 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
             with torch.no_grad():
                 out = forward(every)
             error = float(loss(every, out))
-            return {"before": error, "after": error, "steps": 0}, {}, out
+            return {"before": error, "after": error, "steps": 0, **_none_moved(learned)}, {}, out
         with torch.no_grad():
             before = float(loss(every))
-        if params:
-            groups = [{"params": [p.gain for p in params.values()], "lr": lr}]
-            if learned:
-                groups.append({"params": [p.v for p in params.values()], "lr": ROUND_LR})
-            optimizer = torch.optim.Adam(groups)
-            generator = torch.Generator().manual_seed(0)
-            for _ in range(steps):
-                rows = torch.randperm(x_q.shape[0], generator=generator)[:batch]
-                optimizer.zero_grad()
-                value = loss(rows)
-                value.backward()
-                optimizer.step()
+        groups = [{"params": [p.gain for p in params.values()], "lr": lr}]
+        if learned:
+            groups.append({"params": [p.v for p in params.values()], "lr": ROUND_LR})
+        optimizer = torch.optim.Adam(groups)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            rows = torch.randperm(x_q.shape[0], generator=generator)[:batch]
+            optimizer.zero_grad()
+            value = loss(rows)
+            value.backward()
+            optimizer.step()
         results = {path: p.tuned(qweights[path]) for path, p in params.items()}
         moves = {"moved": sum(p.moved() for p in params.values()), "codes": sum(p.q.numel() for p in params.values())} if learned else {}
     finally:
@@ -362,5 +361,10 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
         set_weights(results)
         after, out = before, None
         moves = {**moves, "moved": 0} if moves else moves
-    return {"before": before, "after": after, "steps": steps if params else 0, **moves}, results, out
+    return {"before": before, "after": after, "steps": steps, **moves}, results, out
+
+
+def _none_moved(learned: bool) -> dict:
+    """A window record's code counts where nothing was tuned (learned rounding records them)."""
+    return {"moved": 0, "codes": 0} if learned else {}
 
