@@ -33,6 +33,8 @@ keeps its tuned scales (and codes) from the last plan that tuned it, where they 
 fp output better than the plan's untuned codes on its new input: only the windows holding a
 changed block are tuned again (each tuned window aims at the fp model's output, so the input of
 the windows after it moves little). The plan is measured on held-out text either way.
+Windows of fp16 blocks before a plan's first quantized block, on the fp model's own input (bit
+for bit), output their fp targets without a pass; a window with nothing to tune runs once.
 """
 from __future__ import annotations
 
@@ -114,14 +116,16 @@ class WindowCache:
     output of the window). Valid within one calibration (one table of block transforms per format);
     entries not used by the last ``keep`` plans are dropped (each holds one hidden state).
     ``retune="changed"``: also the last tuned codes of every window by its own blocks' formats
-    (``own``), which a later plan reuses where only earlier blocks changed (module docstring)."""
+    (``own``), which a later plan reuses where only earlier blocks changed (module docstring).
+    It also holds the fp model's output of every window (``fp_runner``) for the whole calibration:
+    one hidden state a window, captured once instead of once per plan."""
 
     def __init__(self, keep: int = 3, retune: str = "all"):
         if retune not in RETUNES:
             raise ValueError(f"retune must be one of {', '.join(RETUNES)}, got {retune!r}")
         self.keep, self.retune, self.entries, self.own, self.plans = keep, retune, {}, {}, []
         self.hits = self.reused = 0
-        self._fp: tuple | None = None  # (ids, window, runner): the fp model's window outputs, the same for every plan
+        self._fp: tuple | None = None  # (ids, window ends, runner): the fp model's window outputs, the same for every plan
 
     def fp_runner(self, model, spec: ArchSpec, ids: torch.Tensor, ends: tuple[int, ...]) -> BlockRunner:
         """The unscored runner holding the fp model's output of every window on ``ids`` (one capture
