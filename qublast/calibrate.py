@@ -31,6 +31,7 @@ from .entries import block_entries, target_entry, vocab_entries
 from .errors import BudgetError, InputError
 from .evaluate import PeakRecorder, ce_shift, fp16_overflow, window_ce
 from .formats import fits, get_format, get_target, linear_format
+from .heldout import PrefixPasses
 from .quant import CLIP_GRID
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
 from .reconstruct import RETUNES, ROUNDINGS, WindowCache, reconstruct
@@ -411,6 +412,7 @@ def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder
     plan: Plan = solve_for_loss(options, cfg.safety * max_loss)
     info.update(max_dce=max_loss, repair_target_dce=cfg.safety * max_loss, z_upper=Z_UPPER, predicted_loss=plan.loss)
     shifts, peaks = {}, {}
+    passes = PrefixPasses(model, spec, holdout)
 
     def measure(formats: list[str], reconstructed: bool = False) -> float:
         """The upper bound on the held-out dCE that repair compares with the target (a plan measured
@@ -418,8 +420,10 @@ def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder
         key = (tuple(formats), reconstructed)
         if key not in shifts:
             transforms, vocab, _ = builder.build(formats, reconstructed=reconstructed)
+            blocks, embed, _head = split_plan(formats)
+            fp_prefix = next((i for i, f in enumerate(blocks) if f != "fp16"), len(blocks)) if embed == "fp16" else 0
             with transforms_applied(model, spec, transforms, vocab), _recording(model, builder.target) as recorder:
-                windows = window_ce(model, holdout)
+                windows = passes.window_ce(fp_prefix, recorder)
             shifts[key], peaks[key] = ce_shift(windows, fp_windows), (float(windows.mean()), recorder.summary() if recorder else None)
             if shifts[key].upper(Z_UPPER) <= cfg.safety * max_loss:  # a plan the repair may keep: deployed as measured
                 builder.keep(formats, reconstructed=reconstructed)

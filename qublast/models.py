@@ -5,6 +5,8 @@ against the registry before any weight is read, then loads in fp32 on the CPU.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -112,7 +114,23 @@ def max_positions(config) -> int | None:
 
 
 def load_config(source: ModelSource):
-    """The model's transformers config (no weights read)."""
+    """The model's transformers config (no weights read); a copy of the one read first for this
+    source (a GGUF file's header takes seconds to parse, and the checks before any work read it too)."""
+    return copy.deepcopy(_config(source, _stamp(source)))
+
+
+def _stamp(source: ModelSource) -> tuple:
+    """Size and modification time of the file the config comes from (a changed file is read again)."""
+    path = Path(source.path) / (source.gguf_file or "config.json")
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _config(source: ModelSource, _stamp: tuple):
     try:
         return AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
     except (OSError, ValueError) as exc:

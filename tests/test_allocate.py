@@ -375,6 +375,7 @@ def test_calibrate_measures_each_plan_once(tmp_path, monkeypatch):
     import torch
 
     import qublast.calibrate as calibrate_mod
+    import qublast.heldout as heldout_mod
     from qublast.arch import arch_for
     from qublast.calibrate import CalibConfig, calibrate
     from qublast.sensitivity import Sensitivity
@@ -398,6 +399,7 @@ def test_calibrate_measures_each_plan_once(tmp_path, monkeypatch):
     runs = []
     real = calibrate_mod.window_ce
     monkeypatch.setattr(calibrate_mod, "window_ce", lambda *a, **k: runs.append(1) or real(*a, **k))
+    monkeypatch.setattr(heldout_mod, "window_ce", lambda *a, **k: runs.append(1) or real(*a, **k))  # the plans' passes
     monkeypatch.setattr(calibrate_mod, "sweep", table)
     monkeypatch.setattr(calibrate_mod, "repair", twice)
     cfg = CalibConfig(target="cpu", candidates=("fp16", "w8", "w4"), max_ppl_increase=0.5, calib_seqlen=16, sens_windows=2,
