@@ -501,3 +501,23 @@ def test_safetensors_defect_reads_the_header_only(tmp_path):
         assert safetensors_defect(path) is not None and not safetensors_loads(path), name
     assert "bytes, its header says" in safetensors_defect(tmp_path / "cut.safetensors")
     assert "tensor a holds 60 bytes" in safetensors_defect(tmp_path / "inconsistent.safetensors")
+
+
+def test_a_model_config_is_read_once_per_file_and_again_when_the_file_changes(tiny_model_dir, tmp_path):
+    """The checks before any work and the load read the same config once (a GGUF header takes
+    seconds); each caller gets its own copy, and a file changed in between is read again."""
+    from qublast.models import load_config, resolve_source
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    source = resolve_source(str(folder))
+    first = load_config(source)
+    first.num_hidden_layers = 99  # a caller's change stays its own
+    assert load_config(source).num_hidden_layers != 99
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data["num_hidden_layers"] = 3
+    path.write_text(json.dumps(data))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert load_config(source).num_hidden_layers == 3
