@@ -40,7 +40,9 @@ class PrefixPasses:
         # block i -> (digest of the embedding and blocks 0..i-1 when kept, its input per batch [B, S, H])
         self.states: dict[int, tuple[bytes, list[torch.Tensor]]] = {}
         self.recording: bool | None = None  # whether the kept states come from passes under a peak recorder
-        self.peaks: dict[str, float] = {}  # the recorder's peaks of the last recorded pass
+        # block i -> (the key of block i + 1's state, the recorder's peaks of block i's modules) from
+        # a recorded pass where block i was in the fp prefix
+        self.block_peaks: dict[int, tuple[bytes, dict[str, float]]] = {}
         self.returns: int | None = None  # a block returns a tensor (0) or a tuple of this length; None: not seen yet
         self.skipped_blocks = 0  # block forwards not run, over all passes
 
@@ -55,12 +57,13 @@ class PrefixPasses:
         stale = [i for i, (key, _) in self.states.items() if i <= fp_prefix and key != keys[i]]
         for i in stale:  # their prefix is not the model's now
             del self.states[i]
-        start = max((i for i in self.states if i <= fp_prefix), default=0) if self.returns is not None else 0
+        start = max((i for i in self.states if i <= fp_prefix and self._peaks_known(i, keys, recorder)), default=0)
+        start = start if self.returns is not None else 0
         keep = self._to_keep(start, fp_prefix)
         with self._skipping(start), self._keeping(keep, keys), self._returns_seen(start):
             out = window_ce(self.model, self.windows, batch_size=self.batch_size)
         if recorder is not None:
-            self._fix_peaks(recorder, start)
+            self._fix_peaks(recorder, start, fp_prefix, keys)
         self.recording = recorder is not None
         self.skipped_blocks += start * self.batches
         return out
@@ -151,19 +154,34 @@ class PrefixPasses:
             for layer in skipped:
                 del layer.forward
 
-    def _fix_peaks(self, recorder: PeakRecorder, start: int) -> None:
+    def _peaks_known(self, start: int, keys: list[bytes], recorder: PeakRecorder | None) -> bool:
+        """Whether a pass may skip blocks ``0..start-1``: without a recorder always; with one, when
+        each of them has peaks from a recorded pass with the same prefix."""
+        return recorder is None or all(i in self.block_peaks and self.block_peaks[i][0] == keys[i + 1] for i in range(start))
+
+    def _fix_peaks(self, recorder: PeakRecorder, start: int, fp_prefix: int, keys: list[bytes]) -> None:
         """The skipped blocks' modules get the peaks of the pass that ran them (a passthrough's own
-        output is its input: not what the block computes); the result is kept for later passes."""
-        prefixes = tuple(f"{self.spec.blocks}.{i}" for i in range(start))
+        output is its input: not what the block computes); the fp prefix's peaks are kept for later
+        passes."""
+        by_block: dict[int, dict[str, float]] = {}
+        for name, value in recorder.peaks.items():
+            index = self._block_of(name)
+            if index is not None and index < fp_prefix:
+                by_block.setdefault(index, {})[name] = value
+        for i in range(start):
+            for name in by_block.pop(i, {}):
+                del recorder.peaks[name]
+            recorder.peaks.update(self.block_peaks[i][1])
+        self.block_peaks.update({i: (keys[i + 1], peaks) for i, peaks in by_block.items()})
 
-        def skipped(name: str) -> bool:
-            path = name.removesuffix(INPUT).removesuffix(SCORES)
-            return any(path == p or path.startswith(p + ".") for p in prefixes)
-
-        for name in [n for n in recorder.peaks if skipped(n)]:
-            del recorder.peaks[name]
-        recorder.peaks.update({n: v for n, v in self.peaks.items() if skipped(n)})
-        self.peaks = dict(recorder.peaks)
+    def _block_of(self, name: str) -> int | None:
+        """The block a recorded module path (with its recorder suffix) lies in, else None."""
+        head = f"{self.spec.blocks}."
+        path = name.removesuffix(INPUT).removesuffix(SCORES)
+        if not path.startswith(head):
+            return None
+        index = path[len(head):].split(".", 1)[0]
+        return int(index) if index.isdigit() else None
 
 
 def _update(h, module: torch.nn.Module) -> None:
