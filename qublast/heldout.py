@@ -9,8 +9,9 @@ kept block ``i`` starts there: blocks ``0..i-1`` return their input at no cost a
 receives the kept state. The model's own forward computes everything else (embedding, masks,
 rotary tables, later blocks, norm, lm_head), so the cross-entropies are those of a full pass, bit
 for bit. A prefix whose weights, buffers or hooks differ from the pass that kept it (checked by
-digest) is run in full. An activation-peak recorder open around a pass gets the skipped modules'
-peaks from the pass that ran them.
+digest) is not skipped. An activation-peak recorder open around a pass gets each skipped block's
+peaks from a recorded pass where that block was in the fp prefix (the same computation), so its
+record is a full pass's.
 """
 from __future__ import annotations
 
