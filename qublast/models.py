@@ -130,7 +130,7 @@ def _stamp(source: ModelSource) -> tuple:
 
 
 @functools.lru_cache(maxsize=4)
-def _config(source: ModelSource, _stamp: tuple):
+def _config(source: ModelSource, stamp: tuple):  # noqa: ARG001 - stamp only keys the cache
     try:
         return AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
     except (OSError, ValueError) as exc:
