@@ -25,6 +25,7 @@ import torch
 from .arch import ArchSpec
 from .blocks import blocks_of, get_module
 from .evaluate import INPUT, SCORES, PeakRecorder, window_ce
+from .models import feed_tensor
 
 BUDGET_BYTES = 1 << 30  # kept hidden states, all blocks and batches together
 
@@ -188,9 +189,7 @@ class PrefixPasses:
 def _update(h, module: torch.nn.Module) -> None:
     """Feed ``module``'s parameters, buffers, norm epsilons and hook counts to the digest ``h``."""
     for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy())
+        feed_tensor(h, name, tensor)
     for sub in module.modules():
         eps = getattr(sub, "variance_epsilon", getattr(sub, "eps", None))
         h.update(f"{type(sub).__name__}:{eps}:{len(sub._forward_hooks)}:{len(sub._forward_pre_hooks)}".encode())

@@ -158,10 +158,15 @@ def weight_hash(model) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().contiguous().cpu()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+        feed_tensor(digest, name, tensor)
     return digest.hexdigest()
+
+
+def feed_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    """Feed a named tensor (name, dtype, shape, then its bytes) to a hashlib ``digest``."""
+    t = tensor.detach().contiguous().cpu()
+    digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+    digest.update(t.view(-1).view(dtype=torch.uint8).numpy())
 
 
 def arch_spec_of(model) -> ArchSpec:
