@@ -9,6 +9,9 @@ import copy
 import functools
 import hashlib
 import importlib.util
+import math
+import mmap
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +100,11 @@ def check_gguf(path: Path) -> None:
     import gguf  # read only to check a GGUF input (transformers treats gguf as optional); ~0.2 s to import
 
     try:
+        if gguf_data_end(path) <= path.stat().st_size:
+            return  # the header's own account: complete (gguf's reader, below, takes seconds on a large vocabulary)
+    except Exception:  # noqa: BLE001 - anything the short parse does not understand goes to gguf's reader
+        pass
+    try:
         reader = gguf.GGUFReader(str(path))
         size = path.stat().st_size
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
@@ -104,6 +112,61 @@ def check_gguf(path: Path) -> None:
         raise InputError(f"{path} is not a complete GGUF file ({_first_line(exc)}); was its download cut short?") from exc
     if end > size:
         raise InputError(f"{path} is cut short: its tensors end at byte {end}, the file has {size}")
+
+
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
+
+
+def gguf_data_end(path: Path) -> int:
+    """The byte where a GGUF (v2/v3) file's last tensor ends, from its header: the key-value
+    section is skipped, not decoded (gguf's reader builds every tokenizer string as an array,
+    seconds for a 152k vocabulary). Raises on anything it does not understand."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # the block sizes; gguf as in check_gguf
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError("no GGUF magic")
+        version, tensors, pairs = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version}")
+
+        def skip(pos: int, kind: int) -> int:
+            if kind in _GGUF_SCALAR_BYTES:
+                return pos + _GGUF_SCALAR_BYTES[kind]
+            if kind == _GGUF_STRING:
+                return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
+            if kind != _GGUF_ARRAY:
+                raise ValueError(f"GGUF value type {kind}")
+            item, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if item in _GGUF_SCALAR_BYTES:
+                return pos + count * _GGUF_SCALAR_BYTES[item]
+            for _ in range(count):
+                pos = skip(pos, item)
+            return pos
+
+        pos, alignment = 24, 32
+        for _ in range(pairs):
+            (length,) = struct.unpack_from("<Q", buf, pos)
+            key = buf[pos + 8 : pos + 8 + length]
+            (kind,) = struct.unpack_from("<I", buf, pos + 8 + length)
+            pos += 12 + length
+            if key == b"general.alignment" and kind == _GGUF_UINT32:
+                (alignment,) = struct.unpack_from("<I", buf, pos)
+            pos = skip(pos, kind)
+        end = 0
+        for _ in range(tensors):
+            pos = skip(pos, _GGUF_STRING)  # the name
+            (dims,) = struct.unpack_from("<I", buf, pos)
+            shape = struct.unpack_from(f"<{dims}Q", buf, pos + 4)
+            kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * dims)
+            pos += 16 + 8 * dims
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            end = max(end, offset + math.prod(shape) // block * size)
+        if pos > len(buf) or alignment <= 0:
+            raise ValueError("header runs past the file")
+        return -(-pos // alignment) * alignment + end
 
 
 def max_positions(config) -> int | None:
@@ -146,7 +209,8 @@ def load_model(source: ModelSource, *, dtype=None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs())
         attention = {"attn_implementation": "sdpa"} if spec.kind != "ssm" else {}  # state-space models have none
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **attention, **source.hf_kwargs())
+        # the config read above, so that a GGUF file's header is not parsed once more for it
+        model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=dtype, **attention, **source.hf_kwargs())
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {source.model_id}: {_first_line(exc)}") from exc
     model.eval()

@@ -263,6 +263,36 @@ def test_truncated_gguf_is_refused(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_gguf_header_gives_the_readers_tensor_end(tmp_path):
+    import gguf
+
+    from qublast.models import gguf_data_end
+
+    path = tmp_path / "kinds.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_custom_alignment(64)
+    writer.add_block_count(2)
+    writer.add_float32("a.float", 0.5)
+    writer.add_bool("a.bool", True)
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])
+    writer.add_array("a.ints", list(range(17)))
+    writer.add_key_value("a.u64s", [1, 2, 3], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT64)
+    writer.add_string("a.string", "caf\u00e9")
+    writer.add_tensor("token_embd.weight", np.zeros((33, 64), dtype=np.float16))
+    q8 = np.zeros((3, 2 * 34), dtype=np.uint8)  # Q8_0: 32 values in 34 bytes
+    writer.add_tensor("blk.0.ffn_up.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("output_norm.weight", np.ones(7, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(str(path))
+    assert gguf_data_end(path) == max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    path.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(16))  # a version the short parse does not know
+    with pytest.raises(ValueError):
+        gguf_data_end(path)
+
+
 def test_out_never_loses_a_file(first, tiny_model_dir, tmp_path, capsys, monkeypatch):
     base = ["--model", str(tiny_model_dir), *ARGS, "--cache-dir", str(tmp_path / "cache")]
     folder = tmp_path / "photos"
