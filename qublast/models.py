@@ -121,7 +121,9 @@ _GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
 def gguf_data_end(path: Path) -> int:
     """The byte where a GGUF (v2/v3) file's last tensor ends, from its header: the key-value
     section is skipped, not decoded (gguf's reader builds every tokenizer string as an array,
-    seconds for a 152k vocabulary). Raises on anything it does not understand."""
+    seconds for a 152k vocabulary). Raises on anything it does not understand and on what the
+    reader refuses in a header (a key or tensor named twice, a bad alignment, rows of partial
+    blocks); it checks no more than that (``check_gguf`` gives the reader the rest)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # the block sizes; gguf as in check_gguf
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -146,25 +148,39 @@ def gguf_data_end(path: Path) -> int:
                 pos = skip(pos, item)
             return pos
 
-        pos, alignment = 24, 32
+        pos, alignment, keys, names = 24, 32, set(), set()
         for _ in range(pairs):
             (length,) = struct.unpack_from("<Q", buf, pos)
-            key = buf[pos + 8 : pos + 8 + length]
+            key = bytes(buf[pos + 8 : pos + 8 + length])
             (kind,) = struct.unpack_from("<I", buf, pos + 8 + length)
             pos += 12 + length
-            if key == b"general.alignment" and kind == _GGUF_UINT32:
+            if key in keys:
+                raise ValueError(f"key {key!r} twice")
+            keys.add(key)
+            if key == b"general.alignment":
+                if kind != _GGUF_UINT32:
+                    raise ValueError("general.alignment is not a uint32")
                 (alignment,) = struct.unpack_from("<I", buf, pos)
+                if alignment <= 0 or alignment & (alignment - 1):
+                    raise ValueError(f"alignment {alignment} is not a power of two")
             pos = skip(pos, kind)
         end = 0
         for _ in range(tensors):
-            pos = skip(pos, _GGUF_STRING)  # the name
+            (length,) = struct.unpack_from("<Q", buf, pos)
+            name = bytes(buf[pos + 8 : pos + 8 + length])
+            if name in names:
+                raise ValueError(f"tensor {name!r} twice")
+            names.add(name)
+            pos += 8 + length
             (dims,) = struct.unpack_from("<I", buf, pos)
             shape = struct.unpack_from(f"<{dims}Q", buf, pos + 4)
             kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * dims)
             pos += 16 + 8 * dims
             block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-            end = max(end, offset + math.prod(shape) // block * size)
-        if pos > len(buf) or alignment <= 0:
+            if dims and shape[0] % block:
+                raise ValueError(f"tensor {name!r}: rows of {shape[0]} are not whole blocks of {block}")
+            end = max(end, offset + math.prod(shape) * size // block)
+        if pos > len(buf):
             raise ValueError("header runs past the file")
         return -(-pos // alignment) * alignment + end
 
