@@ -10,9 +10,6 @@ On the CPU (``device="cpu"``) nothing moves and no hook is added.
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import platform
 from contextlib import contextmanager
 
 import torch
@@ -43,33 +40,6 @@ def check_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise InputError(f"device {name!r}: only cpu and cuda are supported")
     return device
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
-HEAP_THRESHOLD = 2**31 - 1  # mallopt takes an int
-KEPT_FREE = 2**30  # free memory at the heap's top returned to the system only beyond this
-
-
-def reuse_freed_memory() -> bool:
-    """Serve large allocations from the heap, where freed memory is reused, instead of fresh
-    mappings, and return free memory at the heap's top to the system only beyond 1 GiB (glibc
-    only; the user's own malloc settings, ``MALLOC_*_`` or ``GLIBC_TUNABLES``, are left as they
-    are). glibc maps every block above 32 MiB anew, so each full-vocabulary logits tensor and
-    activation batch costs a page fault per 4 KiB on every pass; on 2 cores a forward pass was
-    ~12% faster without them (the numbers do not change: torch aligns its buffers itself). The
-    cost: memory freed below a live block, or under 1 GiB at the top, stays with the process
-    (peak RSS of the README's main command 3.9 -> 4.3 GB). Process-wide and for the process's
-    life. True when both settings took (glibc before 2.35 refuses a threshold above 32 MiB)."""
-    tuned = "GLIBC_TUNABLES" in os.environ or any(name.startswith("MALLOC_") for name in os.environ)
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or tuned:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        mapped, trimmed = mallopt(M_MMAP_THRESHOLD, HEAP_THRESHOLD), mallopt(M_TRIM_THRESHOLD, KEPT_FREE)
-        return mapped == 1 and trimmed == 1
-    except (OSError, AttributeError):
-        return False
 
 
 PIN = "_qublast_pinned"

@@ -15,7 +15,6 @@ from tqdm import tqdm
 from runtime.targets import EMBED_FORMATS, TARGETS
 
 from .calibrate import ALLOC_LOSSES, AUTO, DEFAULTS, CalibConfig
-from .device import reuse_freed_memory
 from .errors import InputError, QublastError
 from .formats import ALL_FORMATS
 from .reconstruct import RETUNES, ROUNDINGS
@@ -278,7 +277,6 @@ def main(argv: list[str] | None = None, *, calibrate_only: bool = False) -> int:
         cfg = config_from_args(args, calibrate_only=calibrate_only)
         from export.pipeline import run  # deferred heavy import (onnx, transformers): the flag errors above stay fast
 
-        reuse_freed_memory()
         run(cfg)
     except KeyboardInterrupt:
         _fail(f"interrupted (Ctrl-C); {args.out} is as it was")
