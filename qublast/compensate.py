@@ -18,7 +18,7 @@ import torch
 from .apply import BlockTransform, QuantMemo, fold_block, restored
 from .blocks import BlockRunner, get_module
 from .formats import block_size_for
-from .gptq import gptq_quantize
+from .gptq import InverseFactors, gptq_quantize
 
 
 @torch.no_grad()
@@ -70,12 +70,15 @@ def folded_hessians(spec, base: dict[str, torch.Tensor], smooth: dict[str, torch
 
 
 def gptq_transform(runner: BlockRunner, index: int, fit: torch.Tensor, t: BlockTransform, *, act_order: bool = True,
-                   hessians: dict[str, torch.Tensor] | None = None, memo: QuantMemo | None = None) -> BlockTransform:
+                   hessians: dict[str, torch.Tensor] | None = None, memo: QuantMemo | None = None,
+                   factors: InverseFactors | None = None) -> BlockTransform:
     """``t`` with every linear quantized by GPTQ (codes and scales in ``codes``), fitted on block
     ``index``'s fp inputs ``fit`` [M, S, H] (GPTQ's own windows). ``hessians``: the block's
     unfolded Hessians, when the caller has them (every format and map of a block shares them).
     ``memo``: GPTQ results to reuse for a linear whose folded weight and Hessian are unchanged
-    (the map and the map off share every linear the map does not fold)."""
+    (the map and the map off share every linear the map does not fold). ``factors``: the
+    factorisations of the unfolded Hessians, shared with the block's other calls (a folded
+    Hessian is this call's own and is not kept)."""
     block, spec = runner.layers[index], runner.spec
     base = hessians if hessians is not None else block_hessians(runner, index, fit, BlockTransform(t.fmt))
     hessians = folded_hessians(spec, base, t.smooth)
@@ -89,7 +92,8 @@ def gptq_transform(runner: BlockRunner, index: int, fit: torch.Tensor, t: BlockT
 
             def solve(linear=linear, fmt=fmt, h=hessians[name]):  # on the Hessian's device
                 return gptq_quantize(linear.weight, h, bits=fmt.bits, act_order=act_order,
-                                     block_size=block_size_for(fmt, linear.in_features))
+                                     block_size=block_size_for(fmt, linear.in_features),
+                                     factors=factors if h is base[name] else None)
             codes[name] = solve() if memo is None else memo.get(name, linear.weight, (fmt, act_order, "gptq"),
                                                                  hessians[name], solve)
     return replace(t, codes=codes, quantizer="gptq")

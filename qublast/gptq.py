@@ -32,30 +32,63 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return (2.0 / flat.shape[0] * flat.T @ flat).float()
 
 
+class InverseFactors:
+    """The column order and upper Cholesky factor of the damped inverse Hessian, kept per input
+    Hessian: every format of a block quantizes the linears its map does not fold against the same
+    unfolded Hessian, and q/k/v (gate/up) share one, so the factorisation (most of GPTQ's time on
+    a wide input: 1.9 s of 2.0 for a 4864-wide down projection) is done once for all of them. A
+    Hessian is found by identity or equal values; the result is the tensor a fresh factorisation
+    of it gives."""
+
+    def __init__(self):
+        self._seen: list[tuple[torch.Tensor, tuple, tuple]] = []
+
+    def get(self, h: torch.Tensor, key: tuple, compute):
+        for seen, seen_key, value in self._seen:
+            if seen_key == key and (seen is h or (seen.shape == h.shape and torch.equal(seen, h))):
+                return value
+        value = compute()
+        self._seen.append((h, key, value))
+        return value
+
+
+def inverse_factor(h: torch.Tensor, *, damp: float, act_order: bool):
+    """``(order, hinv, dead, importance)`` of Hessian ``h`` [in, in]: the visiting order of the columns,
+    the upper Cholesky factor of the damped inverse in that order, the inputs that never fire, and
+    diag(H) with those set to 1 (the columns' weights in the clip search)."""
+    in_f = h.shape[0]
+    h = h.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    importance = torch.diag(h).clone()
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=h.device)
+    h = h[order][:, order]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return order, hinv, dead, importance
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, block_size: int, damp: float = DAMP,
-                  act_order: bool = False, clip_grid: tuple[float, ...] = CLIP_GRID) -> QuantizedWeight:
+                  act_order: bool = False, clip_grid: tuple[float, ...] = CLIP_GRID,
+                  factors: InverseFactors | None = None) -> QuantizedWeight:
     """GPTQ codes and scales of ``w`` [out, in] for inputs whose Hessian is ``h`` [in, in], computed on
-    ``h``'s device; the result lives on ``w``'s."""
+    ``h``'s device; the result lives on ``w``'s. ``factors``: where to find (and keep) ``h``'s
+    factorisation when other linears share ``h``."""
     home, w = w.device, w.to(h.device)
     out_f, in_f = w.shape
     if in_f % block_size:
         raise ValueError(f"block size {block_size} does not divide input size {in_f}")
+
+    def factor():
+        return inverse_factor(h, damp=damp, act_order=act_order)
+
+    order, hinv, dead, importance = factor() if factors is None else factors.get(h, (damp, act_order), factor)
     original = w.detach().float()
     weights = original.clone()
-    h = h.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
     weights[:, dead] = 0.0
-    importance = torch.diag(h).clone()
     scales = torch.zeros(out_f, in_f // block_size, device=weights.device)  # [out, G]
     if act_order:  # static groups: every scale from the original weights, then any column order
         scales = quantize_weight(weights, bits=bits, block_size=block_size, clip_grid=clip_grid, importance=importance).scale
-        order = torch.argsort(torch.diag(h), descending=True)
-    else:
-        order = torch.arange(in_f, device=weights.device)
-    h = h[order][:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, device=h.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = _solve(weights[:, order], hinv, scales, order, bits=bits, block_size=block_size,
                    importance=importance[order], clip_grid=clip_grid, static=act_order)
     q = torch.empty_like(codes)

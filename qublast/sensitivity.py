@@ -30,6 +30,7 @@ from .compensate import block_hessians, gptq_transform
 from .files import atomic_write_bytes, naming, safetensors_loads
 from .fisher import output_gradients
 from .formats import embed_format, get_format
+from .gptq import InverseFactors
 from .mapsearch import block_error, search_transform, search_windows
 from .quant import QuantizedWeight, QuantStats
 from .vocab import VocabTransform, effective_table, gptq_head, head_importance, head_inputs, quantize_table, score_vocab, vocab_restored
@@ -234,6 +235,7 @@ class _LazyHessians:
 
     def __init__(self, runner: BlockRunner, index: int, fit):
         self.runner, self.index, self.fit, self.value, self.output = runner, index, fit, None, None
+        self.factors = InverseFactors()  # GPTQ's factorisations of the unfolded Hessians, for every format
 
     def get(self, fmt) -> dict:
         if self.value is None:
@@ -251,8 +253,9 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
     (mapped, mapped_err), (off, off_err) = search_transform(runner, index, hidden, fmt, scaling=scaling, range_method=range_method)
     gptq_start = time.perf_counter()
     if fmt.bits and "gptq" in quantizers:
-        base = (hessians or _LazyHessians(runner, index, fit)).get(fmt)
-        shared = dict(memo=QuantMemo(), ref=runner.run_block(index, search_windows(hidden)))
+        hessians = hessians or _LazyHessians(runner, index, fit)
+        base = hessians.get(fmt)
+        shared = dict(memo=QuantMemo(), ref=runner.run_block(index, search_windows(hidden)), factors=hessians.factors)
         off, off_err = _quantizer(runner, index, hidden, fit, off, quantizers, act_order=act_order, hessians=base, **shared)
         mapped, mapped_err = (off, off_err) if mapped is off or not scaling else _quantizer(
             runner, index, hidden, fit, mapped, quantizers, act_order=act_order, hessians=base, **shared)
@@ -277,11 +280,12 @@ def _measure(runner: BlockRunner, index: int, hidden, fmt, *, scaling: bool, ran
 
 
 def _quantizer(runner, index, hidden, fit, t: BlockTransform, quantizers, *, act_order: bool,
-               hessians=None, memo: QuantMemo | None = None, ref=None) -> tuple[BlockTransform, float]:
+               hessians=None, memo: QuantMemo | None = None, ref=None,
+               factors: InverseFactors | None = None) -> tuple[BlockTransform, float]:
     """``t`` by round-to-nearest or by GPTQ (fitted on ``fit``), whichever gives the lower block
     output error on the search windows of ``hidden`` (``ref``: the fp output on them; ``memo``:
     GPTQ results of linears the other side of the map shares)."""
-    gptq = gptq_transform(runner, index, fit, t, act_order=act_order, hessians=hessians, memo=memo)
+    gptq = gptq_transform(runner, index, fit, t, act_order=act_order, hessians=hessians, memo=memo, factors=factors)
     gptq_err = block_error(runner, index, hidden, gptq, ref=ref)
     if "rtn" not in quantizers:
         return gptq, gptq_err

@@ -66,6 +66,33 @@ def test_dead_inputs_get_zero_codes():
     assert not qw.q[:, 5].any()
 
 
+def test_a_shared_hessian_is_factored_once_and_gives_what_a_fresh_factorisation_gives(monkeypatch):
+    """Linears and formats that share a Hessian (found by identity or equal values) share its
+    factorisation; a different Hessian or column order gets its own; every result equals GPTQ
+    without the cache, and a dead input stays dead."""
+    import qublast.gptq as gptq
+
+    w, h = _problem()
+    h[7, :] = h[:, 7] = 0.0  # an input that never fires
+    calls = []
+    real = gptq.inverse_factor
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["act_order"])
+        return real(*args, **kwargs)
+
+    factors = gptq.InverseFactors()
+    runs = [(w, h, 4, 32, True), (w[:20] * 3, h.clone(), 8, 128, True), (w, h, 4, 32, False), (w, h * 2, 4, 32, True)]
+    for weight, hess, bits, block, act_order in runs:
+        monkeypatch.setattr(gptq, "inverse_factor", counting)
+        shared = gptq.gptq_quantize(weight, hess, bits=bits, block_size=block, act_order=act_order, factors=factors)
+        monkeypatch.undo()
+        fresh = gptq_quantize(weight, hess, bits=bits, block_size=block, act_order=act_order)
+        assert torch.equal(shared.q, fresh.q) and torch.equal(shared.scale, fresh.scale)
+        assert shared.stats == fresh.stats and not shared.q[:, 7].any()
+    assert calls == [True, False, True]  # the equal copy reused; a new order and a new Hessian factored
+
+
 def test_gptq_recipe_replays_exactly(tiny_model_dir, tmp_path):
     """A bundle whose blocks GPTQ quantized stores their codes; the graph's DequantizeLinear holds
     exactly those codes, and PyTorch (replaying the recipe) and ONNX Runtime agree."""
