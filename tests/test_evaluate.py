@@ -31,6 +31,19 @@ def test_window_ce_matches_perplexity():
     assert per_token[0].mean() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 50 * 4, 16 << 20])
+def test_token_ce_a_few_rows_at_a_time_equals_one_call_over_all_rows(monkeypatch, chunk_bytes):
+    """Row chunks (one row, three rows with a ragged last chunk, all rows) give the per-token
+    values one cross-entropy call over the flattened logits gives, bit for bit."""
+    import qublast.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "CE_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(2, 17, 50, generator=g) * 4, torch.randint(0, 50, (2, 17), generator=g)
+    flat = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    assert torch.equal(evaluate._next_token_ce(logits, ids), flat.view(2, 16))
+
+
 def test_ce_shift_is_paired_with_window_stderr():
     before = np.array([3.0, 3.5, 2.0, 4.0])
     after = before + np.array([0.01, 0.03, 0.02, 0.04])
