@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .attention import observing
 from .blocks import model_device
 
-CE_CHUNK_BYTES = 16 << 20  # logits rows per cross-entropy call: under glibc's 32 MiB mmap threshold
+CE_CHUNK_BYTES = 16 << 20  # logits bytes per cross-entropy call (a few rows): under glibc's 32 MiB mmap threshold
 
 
 @dataclass(frozen=True)
