@@ -71,7 +71,7 @@ EXPORT_REFUSALS = [
     (["--model", ""], "--model is empty"),
     (["--safety", "2"], "--safety must be in (0, 1], got 2.0"),
     (["--formats", "w8,w8,w8"], "--formats gives 3 formats for a model with 2 blocks"),
-    (["--calib-windows", "5000"], "fewer than the"),
+    (["--calib-windows", "50000"], "fewer than the"),  # more tokens than the embedded text has bytes
     (["--target", "cpu", "--context", "64"], "--target cpu builds no engine"),
     (["--range-method", "percentile"], "--range-method has no effect without w8a8 among the formats"),
     (["--quantizers", "rtn", "--no-act-order"], "--no-act-order has no effect without gptq in --quantizers"),
@@ -81,7 +81,7 @@ EXPORT_REFUSALS = [
     (["--reconstruct", "0", "--reconstruct-windows", "9"], "--reconstruct-windows has no effect with --reconstruct 0"),
     (["--reconstruct", "0", "--retune", "changed"], "--retune has no effect with --reconstruct 0"),
     (["--reconstruct-windows", "0"], "--reconstruct-windows must be >= 1, got 0"),
-    (["--reconstruct-windows", "5000"], "--reconstruct-windows 5000 less --calib-windows 4998"),
+    (["--reconstruct-windows", "50000"], "--reconstruct-windows 50000 less --calib-windows 49998"),
     (["--calib-windows", "0"], "--calib-windows must be >= 1, got 0"),
     (["--target", "jetson", "--context", "0"], "--context must be >= 2, got 0"),
     (["--seqlen", "300"], "--seqlen 300 is beyond the model's 256 positions"),
