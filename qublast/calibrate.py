@@ -78,7 +78,7 @@ class CalibConfig:
     alloc_loss: str = "kl"  # what allocation sums per block: kl or dce (ALLOC_LOSSES)
     quantizers: tuple[str, ...] = ("rtn", "gptq")  # measured per (block, format); the lower block error is kept
     act_order: bool = True  # GPTQ visits columns by decreasing input power (static groups)
-    gptq_windows: int = 64  # GPTQ's own calibration windows (its Hessians)
+    gptq_windows: int = 32  # GPTQ's own calibration windows (its Hessians)
     reconstruct: int = 2  # cross-block reconstruction: blocks per window (0: off)
     reconstruct_steps: int = 40
     reconstruct_windows: int | None = None  # token windows reconstruction tunes on: the sweep's, then its own (None: the sweep's)

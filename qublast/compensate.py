@@ -5,8 +5,7 @@ collected *after* the folds, so the map and GPTQ compose (AWQ-style scales, then
 scaled weights), on GPTQ's own calibration windows (``--gptq-windows``, disjoint from the
 sweep's: the sweep compares GPTQ with round-to-nearest on its search windows, tokens GPTQ did
 not fit). A Hessian of a 1536-wide input from a few thousand tokens overfits; 32 windows of
-512 (16k tokens) measurably beat 6 on held-out block error, and 64 (the default) made each 40-window
-SmolLM2 bundle as small or smaller than 32 did, all inside their bounds (docs/results.md). The result is a
+512 (16k tokens) measurably beat 6 on held-out block error (docs/results.md). The result is a
 ``BlockTransform`` carrying its integer codes and scales (``codes``), which every later stage
 replays exactly.
 """
