@@ -36,6 +36,7 @@ from qublast.models import (
     hf_home,
     load_config,
     load_model,
+    load_tokenizer,
     max_positions,
     resolve_source,
     weight_hash,
@@ -117,6 +118,9 @@ class Inputs:
     calib_src: qtext.TextSource | None  # None: the recipe decides
     recipe: dict | None
     context: int  # the TensorRT profiles' longest sequence
+    tokenizer: object | None = None  # loaded to count the texts' tokens (None: no text to read)
+    eval_windows: np.ndarray | None = None  # [N, seqlen] of the evaluation text
+    calib_ids: np.ndarray | None = None  # the calibration text's tokens
 
 
 def log(message: str) -> None:
@@ -212,7 +216,16 @@ def preflight(cfg: ExportConfig) -> Inputs:
             qtext.check_disjoint(calib_src, eval_src)
     _check_cache(cfg.calib.cache_dir)
     context = cfg.context or min(DEFAULT_CONTEXT, positions or DEFAULT_CONTEXT)
-    return Inputs(out, source, positions, eval_src, calib_src, recipe, context)
+    # Token counts: a text with enough bytes can still hold too few tokens; found here, before the weights load.
+    tokenizer = windows = calib_ids = None
+    if eval_src is not None or calib_src is not None:
+        tokenizer = load_tokenizer(source)
+    if eval_src is not None:
+        windows = qtext.eval_windows(qtext.tokenize(tokenizer, eval_src.text), cfg.seqlen, max_windows=cfg.max_eval_windows)
+    if calib_src is not None:
+        calib_ids = qtext.tokenize(tokenizer, calib_src.text)
+        qtext.calib_windows(calib_ids, cfg.calib.calib_seqlen, tuple(n for _, n in counts), seed=cfg.calib.seed)
+    return Inputs(out, source, positions, eval_src, calib_src, recipe, context, tokenizer, windows, calib_ids)
 
 
 def _check_cache(cache: Path) -> None:
@@ -231,7 +244,7 @@ def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
     t0 = time.perf_counter()
     source = inputs.source
     log(f"loading {source.model_id}")
-    model, tokenizer, spec = load_model(source, dtype=torch_dtype(cfg.calib.dtype))
+    model, tokenizer, spec = load_model(source, dtype=torch_dtype(cfg.calib.dtype), tokenizer=inputs.tokenizer)
     info = {"id": source.model_id, "model_type": model.config.model_type, "weight_sha256": weight_hash(model),
             "num_blocks": model.config.num_hidden_layers, "gguf": source.gguf_file, "max_positions": inputs.max_positions}
     timings["load_s"] = time.perf_counter() - t0
@@ -240,7 +253,7 @@ def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
         _calibrate_only(cfg, inputs, work, model, spec, tokenizer, info, timings)
         return
     eval_src = inputs.eval_src
-    windows = qtext.eval_windows(qtext.tokenize(tokenizer, eval_src.text), cfg.seqlen, max_windows=cfg.max_eval_windows)
+    windows = inputs.eval_windows
     log(f"evaluation: {eval_src.label}, {len(windows)} windows of {cfg.seqlen}")
     with placed(model, spec, cfg.calib.device):
         ppl_fp = _cached_fp_ppl(model, windows, info, cfg.calib.cache_dir)
@@ -292,7 +305,7 @@ def _recipe_and_scales(cfg: ExportConfig, inputs: Inputs, model, spec, tokenizer
         log(f"reusing recipe {cfg.recipe}")
         return recipe, read_tensors(Path(cfg.recipe).with_name("scales.safetensors"))
     calib_src = inputs.calib_src
-    calib_ids = qtext.tokenize(tokenizer, calib_src.text)
+    calib_ids = inputs.calib_ids
     log(f"calibration: {calib_src.label} ({len(calib_ids)} tokens), target {cfg.target}, mode {cfg.calib.mode}={cfg.calib.mode_value}")
     return calibrate(model, spec, model_info=info, calib_ids=calib_ids, calib_label=calib_src.label, cfg=cfg.calib, log=log)
 

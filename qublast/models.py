@@ -216,14 +216,23 @@ def _config(source: ModelSource, stamp: tuple):  # noqa: ARG001 - stamp only key
         raise InputError(f"cannot load model config from {source.model_id}: {_first_line(exc)}") from exc
 
 
-def load_model(source: ModelSource, *, dtype=None):
-    """Load ``(model, tokenizer, spec)``: on the CPU in ``dtype`` (default fp32), eval mode, SDPA attention."""
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer alone (a run checks its texts' token counts with it before loading weights)."""
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the tokenizer of {source.model_id}: {_first_line(exc)}") from exc
+
+
+def load_model(source: ModelSource, *, dtype=None, tokenizer=None):
+    """Load ``(model, tokenizer, spec)``: on the CPU in ``dtype`` (default fp32), eval mode, SDPA attention;
+    ``tokenizer``: one ``load_tokenizer`` gave already (not loaded again)."""
     dtype = dtype or torch.float32
 
     config = load_config(source)
     spec = arch_for(_text_model_type(config))
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs())
         attention = {"attn_implementation": "sdpa"} if spec.kind != "ssm" else {}  # state-space models have none
         # the config read above, so that a GGUF file's header is not parsed once more for it
         model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=dtype, **attention, **source.hf_kwargs())

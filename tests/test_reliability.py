@@ -125,6 +125,10 @@ def test_bad_files_refused_before_any_work(first, tiny_model_dir, tmp_path, caps
     empty, short, latin1 = tmp_path / "empty.txt", tmp_path / "short.txt", tmp_path / "latin1.txt"
     empty.write_text(" \n\n")
     short.write_text("A few words.\n")
+    few_tokens = tmp_path / "few-tokens.txt"  # bytes enough for the windows, tokens not: " the" is one token
+    few_tokens.write_text(" the" * 400 + "\n")
+    few_eval = tmp_path / "few-eval.txt"
+    few_eval.write_text(" the" * 20 + "\n")
     latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 500)
     recipe = tmp_path / "r" / "recipe.json"
     shutil.copytree(first, recipe.parent)
@@ -140,6 +144,8 @@ def test_bad_files_refused_before_any_work(first, tiny_model_dir, tmp_path, caps
         (["--calib-text", str(empty)], f"calibration text file:{empty} is empty"),
         (["--eval-text", str(empty)], f"evaluation text file:{empty} is empty"),
         (["--calib-text", str(short)], f"calibration text file:{short} has 13 bytes, fewer than the"),
+        (["--calib-text", str(few_tokens)], "tokens: 12 windows of 32, 36 needed"),
+        (["--eval-text", str(few_eval)], "tokens, fewer than one window of 32"),
         (["--calib-text", str(latin1)], f"text file is not UTF-8: {latin1}"),
         (["--recipe", str(recipe)], "is for a llama model of 3 blocks; this one is llama with 2"),
         (["--recipe", str(damaged)], f"{scales} is damaged (it does not load)"),
