@@ -7,12 +7,14 @@ Runtime's MatMulNBits with zero points), each with a clip search minimising the 
 MSE over the same 21 ratios; embeddings and lm_head stay fp. With ``--calib-text`` each grid is
 also filled by GPTQ (static groups, columns by decreasing Hessian diagonal, as ``qublast.gptq``;
 Hessians from the fp model's inputs on calibration windows, not propagated through quantized
-blocks). Prints the weight relative error and the PyTorch perplexity of each on the first
+blocks). With ``--rotation hadamard`` the residual stream is first rotated (QuaRot-style, folded
+into the weights exactly, no graph change: ``benchmarks.rotation_probe``) and every grid is fitted
+in the rotated basis. Prints the weight relative error and the PyTorch perplexity of each on the first
 windows of the evaluation text. No scaling map: it compares the two grids alone, to decide whether
 an asymmetric format is worth building (issue 28 asks for it to be judged on the de-gridded copy).
 
     python -m benchmarks.asym_probe --model /tmp/dg/smollm2-degridded --eval-text wiki.test.raw \
-        [--calib-text wiki.valid.calib.txt]
+        [--calib-text wiki.valid.calib.txt] [--rotation hadamard] [--grids symmetric]
 """
 from __future__ import annotations
 
@@ -131,6 +133,9 @@ def main() -> None:
     ap.add_argument("--gptq-windows", type=int, default=32)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--rotation", choices=("none", "hadamard", "random"), default="none",
+                    help="rotate the residual stream first (folded into the weights)")
+    ap.add_argument("--grids", choices=("both", "symmetric", "asymmetric"), default="both")
     args = ap.parse_args()
     for flag, path in (("--eval-text", args.eval_text), ("--calib-text", args.calib_text)):
         if path is not None and not Path(path).is_file():
@@ -144,20 +149,31 @@ def main() -> None:
     except QublastError as exc:
         print(f"asym_probe: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if args.rotation != "none":
+        if spec.name not in ("llama", "mistral", "qwen2"):
+            print(f"asym_probe: error: --rotation needs a plain Llama-family model, not {spec.name}", file=sys.stderr)
+            sys.exit(2)
+        from benchmarks.rotation_probe import rotate, rotation
+
+        head = model.get_submodule(spec.lm_head)
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untied from the table
+        rotate(model, spec, rotation(args.rotation, model.config.hidden_size))
     windows = eval_windows(tokenize(tokenizer, eval_text(path=args.eval_text).text), args.seqlen, max_windows=args.windows)
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.startswith(spec.blocks + ".")]
     fp = {name: m.weight.detach().clone() for name, m in linears}
     started = time.perf_counter()
     base = perplexity(model, windows, desc="ppl fp").ppl
-    print(f"fp: PPL {base:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    runs = [("symmetric RTN", symmetric, None), ("asymmetric RTN", asymmetric, None)]
+    print(f"fp (rotation {args.rotation}): PPL {base:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    grids = [("symmetric", symmetric), ("asymmetric", asymmetric)]
+    grids = [(label, fn) for label, fn in grids if args.grids in ("both", label)]
+    runs = [(f"{label} RTN", fn, None) for label, fn in grids]
     if args.calib_text:
         started = time.perf_counter()
         ids = tokenize(tokenizer, calib_text(path=args.calib_text).text)
         hs = hessians(model, linears, calib_windows(ids, args.seqlen, (args.gptq_windows,), seed=0)[0])
         print(f"Hessians on {args.gptq_windows} calibration windows ({time.perf_counter() - started:.0f} s)", flush=True)
-        runs += [("symmetric GPTQ", symmetric, hs), ("asymmetric GPTQ", asymmetric, hs)]
+        runs += [(f"{label} GPTQ", fn, hs) for label, fn in grids]
     for label, quantize, hs_ in runs:
         num = den = 0.0
         started = time.perf_counter()
