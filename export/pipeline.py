@@ -258,7 +258,7 @@ def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
     with placed(model, spec, cfg.calib.device):
         ppl_fp = _cached_fp_ppl(model, windows, info, cfg.calib.cache_dir)
         t0 = time.perf_counter()
-        recipe, scales = _recipe_and_scales(cfg, inputs, model, spec, tokenizer, info)
+        recipe, scales = _recipe_and_scales(cfg, inputs, model, spec, info)
         timings["calibration_s"] = time.perf_counter() - t0
     record = {"calibration_costs": recipe["calibration"].pop("costs", {}) if not cfg.recipe else {},
               "recipe": str(cfg.recipe) if cfg.recipe else None}
@@ -286,7 +286,7 @@ def _calibrate_only(cfg: ExportConfig, inputs: Inputs, work: Path, model, spec, 
     manifest.json), which ``python -m qublast.export --recipe`` applies; nothing is exported."""
     t0 = time.perf_counter()
     with placed(model, spec, cfg.calib.device):
-        recipe, scales = _recipe_and_scales(cfg, inputs, model, spec, tokenizer, info)
+        recipe, scales = _recipe_and_scales(cfg, inputs, model, spec, info)
     timings["calibration_s"] = time.perf_counter() - t0
     record = {"calibration_costs": recipe["calibration"].pop("costs", {}), "recipe": None, "timings": timings}
     log(f"writing the recipe's files into {work.name}")
@@ -297,7 +297,7 @@ def _calibrate_only(cfg: ExportConfig, inputs: Inputs, work: Path, model, spec, 
     _make_readable(work)
 
 
-def _recipe_and_scales(cfg: ExportConfig, inputs: Inputs, model, spec, tokenizer, info) -> tuple[dict, dict]:
+def _recipe_and_scales(cfg: ExportConfig, inputs: Inputs, model, spec, info) -> tuple[dict, dict]:
     if inputs.recipe is not None:
         recipe = inputs.recipe
         check_model(parse(recipe), info["weight_sha256"])
