@@ -250,7 +250,7 @@ def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
     timings["load_s"] = time.perf_counter() - t0
 
     if cfg.calibrate_only:
-        _calibrate_only(cfg, inputs, work, model, spec, tokenizer, info, timings)
+        _calibrate_only(cfg, inputs, work, model, spec, info, timings)
         return
     eval_src = inputs.eval_src
     windows = inputs.eval_windows
@@ -281,7 +281,7 @@ def _build(cfg: ExportConfig, inputs: Inputs, work: Path) -> None:
     _write_bundle(cfg, inputs, work, recipe, scales, tokenizer, record)
 
 
-def _calibrate_only(cfg: ExportConfig, inputs: Inputs, work: Path, model, spec, tokenizer, info: dict, timings: dict) -> None:
+def _calibrate_only(cfg: ExportConfig, inputs: Inputs, work: Path, model, spec, info: dict, timings: dict) -> None:
     """``python -m qublast.calibrate``: the recipe folder (recipe.json, scales.safetensors, run.json,
     manifest.json), which ``python -m qublast.export --recipe`` applies; nothing is exported."""
     t0 = time.perf_counter()
