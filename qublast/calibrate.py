@@ -86,7 +86,10 @@ class CalibConfig:
     retune: str = "changed"  # which windows a later plan tunes again: only those it changed, or all after its first changed block
     device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
     dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
-    spend_tries: int = 4  # measurements the two-sided repair may spend moving to smaller plans (0: up only)
+    # measurements the two-sided repair may spend moving to smaller plans, before reconstruction and again
+    # after it (0: up only); after it each one is a reconstruction (minutes on a 0.5B model), and the
+    # third and fourth tries bought at most 1.2 points of size (docs/results.md)
+    spend_tries: int = 2
     sweep: str = "fisher"  # a block's end-to-end loss: fisher (one backward pass, linear in depth) or full (run to the logits)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qublast")
 

@@ -10,6 +10,7 @@ import torch
 from qublast.apply import BlockTransform
 from qublast.arch import arch_for
 from qublast.blocks import blocks_of
+from qublast.calibrate import CalibConfig
 from qublast.formats import get_format, get_target
 from qublast.reconstruct import WindowCache, reconstruct
 from qublast.vocab import VocabTransform
@@ -267,6 +268,8 @@ def test_repair_reconstructs_only_the_plan_it_keeps(tiny_model_dir, tmp_path, bo
         down = [step for step in history if step["action"] == "reconstructed down"]
         kept = next(step for step in history if step["action"] == "reconstructed")
         assert down and all(step["bytes"] < kept["bytes"] for step in down)
+    # each reconstructed spend try is a reconstruction: the default --spend-tries caps them
+    assert len([step for step in history if step["action"] == "reconstructed down"]) <= CalibConfig().spend_tries
     tuned = [step for step in history if step["action"].startswith("reconstruct")]
     measured = [step for step in tuned if step["action"] != "reconstructed kept"]  # "kept" repeats a measured plan
     costs = json.loads((out / "run.json").read_text())["calibration_costs"]
