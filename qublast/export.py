@@ -80,7 +80,7 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
                         "(needs many --calib-windows)")
     p.add_argument("--spend-tries", type=int, default=DEFAULTS.spend_tries,
                    help="--max-ppl-increase: measurements spent moving to smaller plans while the held-out bound "
-                        "leaves room, before reconstruction and again after it (default 2; two-sided repair; 0 repairs upward only)")
+                        "leaves room, before reconstruction and again after it (default %(default)s; two-sided repair; 0 repairs upward only)")
     p.add_argument("--sweep", default=DEFAULTS.sweep, choices=ESTIMATES,
                    help="how the sensitivity sweep finds a block's end-to-end loss: fisher (default; from one backward "
                         "pass of the fp model, cost linear in the depth) or full (runs every later block to the logits "
