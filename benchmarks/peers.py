@@ -20,7 +20,8 @@ Jetson points are fp16 graphs measured in ONNX Runtime on the CPU, not TensorRT 
 
 Resumable: ``DIR/results.json`` gets each point as soon as it is measured, and a point's files are
 written under a temporary name and renamed when complete, so a killed run continues with the
-next point not yet in the results. Nothing outside ``DIR`` is written; an existing ``DIR`` that is
+next point not yet in the results (a point made but not measured is measured, with the cost its
+making recorded in ``DIR/costs``). Nothing outside ``DIR`` is written; an existing ``DIR`` that is
 not this command's results (no ``results.json`` for the same model and text) is refused.
 """
 from __future__ import annotations
@@ -200,7 +201,8 @@ class _Skipped(Exception):
 def _produce_and_measure(pt: Point, out: Path, args) -> dict:
     """Produce the point in a child process (its wall time and peak RSS are the point's cost), then measure it."""
     folder = out / "points" / pt.name
-    cost = {}
+    cost_file = out / "costs" / f"{pt.name}.json"  # kept apart: a measurement that fails later does not lose it
+    cost = json.loads(cost_file.read_text(encoding="utf-8")) if folder.is_dir() and cost_file.is_file() else {}
     if not folder.is_dir():
         command = [sys.executable, "-m", "benchmarks.peers", "--make", pt.name, "--out", str(out), "--model", args.model,
                    "--text", args.text, "--calib-text", args.calib_text, "--windows", str(args.windows), "--seqlen", str(args.seqlen),
@@ -212,6 +214,8 @@ def _produce_and_measure(pt: Point, out: Path, args) -> dict:
         cost = {"seconds": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024}
         if child.returncode != 0:
             raise RuntimeError(f"producing it failed (exit code {child.returncode}); see the output above")
+        cost_file.parent.mkdir(exist_ok=True)
+        _write_json(cost_file, cost)
         if (folder / "SKIPPED").is_file():
             reason = (folder / "SKIPPED").read_text(encoding="utf-8").strip()
             shutil.rmtree(folder)
@@ -270,10 +274,17 @@ def _whole_split(pt: Point, out: Path, args) -> tuple[float, int]:
 
 
 def _tokenizer(out: Path):
-    """The model's tokenizer, as the fp32 point's bundle carries it (every point reads text through it)."""
+    """The model's tokenizer, as the fp32 point's bundle carries it, or else any finished QuBLAST
+    bundle of the run (each carries the same one): every point reads text through it."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(out / "points" / "fp32" / "tokenizer" / "tokenizer.json"))
+    points = out / "points"
+    found = [points / "fp32" / "tokenizer" / "tokenizer.json",
+             *sorted(points.glob("*/tokenizer/tokenizer.json"))]
+    found = [f for f in found if f.is_file() and not f.parent.parent.name.endswith(".partial")]
+    if not found:
+        raise RuntimeError(f"no point in {points} carries the model's tokenizer yet (make fp32 or a QuBLAST point first)")
+    return Tokenizer.from_file(str(found[0]))
 
 
 def _text_ids(out: Path, args) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,12 +53,16 @@ def test_points_are_made_measured_and_resumed(tiny_model_dir, tmp_path, capsys, 
     (out / "points" / "ort-dynamic-int8").rename(out / "points" / "ort-dynamic-int8.partial")
     first = dict(pts)
     del pts["ort-dynamic-int8"]
+    del pts["qublast-cpu-uniform-w4"]  # made, then its measurement lost: measured again, not made again
+    made = (out / "points" / "qublast-cpu-uniform-w4" / "model.onnx").stat().st_mtime_ns
     (out / "results.json").write_text(json.dumps({**results, "points": {**pts, "modelopt-rtndq": skipped}}))
     capsys.readouterr()
     assert peers.main([*_args(tiny_model_dir, out, POINTS), "--whole-split", "fp32", "--speed"]) == 0
     err = capsys.readouterr().err
-    assert f"{len(POINTS)} points, {len(POINTS) - 1} already measured" in err and "[1/1] ort-dynamic-int8" in err
+    assert f"{len(POINTS)} points, {len(POINTS) - 2} already measured" in err and "[1/2] ort-dynamic-int8" in err
+    assert (out / "points" / "qublast-cpu-uniform-w4" / "model.onnx").stat().st_mtime_ns == made  # not made again
     again = json.loads((out / "results.json").read_text())["points"]
+    assert again["qublast-cpu-uniform-w4"]["ppl"] == first["qublast-cpu-uniform-w4"]["ppl"]
     assert {n: again[n]["seconds"] for n in POINTS if n != "ort-dynamic-int8"} == {
         n: first[n]["seconds"] for n in POINTS if n != "ort-dynamic-int8"}
     assert again["ort-dynamic-int8"]["bytes"] == first["ort-dynamic-int8"]["bytes"]
@@ -67,6 +72,15 @@ def test_points_are_made_measured_and_resumed(tiny_model_dir, tmp_path, capsys, 
     assert not (out / "points" / "ort-dynamic-int8.partial").exists()
     for name in POINTS:  # --speed times every kind of graph, each opened as its tool ships it
         assert all(again[name][f"{k}_ms_t{t}"] > 0 for k in ("prefill", "decode") for t in (1, 2)), name
+
+    # a run of QuBLAST points alone (no fp32 graph) reads the text through a bundle's own tokenizer
+    alone = tmp_path / "alone"
+    shutil.copytree(out / "points" / "qublast-cpu-uniform-w4", alone / "points" / "qublast-cpu-uniform-w4")
+    identity = json.loads((out / "results.json").read_text())["identity"]
+    (alone / "results.json").write_text(json.dumps({"identity": identity, "points": {}}))
+    assert peers.main(_args(tiny_model_dir, alone, ["qublast-cpu-uniform-w4"])) == 0
+    assert json.loads((alone / "results.json").read_text())["points"]["qublast-cpu-uniform-w4"]["ppl"] == first[
+        "qublast-cpu-uniform-w4"]["ppl"]
 
 
 def test_refuses_a_folder_it_did_not_write_and_bad_points(tiny_model_dir, tmp_path, capsys):
