@@ -214,12 +214,12 @@ def _produce_and_measure(pt: Point, out: Path, args) -> dict:
         cost = {"seconds": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024}
         if child.returncode != 0:
             raise RuntimeError(f"producing it failed (exit code {child.returncode}); see the output above")
-        cost_file.parent.mkdir(exist_ok=True)
-        _write_json(cost_file, cost)
         if (folder / "SKIPPED").is_file():
             reason = (folder / "SKIPPED").read_text(encoding="utf-8").strip()
             shutil.rmtree(folder)
             raise _Skipped(reason)
+        cost_file.parent.mkdir(exist_ok=True)
+        _write_json(cost_file, cost)
     model = _open(pt, folder)
     from runtime.perplexity import perplexity, windows
 
