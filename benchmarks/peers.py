@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peers: [{k}/{len(todo)}] {pt.name}", file=sys.stderr, flush=True)
         try:
             results["points"][pt.name] = _produce_and_measure(pt, out, args)
-        except _Skipped as exc:  # the method's dependency is missing here: recorded, with why
-            results["points"][pt.name] = {**asdict(pt), "skipped": str(exc)}
-            print(f"peers: {pt.name} skipped: {exc}", file=sys.stderr)
+        except _Skipped as exc:  # a dependency missing here, or a budget the model cannot have: recorded, with why
+            results["points"][pt.name] = {**asdict(pt), exc.kind: str(exc)}
+            print(f"peers: {pt.name} {exc.kind}: {exc}", file=sys.stderr)
         except RuntimeError as exc:
             print(f"peers: error: {pt.name}: {exc}", file=sys.stderr)
             return 1
@@ -195,7 +195,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class _Skipped(Exception):
-    """A point this machine cannot produce (a method's optional dependency is not installed)."""
+    """A point not produced, with why: "skipped" where this machine cannot produce it (a method's
+    optional dependency is not installed), "infeasible" where the model cannot have it (the export
+    refused its budget, e.g. a size below the smallest model the target can hold)."""
+
+    def __init__(self, reason: str, kind: str = "skipped"):
+        super().__init__(reason)
+        self.kind = kind
 
 
 def _produce_and_measure(pt: Point, out: Path, args) -> dict:
@@ -214,10 +220,11 @@ def _produce_and_measure(pt: Point, out: Path, args) -> dict:
         cost = {"seconds": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024}
         if child.returncode != 0:
             raise RuntimeError(f"producing it failed (exit code {child.returncode}); see the output above")
-        if (folder / "SKIPPED").is_file():
-            reason = (folder / "SKIPPED").read_text(encoding="utf-8").strip()
-            shutil.rmtree(folder)
-            raise _Skipped(reason)
+        for marker, kind in (("SKIPPED", "skipped"), ("INFEASIBLE", "infeasible")):
+            if (folder / marker).is_file():
+                reason = (folder / marker).read_text(encoding="utf-8").strip()
+                shutil.rmtree(folder)
+                raise _Skipped(reason, kind)
         cost_file.parent.mkdir(exist_ok=True)
         _write_json(cost_file, cost)
     model = _open(pt, folder)
@@ -319,7 +326,10 @@ def _make(pt: Point, out: Path, args) -> None:
                    "--calib-text", args.calib_text, "--eval-text", args.text, "--max-eval-windows", str(args.windows),
                    "--seqlen", str(args.seqlen), "--calib-seqlen", str(args.seqlen),
                    "--cache-dir", str(out / "cache"), "--out", str(tmp)]
-        subprocess.run(command, cwd=ROOT, check=True)
+        refused = _export(command)
+        if refused:  # a budget this model cannot have on this target: recorded, with the export's line
+            tmp.mkdir()
+            (tmp / "INFEASIBLE").write_text(refused + "\n", encoding="utf-8")
     else:
         tmp.mkdir()
         try:
@@ -332,6 +342,30 @@ def _make(pt: Point, out: Path, args) -> None:
         except ImportError as exc:  # an optional dependency of the method
             (tmp / "SKIPPED").write_text(f"needs {exc.name}, which is not installed: {exc}\n", encoding="utf-8")
     os.replace(tmp, final)
+
+
+# how the export words a ``BudgetError`` (qublast/calibrate.py, qublast/allocate.py): the one refusal
+# (exit code 2) that is a fact about the point, not a failure of the run
+BUDGET_REFUSALS = ("size budget ", "no allocation has predicted loss")
+
+
+def _export(command: list[str]) -> str | None:
+    """Run the export, its stderr passed through as it comes; None when it succeeds, its error line
+    when it refuses the budget; any other failure raises."""
+    child = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE)
+    tail = b""
+    while chunk := os.read(child.stderr.fileno(), 65536):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.buffer.flush()
+        tail = (tail + chunk)[-8192:]
+    child.stderr.close()
+    if child.wait() == 0:
+        return None
+    lines = [line.strip() for line in tail.decode("utf-8", "replace").splitlines() if line.startswith("qublast: error: ")]
+    message = lines[-1].removeprefix("qublast: error: ") if lines else ""
+    if child.returncode == 2 and message.startswith(BUDGET_REFUSALS):
+        return message
+    raise subprocess.CalledProcessError(child.returncode, command)
 
 
 def _genai_point(pt: Point, model: str, dest: Path, cache: Path) -> None:
@@ -556,11 +590,12 @@ def summary_table(results: dict) -> str:
     def order(item):  # tools together, QuBLAST's targets apart, each by size
         _, r = item
         return (groups.index(r["tool"]) if r["tool"] in groups else len(groups), r.get("params", {}).get("target", ""),
-                "skipped" in r, r.get("bytes", 0))
+                "bytes" not in r, r.get("bytes", 0))
 
     for name, r in sorted(pts.items(), key=order):
-        if "skipped" in r:
-            lines.append(f"| {name} | {r['tool']} | skipped: {r['skipped']} | | | | | | | | | | |")
+        kind = next((k for k in ("skipped", "infeasible") if k in r), None)
+        if kind:
+            lines.append(f"| {name} | {r['tool']} | {kind}: {r[kind]} | | | | | | | | | | |")
             continue
         size = f"{r['bytes'] / 1e6:.1f}"
         rel = _smaller(r["bytes"], fp16_bytes)

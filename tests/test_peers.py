@@ -133,3 +133,31 @@ def test_frontier_table_compares_each_peer_with_qublast_points_only():
     assert cells[3:] == ["14.0000 (q-small)", "none", "100.0 (q-big)", "80.0 (q-big)"]
     cells = [c.strip() for c in rows["peer-b"].strip("|").split("|")]
     assert cells[3:] == ["10.5000 (q-big)", "10.5000 (q-big)", "none", "none"]
+
+
+def test_a_budget_the_model_cannot_have_is_recorded_and_the_run_goes_on(tiny_model_dir, tmp_path, capsys):
+    # size30 on the Jetson graph: a tiny model's fp16 norms and its w4 vocabulary alone exceed 30% of fp16
+    out = tmp_path / "peers"
+    assert peers.main(_args(tiny_model_dir, out, ["qublast-jetson-size30", "qublast-cpu-uniform-w4"])) == 0
+    err = capsys.readouterr().err
+    pts = json.loads((out / "results.json").read_text())["points"]
+    refused = pts["qublast-jetson-size30"]
+    assert refused["infeasible"].startswith("size budget 0.3 x fp16") and "bytes" not in refused
+    assert f"qublast-jetson-size30 infeasible: {refused['infeasible']}" in err
+    assert not (out / "points" / "qublast-jetson-size30").exists() and not (out / "costs" / "qublast-jetson-size30.json").exists()
+    assert "bytes" in pts["qublast-cpu-uniform-w4"]  # the run went on to the next point
+    assert f"| qublast-jetson-size30 | qublast | infeasible: {refused['infeasible']} |" in (out / "results.md").read_text()
+    # a rerun does not try it again
+    assert peers.main(_args(tiny_model_dir, out, ["qublast-jetson-size30"])) == 0
+    assert "1 points, 1 already measured" in capsys.readouterr().err
+
+
+def test_an_export_failure_other_than_a_budget_stops_the_run(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "peers"
+    calib = tmp_path / "empty.txt"
+    calib.write_text("")  # the export refuses it (exit code 2), but that is not a fact about the point
+    args = _args(tiny_model_dir, out, ["qublast-cpu-uniform-w4"])
+    args[args.index("--calib-text") + 1] = str(calib)
+    assert peers.main(args) == 1
+    assert "error: qublast-cpu-uniform-w4: producing it failed" in capsys.readouterr().err
+    assert "qublast-cpu-uniform-w4" not in json.loads((out / "results.json").read_text())["points"]
