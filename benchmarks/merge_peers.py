@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.peers import _write_json, frontier_table, pareto_plot, summary_table
+from benchmarks.peers import _write_json, write_reports
 
 HEADER = "| point | tool | MB deployed |"
 
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"identity": identity, "points": merged}
     out.mkdir(parents=True)
     _write_json(out / "results.json", results)
-    table = summary_table(results) + "\n" + frontier_table(results)
-    (out / "results.md").write_text(table, encoding="utf-8")
-    pareto_plot(results, out / "pareto.png")
-    print(table)
+    print(write_reports(results, out))
     return 0
 
 

@@ -155,11 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed:
         _speed(results, out, [pt.name for pt in chosen], args.seqlen)
         _write_json(out / "results.json", results)
+    print(write_reports(results, out))
+    return 0
+
+
+def write_reports(results: dict, out: Path) -> str:
+    """results.md (the table and the frontier per peer) and pareto.png into ``out``; the markdown."""
     table = summary_table(results) + "\n" + frontier_table(results)
     (out / "results.md").write_text(table, encoding="utf-8")
     pareto_plot(results, out / "pareto.png")
-    print(table)
-    return 0
+    return table
 
 
 def _chosen(names: str | None, every: dict[str, Point]) -> list[Point]:
