@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if "bytes" in r and "bytes_blocks" not in r:
             r["bytes_blocks"], r["bytes_head"] = linear_bytes(out / "points" / name / "model.onnx")
     todo = [pt for pt in chosen if pt.name not in results["points"]]
-    print(f"peers: {len(chosen)} points, {len(chosen) - len(todo)} already measured in {out / 'results.json'}", file=sys.stderr)
+    print(f"peers: {len(chosen)} points, {len(chosen) - len(todo)} already recorded in {out / 'results.json'}", file=sys.stderr)
     if any(pt.tool == "ort" for pt in todo) and "fp32" not in [pt.name for pt in chosen]:
         todo.insert(0, every["fp32"])  # the ORT points quantize the fp32 graph
     for k, pt in enumerate(todo, 1):
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results["points"][pt.name] = _produce_and_measure(pt, out, args)
         except _Skipped as exc:  # a dependency missing here, or a budget the model cannot have: recorded, with why
-            results["points"][pt.name] = {**asdict(pt), exc.kind: str(exc)}
+            results["points"][pt.name] = {**asdict(pt), exc.kind: str(exc), **exc.cost}
             print(f"peers: {pt.name} {exc.kind}: {exc}", file=sys.stderr)
         except RuntimeError as exc:
             print(f"peers: error: {pt.name}: {exc}", file=sys.stderr)
@@ -199,14 +199,17 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+MARKERS = (("SKIPPED", "skipped"), ("INFEASIBLE", "infeasible"))  # a point's folder holding one was not produced
+
+
 class _Skipped(Exception):
     """A point not produced, with why: "skipped" where this machine cannot produce it (a method's
     optional dependency is not installed), "infeasible" where the model cannot have it (the export
     refused its budget, e.g. a size below the smallest model the target can hold)."""
 
-    def __init__(self, reason: str, kind: str = "skipped"):
+    def __init__(self, reason: str, kind: str = "skipped", cost: dict | None = None):
         super().__init__(reason)
-        self.kind = kind
+        self.kind, self.cost = kind, cost or {}
 
 
 def _produce_and_measure(pt: Point, out: Path, args) -> dict:
@@ -225,13 +228,14 @@ def _produce_and_measure(pt: Point, out: Path, args) -> dict:
         cost = {"seconds": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024}
         if child.returncode != 0:
             raise RuntimeError(f"producing it failed (exit code {child.returncode}); see the output above")
-        for marker, kind in (("SKIPPED", "skipped"), ("INFEASIBLE", "infeasible")):
-            if (folder / marker).is_file():
-                reason = (folder / marker).read_text(encoding="utf-8").strip()
-                shutil.rmtree(folder)
-                raise _Skipped(reason, kind)
-        cost_file.parent.mkdir(exist_ok=True)
-        _write_json(cost_file, cost)
+        if not any((folder / marker).is_file() for marker, _ in MARKERS):
+            cost_file.parent.mkdir(exist_ok=True)
+            _write_json(cost_file, cost)
+    for marker, kind in MARKERS:  # checked on a resumed run too (killed before the folder was removed)
+        if (folder / marker).is_file():
+            reason = (folder / marker).read_text(encoding="utf-8").strip()
+            shutil.rmtree(folder)
+            raise _Skipped(reason, kind, cost if kind == "infeasible" else None)  # a refusal can come after the sweep
     model = _open(pt, folder)
     from runtime.perplexity import perplexity, windows
 
@@ -633,16 +637,19 @@ def frontier_table(results: dict) -> str:
              "| QuBLAST's smallest MB at <= its PPL | blocks MB at <= its PPL |", "|---|---|---|---|---|---|---|"]
 
     def best_ppl(key, limit):
-        found = [r for r in ours if r[key] <= limit]
+        if limit is None:
+            return "-"
+        found = [r for r in ours if key in r and r[key] <= limit]
         return "none" if not found else "{:.4f} ({})".format(*min((r["ppl"], r["name"]) for r in found))
 
     def smallest(key, limit):
-        found = [r for r in ours if r["ppl"] <= limit]
+        found = [r for r in ours if key in r and r["ppl"] <= limit]
         return "none" if not found else "{:.1f} ({})".format(*min((r[key] / 1e6, r["name"]) for r in found))
 
     for r in sorted((r for r in pts if r["tool"] not in ("qublast", "fp")), key=lambda r: (r["tool"], r["bytes"])):
-        lines.append(f"| {r['name']} | {r['bytes'] / 1e6:.1f} ({r['bytes_blocks'] / 1e6:.1f}) | {r['ppl']:.4f} "
-                     f"| {best_ppl('bytes', r['bytes'])} | {best_ppl('bytes_blocks', r['bytes_blocks'])} "
+        blocks = f"{r['bytes_blocks'] / 1e6:.1f}" if "bytes_blocks" in r else "-"
+        lines.append(f"| {r['name']} | {r['bytes'] / 1e6:.1f} ({blocks}) | {r['ppl']:.4f} "
+                     f"| {best_ppl('bytes', r['bytes'])} | {best_ppl('bytes_blocks', r.get('bytes_blocks'))} "
                      f"| {smallest('bytes', r['ppl'])} | {smallest('bytes_blocks', r['ppl'])} |")
     return "\n".join(lines) + "\n"
 

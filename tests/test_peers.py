@@ -59,7 +59,7 @@ def test_points_are_made_measured_and_resumed(tiny_model_dir, tmp_path, capsys, 
     capsys.readouterr()
     assert peers.main([*_args(tiny_model_dir, out, POINTS), "--whole-split", "fp32", "--speed"]) == 0
     err = capsys.readouterr().err
-    assert f"{len(POINTS)} points, {len(POINTS) - 2} already measured" in err and "[1/2] ort-dynamic-int8" in err
+    assert f"{len(POINTS)} points, {len(POINTS) - 2} already recorded" in err and "[1/2] ort-dynamic-int8" in err
     assert (out / "points" / "qublast-cpu-uniform-w4" / "model.onnx").stat().st_mtime_ns == made  # not made again
     again = json.loads((out / "results.json").read_text())["points"]
     assert again["qublast-cpu-uniform-w4"]["ppl"] == first["qublast-cpu-uniform-w4"]["ppl"]
@@ -143,21 +143,24 @@ def test_a_budget_the_model_cannot_have_is_recorded_and_the_run_goes_on(tiny_mod
     pts = json.loads((out / "results.json").read_text())["points"]
     refused = pts["qublast-jetson-size30"]
     assert refused["infeasible"].startswith("size budget 0.3 x fp16") and "bytes" not in refused
+    assert refused["seconds"] > 0  # what the refusal cost (one after a sweep costs minutes)
     assert f"qublast-jetson-size30 infeasible: {refused['infeasible']}" in err
     assert not (out / "points" / "qublast-jetson-size30").exists() and not (out / "costs" / "qublast-jetson-size30.json").exists()
     assert "bytes" in pts["qublast-cpu-uniform-w4"]  # the run went on to the next point
     assert f"| qublast-jetson-size30 | qublast | infeasible: {refused['infeasible']} |" in (out / "results.md").read_text()
     # a rerun does not try it again
     assert peers.main(_args(tiny_model_dir, out, ["qublast-jetson-size30"])) == 0
-    assert "1 points, 1 already measured" in capsys.readouterr().err
+    assert "1 points, 1 already recorded" in capsys.readouterr().err
 
 
-def test_an_export_failure_other_than_a_budget_stops_the_run(tiny_model_dir, tmp_path, capsys):
+def test_an_export_failure_other_than_a_budget_stops_the_run(tiny_model_dir, tmp_path, capfd):
     out = tmp_path / "peers"
     calib = tmp_path / "empty.txt"
     calib.write_text("")  # the export refuses it (exit code 2), but that is not a fact about the point
     args = _args(tiny_model_dir, out, ["qublast-cpu-uniform-w4"])
     args[args.index("--calib-text") + 1] = str(calib)
     assert peers.main(args) == 1
-    assert "error: qublast-cpu-uniform-w4: producing it failed" in capsys.readouterr().err
+    err = capfd.readouterr().err
+    assert "error: qublast-cpu-uniform-w4: producing it failed" in err
+    assert "qublast: error: " in err  # the export's own line, passed through as it came
     assert "qublast-cpu-uniform-w4" not in json.loads((out / "results.json").read_text())["points"]
