@@ -389,6 +389,7 @@ def _genai_point(pt: Point, model: str, dest: Path, cache: Path) -> None:
 
             fp, tokenizer, _ = load_model(resolve_source(model))
             fp.config.__dict__.pop("quantization_config", None)  # the GGUF's: the weights written are dequantized
+            fp.hf_quantizer = None  # else transformers refuses to save a GGUF-loaded model
             partial = source.with_name("hf-fp32.partial")
             fp.save_pretrained(str(partial), safe_serialization=True)
             tokenizer.save_pretrained(str(partial))

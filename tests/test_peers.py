@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import peers
+from tests.conftest import GGUF
 
 DATA = Path(__file__).resolve().parents[1] / "qublast" / "data"
 POINTS = ["fp32", "ort-rtn-asym-b32", "ort-rtn-asym-b32-head", "ort-dynamic-int8", "genai-rtn-shared", "qublast-cpu-uniform-w4"]
@@ -164,3 +165,16 @@ def test_an_export_failure_other_than_a_budget_stops_the_run(tiny_model_dir, tmp
     assert "error: qublast-cpu-uniform-w4: producing it failed" in err
     assert "qublast: error: " in err  # the export's own line, passed through as it came
     assert "qublast-cpu-uniform-w4" not in json.loads((out / "results.json").read_text())["points"]
+
+
+@pytest.mark.skipif(not GGUF.is_file(), reason="needs ../shared/assets (the SmolLM2 GGUF)")
+def test_genai_reads_a_gguf_checkpoint_through_an_hf_folder_written_once(tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    pt = next(p for p in peers.points() if p.name == "genai-rtn-shared")
+    cache, dest = tmp_path / "cache", tmp_path / "point"
+    dest.mkdir()
+    peers._genai_point(pt, str(GGUF), dest, cache)
+    assert (cache / "hf-fp32" / "config.json").is_file() and not (cache / "hf-fp32.partial").exists()
+    assert "quantization_config" not in json.loads((cache / "hf-fp32" / "config.json").read_text())
+    assert (dest / "model.onnx").is_file() and (dest / "genai_config.json").is_file()
+    assert not (dest / "builder-cache").exists()
