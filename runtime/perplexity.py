@@ -3,7 +3,10 @@
 ``python -m runtime.perplexity --bundle DIR --text FILE [--backend ort|trt]`` follows the
 evaluation protocol of DESIGN.md: the file's lines as WikiText rows (blank -> "", else the
 line with its newline) joined with "\n\n", tokenized once, non-overlapping windows of the
-recipe's sequence length, each scored as one prefill.
+recipe's sequence length, each scored as one prefill. With ``--against REF`` (another bundle of
+the same model, e.g. its fp32 graph) both are scored on the same windows and the paired
+difference of their mean NLL per window is reported with its standard error: how far a PPL
+increase is resolved by the text's window count.
 """
 from __future__ import annotations
 
@@ -28,18 +31,32 @@ def window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
 
 
 def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> dict:
-    """Score each window [seqlen] as one prefill; returns ppl, nll_sum, tokens, seconds."""
-    nll_sum, tokens, start = 0.0, 0, time.perf_counter()
+    """Score each window [seqlen] as one prefill; returns ppl, nll_sum, tokens, seconds and
+    window_nll (the summed NLL of each window, in order)."""
+    nll_sum, tokens, start, per_window = 0.0, 0, time.perf_counter(), []
     for k, window in enumerate(windows):
         logits, _ = model.forward(window[None, :])
-        nll_sum += window_nll(logits[0], window)
+        per_window.append(window_nll(logits[0], window))
+        nll_sum += per_window[-1]
         tokens += len(window) - 1
         if progress:
             rate = (k + 1) / (time.perf_counter() - start)
             print(f"\rppl ort: {k + 1}/{len(windows)} windows ({rate:.2f}/s) ppl {math.exp(nll_sum / tokens):.4f}", end="", file=sys.stderr)
     if progress:
         print(file=sys.stderr)
-    return {"ppl": math.exp(nll_sum / tokens), "nll_sum": nll_sum, "tokens": tokens, "seconds": time.perf_counter() - start}
+    return {"ppl": math.exp(nll_sum / tokens), "nll_sum": nll_sum, "tokens": tokens, "seconds": time.perf_counter() - start,
+            "window_nll": per_window}
+
+
+def paired_difference(nll: list[float], reference: list[float], *, tokens_per_window: int) -> dict:
+    """Mean NLL per token of each window, ``nll`` minus ``reference`` on the same windows: the
+    mean difference (dCE, nats; exp(dCE) - 1 is the PPL increase when windows are equally long)
+    and its standard error over the windows (None with fewer than 2)."""
+    if len(nll) != len(reference) or not nll:
+        raise ValueError(f"paired windows need the same non-zero count, got {len(nll)} and {len(reference)}")
+    d = (np.asarray(nll, dtype=np.float64) - np.asarray(reference, dtype=np.float64)) / tokens_per_window  # [windows]
+    stderr = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+    return {"windows": len(d), "dce": float(d.mean()), "stderr": stderr}
 
 
 def wikitext_rows_to_text(lines: list[str]) -> str:
@@ -74,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, help="window length (default: the recipe's)")
     p.add_argument("--max-windows", type=int, help="default: the recipe's evaluation window count")
     p.add_argument("--threads", type=int)
+    p.add_argument("--against", metavar="REF", help="a reference bundle of the same model (e.g. its fp32 graph), scored on the "
+                   "same windows: prints the paired dCE per token and its standard error over the windows")
     args = p.parse_args(argv)
     try:
         if args.seqlen is not None and args.seqlen < 2:
@@ -84,15 +103,21 @@ def main(argv: list[str] | None = None) -> int:
         if not args.text.strip() or not Path(args.text).is_file():
             raise ValueError(f"--text {args.text!r} is {'a folder' if Path(args.text).is_dir() and args.text.strip() else 'not a file'}")
         bundle = open_bundle(args.bundle, backend=args.backend, threads=args.threads)
+        reference = open_bundle(args.against, threads=args.threads) if args.against else None  # checked before any scoring
         seqlen = args.seqlen or bundle.recipe["metrics"]["seqlen"]
         bundle.check_length(seqlen, f"--seqlen {seqlen}")
+        if reference is not None:
+            reference.check_length(seqlen, f"--seqlen {seqlen} (--against)")
         limit = args.max_windows or bundle.recipe.get("evaluation", {}).get("windows")
         ids = bundle.tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids
         try:
             chunks = windows(ids, seqlen, max_windows=limit)
         except ValueError as exc:
             raise ValueError(f"--text {args.text}: {exc}") from None
+        if reference is not None and reference.tokenizer.encode(wikitext_text(args.text), add_special_tokens=False).ids != ids:
+            raise ValueError(f"--against {args.against}: its tokenizer splits the text differently (another model?)")
         result = perplexity(bundle.model, chunks)
+        ref = perplexity(reference.model, chunks) if reference is not None else None
     except (BundleError, ValueError, RuntimeError, OSError) as exc:  # RuntimeError: TensorRT/CUDA unavailable or failing
         print(f"qublast: error: {exc}", file=sys.stderr)
         return 2
@@ -103,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PPL {result['ppl']:.4f} over {result['tokens']} predicted tokens ({result['seconds']:.1f} s, backend {args.backend})")
     if recorded:
         print(f"recipe's ONNX Runtime PPL {recorded:.4f} ({100 * (result['ppl'] / recorded - 1):+.4f}%)")
+    if ref is not None:
+        pair = paired_difference(result["window_nll"], ref["window_nll"], tokens_per_window=seqlen - 1)
+        spread = f"standard error {pair['stderr']:.5f}" if pair["stderr"] is not None else "no standard error (one window)"
+        print(f"against {args.against}: PPL {ref['ppl']:.4f}; paired over {pair['windows']} windows: dCE {pair['dce']:.5f} nats a token, "
+              f"{spread} (PPL {100 * math.expm1(pair['dce']):+.2f}%)")
     return 0
 
 

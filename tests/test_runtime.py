@@ -126,6 +126,30 @@ def test_runtime_perplexity_reproduces_the_recipe(bundle, capsys):  # noqa: F811
     assert measured == pytest.approx(recorded, rel=1e-5)
 
 
+def test_paired_difference_is_the_mean_per_token_gap_and_its_standard_error():
+    nll = [10.0, 14.0, 12.0, 20.0]  # summed NLL of 4 windows of 2 predicted tokens
+    ref = [8.0, 8.0, 10.0, 12.0]
+    pair = rppl.paired_difference(nll, ref, tokens_per_window=2)
+    gaps = np.array([1.0, 3.0, 1.0, 4.0])
+    assert pair["windows"] == 4 and pair["dce"] == pytest.approx(gaps.mean())
+    assert pair["stderr"] == pytest.approx(gaps.std(ddof=1) / 2.0)
+    assert rppl.paired_difference([3.0], [1.0], tokens_per_window=2)["stderr"] is None
+    with pytest.raises(ValueError, match="same non-zero count"):
+        rppl.paired_difference([1.0, 2.0], [1.0], tokens_per_window=2)
+
+
+def test_runtime_perplexity_against_a_reference_pairs_the_windows(bundle, tmp_path, capsys):  # noqa: F811
+    from importlib import resources
+
+    text = str(resources.files("qublast.data").joinpath("wikitext2_test_excerpt.raw"))
+    assert rppl.main(["--bundle", str(bundle), "--text", text, "--max-windows", "3", "--against", str(bundle)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "paired over 3 windows: dCE 0.00000" in line and "standard error 0.00000" in line, line
+    assert rppl.main(["--bundle", str(bundle), "--text", text, "--against", str(tmp_path / "nope")]) == 2
+    captured = capsys.readouterr()
+    assert "bundle not found" in captured.err and "PPL" not in captured.out  # refused before any window is scored
+
+
 def test_runtime_clis_reject_bad_input(bundle, tmp_path, capsys):  # noqa: F811
     assert rppl.main(["--bundle", str(tmp_path / "nope"), "--text", __file__]) == 2
     assert "bundle not found" in capsys.readouterr().err
