@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from runtime.perplexity import paired_shift
+
 from .attention import observing
 from .blocks import model_device
 
@@ -80,9 +82,7 @@ class Shift:
 
 def ce_shift(after: np.ndarray, before: np.ndarray) -> Shift:
     """dCE of paired per-window cross-entropies; the stderr is over windows (tokens inside one correlate)."""
-    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
-    stderr = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("inf")
-    return Shift(float(diff.mean()), stderr)
+    return Shift(*paired_shift(after, before))
 
 
 FP16_MAX = 65504.0

@@ -48,15 +48,14 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> dict:
             "window_nll": per_window}
 
 
-def paired_difference(nll: list[float], reference: list[float], *, tokens_per_window: int) -> dict:
-    """Mean NLL per token of each window, ``nll`` minus ``reference`` on the same windows: the
-    mean difference (dCE, nats; exp(dCE) - 1 is the PPL increase when windows are equally long)
-    and its standard error over the windows (None with fewer than 2)."""
-    if len(nll) != len(reference) or not nll:
-        raise ValueError(f"paired windows need the same non-zero count, got {len(nll)} and {len(reference)}")
-    d = (np.asarray(nll, dtype=np.float64) - np.asarray(reference, dtype=np.float64)) / tokens_per_window  # [windows]
-    stderr = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
-    return {"windows": len(d), "dce": float(d.mean()), "stderr": stderr}
+def paired_shift(after, before) -> tuple[float, float]:
+    """dCE of paired per-window cross-entropies (nats a token, ``after`` minus ``before`` on the same
+    windows) and its standard error over the windows (tokens inside one correlate); inf with one."""
+    after, before = np.asarray(after, dtype=np.float64), np.asarray(before, dtype=np.float64)  # [windows] each
+    if after.shape != before.shape or after.ndim != 1 or after.size == 0:
+        raise ValueError(f"paired windows need the same non-zero count, got {after.shape} and {before.shape}")
+    diff = after - before
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
 
 
 def wikitext_rows_to_text(lines: list[str]) -> str:
@@ -129,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     if recorded:
         print(f"recipe's ONNX Runtime PPL {recorded:.4f} ({100 * (result['ppl'] / recorded - 1):+.4f}%)")
     if ref is not None:
-        pair = paired_difference(result["window_nll"], ref["window_nll"], tokens_per_window=seqlen - 1)
-        spread = f"standard error {pair['stderr']:.5f}" if pair["stderr"] is not None else "no standard error (one window)"
-        print(f"against {args.against}: PPL {ref['ppl']:.4f}; paired over {pair['windows']} windows: dCE {pair['dce']:.5f} nats a token, "
-              f"{spread} (PPL {100 * math.expm1(pair['dce']):+.2f}%)")
+        dce, stderr = paired_shift(np.asarray(result["window_nll"]) / (seqlen - 1), np.asarray(ref["window_nll"]) / (seqlen - 1))
+        spread = f"standard error {stderr:.5f}" if math.isfinite(stderr) else "no standard error (one window)"
+        print(f"against {args.against}: PPL {ref['ppl']:.4f}; paired over {len(chunks)} windows: dCE {dce:.5f} nats a token, "
+              f"{spread} (PPL {100 * math.expm1(dce):+.2f}%)")
     return 0
 
 

@@ -126,16 +126,18 @@ def test_runtime_perplexity_reproduces_the_recipe(bundle, capsys):  # noqa: F811
     assert measured == pytest.approx(recorded, rel=1e-5)
 
 
-def test_paired_difference_is_the_mean_per_token_gap_and_its_standard_error():
-    nll = [10.0, 14.0, 12.0, 20.0]  # summed NLL of 4 windows of 2 predicted tokens
-    ref = [8.0, 8.0, 10.0, 12.0]
-    pair = rppl.paired_difference(nll, ref, tokens_per_window=2)
+def test_paired_shift_is_the_mean_per_token_gap_and_its_standard_error():
+    nll = np.array([10.0, 14.0, 12.0, 20.0])  # summed NLL of 4 windows of 2 predicted tokens
+    ref = np.array([8.0, 8.0, 10.0, 12.0])
+    dce, stderr = rppl.paired_shift(nll / 2, ref / 2)
     gaps = np.array([1.0, 3.0, 1.0, 4.0])
-    assert pair["windows"] == 4 and pair["dce"] == pytest.approx(gaps.mean())
-    assert pair["stderr"] == pytest.approx(gaps.std(ddof=1) / 2.0)
-    assert rppl.paired_difference([3.0], [1.0], tokens_per_window=2)["stderr"] is None
+    assert dce == pytest.approx(gaps.mean())
+    assert stderr == pytest.approx(gaps.std(ddof=1) / 2.0)
+    assert rppl.paired_shift([1.5], [0.5])[1] == float("inf")
     with pytest.raises(ValueError, match="same non-zero count"):
-        rppl.paired_difference([1.0, 2.0], [1.0], tokens_per_window=2)
+        rppl.paired_shift([], [])
+    with pytest.raises(ValueError, match="same non-zero count"):
+        rppl.paired_shift([1.0, 2.0], [1.0])
 
 
 def test_runtime_perplexity_against_a_reference_pairs_the_windows(bundle, tmp_path, capsys):  # noqa: F811
