@@ -71,8 +71,9 @@ class CalibConfig:
     holdout_windows: int = 16
     seed: int = 0
     # repair until held-out dCE + Z_UPPER * stderr <= safety * ln(1 + P); below 1 for the shift
-    # between calibration text and the user's (docs/results.md, "Held-out bound and text shift")
-    safety: float = 0.9
+    # between calibration text and the user's (docs/results.md, "Held-out bound and text shift";
+    # 0.85 since the shift measured on the whole test split put a 0.9 bundle over its bound)
+    safety: float = 0.85
     scaling: bool = True  # the activation scaling map (--no-scaling turns it off)
     range_method: str = "mse"  # static activation ranges: absmax, percentile or mse
     alloc_loss: str = "kl"  # what allocation sums per block: kl or dce (ALLOC_LOSSES)
