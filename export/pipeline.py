@@ -210,6 +210,8 @@ def preflight(cfg: ExportConfig) -> Inputs:
         counts += [("--gptq-windows", cfg.calib.gptq_windows)] if "gptq" in cfg.calib.quantizers else []
         if cfg.calib.own_tune_windows:
             counts.append((f"--reconstruct-windows {cfg.calib.tune_windows} less --calib-windows", cfg.calib.own_tune_windows))
+        if cfg.calib.e2e_windows:
+            counts.append(("--e2e-windows", cfg.calib.e2e_windows))
         qtext.check_length(calib_src, "calibration text", sum(n for _, n in counts), cfg.calib.calib_seqlen,
                            " + ".join(f"{flag} {n}" for flag, n in counts) + " of --calib-seqlen")
         if eval_src is not None and not cfg.allow_test_calibration:

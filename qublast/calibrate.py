@@ -8,6 +8,7 @@ The model is left exactly as it came in (fp weights); the decisions live in the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import resource
@@ -34,7 +35,7 @@ from .formats import fits, get_format, get_target, linear_format
 from .heldout import PrefixPasses
 from .quant import CLIP_GRID
 from .recipe import RECIPE_FORMAT, RECIPE_VERSION
-from .reconstruct import RETUNES, ROUNDINGS, WindowCache, reconstruct
+from .reconstruct import RETUNES, ROUNDINGS, WindowCache, reconstruct, tune_end_to_end
 from .scaling import ALPHA_GRID, RANGE_METHODS
 from .sensitivity import ESTIMATES, sweep
 from .sizes import block_bytes, fp16_bytes, predicted_sizes, rest_bytes, vocab_bytes
@@ -84,6 +85,10 @@ class CalibConfig:
     reconstruct_steps: int = 40
     reconstruct_windows: int | None = None  # token windows reconstruction tunes on: the sweep's, then its own (None: the sweep's)
     rounding: str = "fixed"  # what reconstruction tunes: the scales (fixed codes) or also each code's rounding (learned)
+    # windows of its own (drawn past every other set) on which every reconstructed plan's scales are then tuned
+    # end to end against the fp model's logits (0: off); ``e2e_epochs`` passes over them, one window a step
+    e2e_windows: int = 0
+    e2e_epochs: int = 2
     retune: str = "changed"  # which windows a later plan tunes again: only those it changed, or all after its first changed block
     device: str = "cpu"  # where calibration computes; blocks move there one at a time (qublast.device)
     dtype: str = "float32"  # the model's dtype during calibration (float16 / bfloat16 round the fake-quantized weights)
@@ -130,6 +135,10 @@ class CalibConfig:
             raise InputError(f"--reconstruct must be >= 0 and --reconstruct-steps >= 1, got {self.reconstruct}, {self.reconstruct_steps}")
         if self.reconstruct_windows is not None and self.reconstruct_windows < 1:
             raise InputError(f"--reconstruct-windows must be >= 1, got {self.reconstruct_windows}")
+        if self.e2e_windows < 0 or self.e2e_epochs < 1:
+            raise InputError(f"--e2e-windows must be >= 0 and --e2e-epochs >= 1, got {self.e2e_windows}, {self.e2e_epochs}")
+        if self.e2e_windows and not self.reconstruct:
+            raise InputError("--e2e-windows tunes reconstructed plans: it needs --reconstruct > 0")
         if self.rounding not in ROUNDINGS:
             raise InputError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.retune not in RETUNES:
@@ -219,7 +228,9 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     gptq = "gptq" in cfg.quantizers
     more = cfg.own_tune_windows
     sens, holdout, *rest = calib_windows(calib_ids, cfg.calib_seqlen, (cfg.sens_windows, cfg.holdout_windows)
-                                         + ((cfg.gptq_windows,) if gptq else ()) + ((more,) if more else ()), seed=cfg.seed)
+                                         + ((cfg.gptq_windows,) if gptq else ()) + ((more,) if more else ())
+                                         + ((cfg.e2e_windows,) if cfg.e2e_windows else ()), seed=cfg.seed)
+    e2e_ids = rest.pop() if cfg.e2e_windows else None
     fit = rest[:1] if gptq else []
     tune_ids = np.concatenate([sens, *rest[len(fit):]])[: cfg.tune_windows]
     layers = blocks_of(model, spec)
@@ -244,7 +255,7 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     importance = head_importance(runner)
     del runner
     options = _options(model, spec, target, table, vocab_table, candidates, embed_choices, head_choices, cfg.alloc_loss)
-    builder = _Builder(model, spec, target, table, vocab_table, importance, tune_ids, cfg, log)
+    builder = _Builder(model, spec, target, table, vocab_table, importance, tune_ids, cfg, log, e2e_ids=e2e_ids)
     allocation: dict = {}
     if fixed:
         formats = [*fixed, vocab_option(embed_choices[0], head_choices[0])]
@@ -256,6 +267,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     transforms, vocab, records = builder.build(formats, reconstructed=allocation.get("reconstructed", True))
     if records:
         allocation["reconstruction"] = records
+    if builder.e2e_record(formats, allocation.get("reconstructed", True)):
+        allocation["end_to_end"] = builder.e2e_record(formats, allocation.get("reconstructed", True))
     if builder.count:
         costs.update(reconstruction_s=builder.seconds, reconstructions=builder.count)
     peaks = allocation.pop("peaks", None)
@@ -356,9 +369,12 @@ class _Builder:
     as it was measured, without tuning it again (with ``--retune changed`` a second tuning could
     differ: it depends on the plans tuned before)."""
 
-    def __init__(self, model, spec, target, table, vocab_table, importance, tune_ids: np.ndarray, cfg: CalibConfig, log):
+    def __init__(self, model, spec, target, table, vocab_table, importance, tune_ids: np.ndarray, cfg: CalibConfig, log,
+                 e2e_ids: np.ndarray | None = None):
         self.model, self.spec, self.target, self.table, self.vocab_table = model, spec, target, table, vocab_table
-        self.importance, self.tune_ids, self.cfg, self.log = importance, tune_ids, cfg, log
+        self.importance, self.tune_ids, self.cfg, self.log, self.e2e_ids = importance, tune_ids, cfg, log, e2e_ids
+        self.teacher = None  # the fp model's copy end-to-end tuning aims at (made on first use)
+        self.e2e: dict[tuple, dict] = {}  # end-to-end tuning's record per plan
         self.cache: dict[tuple, tuple] = {}
         self.kept: dict[tuple, tuple] = {}
         self.windows = WindowCache(retune=cfg.retune)  # tuned windows shared by plans with the same leading formats
@@ -389,8 +405,21 @@ class _Builder:
                 kept = sum(bool(r.get("reused")) and not r.get("cached") for r in records)
                 self.log(f"reconstruction: window errors summed {before:.4g} -> {after:.4g} ({reused} of {len(records)} windows reused"
                          + (f", {kept} kept an earlier plan's tuned scales)" if self.cfg.retune == "changed" else ")"))
+                if self.e2e_ids is not None:
+                    started = time.perf_counter()
+                    if self.teacher is None:
+                        self.teacher = copy.deepcopy(self.model).eval()
+                    transforms, record = tune_end_to_end(self.model, self.teacher, self.spec, transforms, vocab,
+                                                         torch.from_numpy(self.e2e_ids), epochs=self.cfg.e2e_epochs,
+                                                         device=self.cfg.device, log=self.log)
+                    self.e2e[key] = record
+                    self.seconds += time.perf_counter() - started
             self.cache = {key: (transforms, vocab, records)}
         return self.cache[key]
+
+    def e2e_record(self, formats, reconstructed: bool) -> dict | None:
+        """End-to-end tuning's record of a plan built reconstructed (None where it was not tuned)."""
+        return self.e2e.get(self._key(formats, reconstructed))
 
     def keep(self, formats, *, reconstructed: bool) -> None:
         """Hold the build of ``formats`` (built last) beside the next ones: the repair measured it within its bound."""
@@ -522,7 +551,7 @@ def _calibration_entry(cfg: CalibConfig, calib_label: str, candidates, peaks: di
         "embeddings": cfg.embeddings, "lm_head": cfg.lm_head, "activation_peaks": peaks,
         "quantizers": list(cfg.quantizers), "act_order": cfg.act_order, "gptq_windows": cfg.gptq_windows,
         "reconstruct": cfg.reconstruct, "reconstruct_steps": cfg.reconstruct_steps, "rounding": cfg.rounding, "retune": cfg.retune,
-        "reconstruct_windows": cfg.tune_windows,
+        "reconstruct_windows": cfg.tune_windows, "e2e_windows": cfg.e2e_windows, "e2e_epochs": cfg.e2e_epochs,
         "device": cfg.device, "dtype": cfg.dtype,
         "sweep": cfg.sweep,
     }

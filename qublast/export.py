@@ -102,6 +102,12 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--rounding", default=DEFAULTS.rounding, choices=ROUNDINGS,
                    help="what reconstruction tunes: fixed (the scales; the codes stay GPTQ's or round-to-nearest's, "
                         "default) or learned (the scales and every code's rounding, AutoRound-style straight-through; docs/results.md)")
+    p.add_argument("--e2e-windows", type=int, default=DEFAULTS.e2e_windows,
+                   help="after reconstruction, tune every quantized block's scales at once against the fp model's "
+                        "next-token distribution (KL) on this many windows of --calib-seqlen of its own (default "
+                        "%(default)s: off; 64 is what docs/results.md measured; minutes a plan)")
+    p.add_argument("--e2e-epochs", type=int, default=DEFAULTS.e2e_epochs,
+                   help="passes over the --e2e-windows, one window a step (default %(default)s)")
     p.add_argument("--retune", default=DEFAULTS.retune, choices=RETUNES,
                    help="which reconstruction windows a later plan of the repair tunes again: changed (default): only "
                         "those holding a changed block, the others keeping their tuned scales where these still fit better "
@@ -122,7 +128,8 @@ def parser(*, calibrate_only: bool = False) -> argparse.ArgumentParser:
 RECIPE_DECIDES = ("max_ppl_increase", "target_size", "blocks_size", "uniform", "formats", "lm_head", "embeddings",
                   "candidates", "calib_text", "calib_dataset", "calib_seqlen", "calib_windows", "holdout_windows", "seed",
                   "safety", "no_scaling", "range_method", "alloc_loss", "spend_tries", "quantizers", "no_act_order",
-                  "gptq_windows", "reconstruct", "reconstruct_steps", "reconstruct_windows", "rounding", "retune", "allow_test_calibration", "sweep")
+                  "gptq_windows", "reconstruct", "reconstruct_steps", "reconstruct_windows", "rounding", "retune", "allow_test_calibration", "sweep",
+                  "e2e_windows", "e2e_epochs")
 
 
 def given(p: argparse.ArgumentParser, argv: list[str]) -> dict[str, tuple[str, str | None]]:
@@ -182,12 +189,16 @@ def _check_unused(flags: dict, args: argparse.Namespace) -> None:
         "retune": (args.reconstruct == 0 and "with --reconstruct 0")
                   or ((fixed or sized) and f"with {fixed or sized} (only --max-ppl-increase reconstructs more than one plan)"),
         "reconstruct_windows": args.reconstruct == 0 and "with --reconstruct 0",
+        "e2e_windows": args.reconstruct == 0 and "with --reconstruct 0",
+        "e2e_epochs": (args.reconstruct == 0 and "with --reconstruct 0") or (not args.e2e_windows and "without --e2e-windows"),
     }
     for dest, (flag, _) in flags.items():
         if why.get(dest):
             raise InputError(f"{flag} has no effect {why[dest]}; drop it")
     if args.reconstruct_steps > 10_000:
         raise InputError(f"--reconstruct-steps must be at most 10000, got {args.reconstruct_steps}")
+    if args.e2e_epochs > 100:
+        raise InputError(f"--e2e-epochs must be at most 100, got {args.e2e_epochs}")
 
 
 def _check_target_flags(flags: dict, args: argparse.Namespace) -> None:
@@ -235,7 +246,8 @@ def config_from_args(args: argparse.Namespace, *, calibrate_only: bool = False):
         scaling=not args.no_scaling, range_method=args.range_method, alloc_loss=args.alloc_loss,
         quantizers=_names("--quantizers", args.quantizers), act_order=not args.no_act_order, gptq_windows=args.gptq_windows,
         reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps, rounding=args.rounding, retune=args.retune,
-        reconstruct_windows=args.reconstruct_windows, device=args.device, dtype=args.dtype,
+        reconstruct_windows=args.reconstruct_windows, e2e_windows=args.e2e_windows, e2e_epochs=args.e2e_epochs,
+        device=args.device, dtype=args.dtype,
         spend_tries=args.spend_tries, sweep=args.sweep,
     )
     from export.pipeline import ExportConfig  # deferred heavy import (onnx, transformers): CalibConfig's flag errors stay fast

@@ -39,6 +39,7 @@ for bit), output their fp targets without a pass; a window with nothing to tune 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 
 import torch
@@ -54,6 +55,7 @@ ROUNDINGS = ("fixed", "learned")  # what reconstruction tunes: the scales, or th
 RETUNES = ("all", "changed")  # which windows a later plan tunes again: all after its first change, or those it changed
 V_START = -1.0  # every code starts where it was (h = [V >= 0] = 0)
 ROUND_LR = 0.05  # Adam's step on V: a code crosses over after about 20 consistent steps
+E2E_LR = 1e-3  # Adam's step on the log-gains when all blocks are tuned end to end against the fp logits
 
 
 class _Dequantized(torch.nn.Module):
@@ -366,6 +368,72 @@ def _tune(runner: BlockRunner, blocks, paths, qweights, x_q, target, *, steps: i
         after, out = before, None
         moves = {**moves, "moved": 0} if moves else moves
     return {"before": before, "after": after, "steps": steps, **moves}, results, out
+
+
+def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of the next-token distributions, in nats (fp32)."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def tune_end_to_end(model, teacher, spec: ArchSpec, transforms: list[BlockTransform], vocab, ids: torch.Tensor, *,
+                    epochs: int, lr: float = E2E_LR, device: str = "cpu", log=print) -> tuple[list[BlockTransform], dict]:
+    """Tune every quantized block linear's scales, all blocks at once, so the quantized model's
+    next-token distribution matches ``teacher``'s (the fp model; KL, no labels) on token windows
+    ``ids`` [N, S], one window a step, ``epochs`` passes in a seeded order. The codes stay (one
+    log-gain per scale group, as ``reconstruct``; the scales rounded to fp16 after). Returns the
+    transforms with those codes (quantizer "<q>+e2e") and a record (mean KL of the first and the
+    last pass, steps, seconds). The model is left as it came in."""
+    started = time.perf_counter()
+    layers = blocks_of(model, spec)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    modules: dict[str, _Dequantized] = {}
+    passes: list[float] = []
+    try:
+        with transforms_applied(model, spec, transforms, vocab) as qweights, \
+                kept_on([*layers, *blocks_of(teacher, spec)], device):
+            paths = [path for path in qweights if path.startswith(f"{spec.blocks}.")]
+            for path in paths:
+                linear = get_module(model, path)
+                parametrize.register_parametrization(linear, "weight", _Dequantized(qweights[path]))
+                modules[path] = linear.parametrizations.weight[0]
+            try:
+                optimizer = torch.optim.Adam([m.gain for m in modules.values()], lr=lr)
+                generator = torch.Generator().manual_seed(0)
+                for epoch in range(epochs):
+                    total = 0.0
+                    for row in torch.randperm(ids.shape[0], generator=generator).tolist():
+                        window = ids[row:row + 1].to(device)
+                        with torch.no_grad():
+                            target = teacher(input_ids=window, use_cache=False).logits
+                        optimizer.zero_grad()
+                        loss = logit_kl(model(input_ids=window, use_cache=False).logits, target)
+                        loss.backward()
+                        optimizer.step()
+                        total += float(loss)
+                    passes.append(total / ids.shape[0])
+                    log(f"end-to-end tuning: pass {epoch + 1} of {epochs}, mean KL {passes[-1]:.5f} "
+                        f"({time.perf_counter() - started:.0f} s)")
+                tuned = {path: m.tuned(qweights[path]) for path, m in modules.items()}
+            finally:
+                for path in modules:
+                    parametrize.remove_parametrizations(get_module(model, path), "weight", leave_parametrized=False)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    out = list(transforms)
+    prefix = f"{spec.blocks}."
+    for path, qw in tuned.items():
+        index, name = path[len(prefix):].split(".", 1)
+        t = out[int(index)]
+        quantizer = t.quantizer if t.quantizer.endswith("+e2e") else f"{t.quantizer}+e2e"
+        out[int(index)] = replace(t, codes={**t.codes, name: qw}, quantizer=quantizer)
+    record = {"first_pass_kl": passes[0], "last_pass_kl": passes[-1], "steps": epochs * ids.shape[0],
+              "windows": ids.shape[0], "seconds": time.perf_counter() - started}
+    return out, record
 
 
 def _none_moved(learned: bool) -> dict:

@@ -112,7 +112,7 @@ def calib_windows(ids: np.ndarray, seqlen: int, counts: tuple[int, ...], *, seed
     if slots < need:
         raise InputError(
             f"calibration text has {len(ids)} tokens: {slots} windows of {seqlen}, {need} needed "
-            f"(a longer --calib-text, or fewer --gptq-windows / --holdout-windows / --calib-windows / --reconstruct-windows)"
+            f"(a longer --calib-text, or fewer --gptq-windows / --holdout-windows / --calib-windows / --reconstruct-windows / --e2e-windows)"
         )
     order = np.random.default_rng(seed).permutation(slots)[:need]
     grid = ids[: slots * seqlen].reshape(slots, seqlen)

@@ -383,3 +383,72 @@ def test_reconstruct_windows_are_the_sweeps_then_its_own(tiny_model_dir, tmp_pat
     elsewhere = {row.tobytes() for s in others for row in s}  # held-out windows, and GPTQ's
     assert not any(row.tobytes() in elsewhere for row in seen["ids"])
     assert read_recipe(out / "recipe.json")["calibration"]["reconstruct_windows"] == 4
+
+
+def test_end_to_end_tuning_lowers_the_logit_kl_and_keeps_the_codes():
+    """``tune_end_to_end``: after reconstruction, every quantized block's scales tuned at once against
+    the fp model's logits lower the KL on the windows it tuned on; the codes stay, the scales are
+    fp16 values, the quantizer says so, and the model comes back as it went in."""
+    import copy
+
+    from qublast.apply import transforms_applied
+    from qublast.reconstruct import logit_kl, tune_end_to_end
+
+    model = tiny_model("llama", layers=4)
+    spec = arch_for("llama")
+    target = get_target("jetson")
+    vocab = VocabTransform.of(target, embed="fp16", head="fp16")
+    ids = torch.randint(0, VOCAB, (6, 32), generator=torch.Generator().manual_seed(0))
+    plan = [BlockTransform(get_format("w4", target)) for _ in range(4)]
+    tuned, _ = reconstruct(model, spec, plan, vocab, ids, window=2, steps=10, log=lambda _m: None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    teacher = copy.deepcopy(model).eval()
+
+    @torch.no_grad()
+    def kl_of(transforms) -> float:
+        with torch.no_grad():
+            target_logits = teacher(input_ids=ids, use_cache=False).logits
+        with transforms_applied(model, spec, transforms, vocab):
+            return float(logit_kl(model(input_ids=ids, use_cache=False).logits, target_logits))
+
+    lines = []
+    e2e, record = tune_end_to_end(model, teacher, spec, tuned, vocab, ids, epochs=3, lr=1e-2, log=lines.append)
+    assert record["steps"] == 18 and record["last_pass_kl"] < record["first_pass_kl"] and len(lines) == 3
+    assert kl_of(e2e) < kl_of(tuned)
+    for t, t0 in zip(e2e, tuned):
+        assert t.quantizer == "rtn+cbq+e2e" and set(t.codes) == set(t0.codes) == set(spec.linears)
+        for name, qw in t.codes.items():
+            assert torch.equal(qw.q, t0.codes[name].q)
+            assert torch.equal(qw.scale, qw.scale.half().float()) and bool((qw.scale > 0).all())
+        assert any(not torch.equal(qw.scale, t0.codes[n].scale) for n, qw in t.codes.items())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) and p.requires_grad == before[name].requires_grad, name
+
+
+def test_end_to_end_tuned_bundle_replays_exactly(tiny_model_dir, tmp_path):
+    """``--e2e-windows``: the deployed bundle carries the end-to-end tuned scales (quantizer
+    "+cbq+e2e", the record in the recipe) and ONNX Runtime measures what PyTorch measured."""
+    from qublast.export import main
+    from qublast.recipe import read_recipe
+
+    out = tmp_path / "r"
+    assert main(["--model", str(tiny_model_dir), "--target", "jetson", "--calib-seqlen", "32", "--calib-windows", "2",
+                 "--holdout-windows", "2", "--seqlen", "32", "--max-eval-windows", "3", "--uniform", "w4",
+                 "--reconstruct-steps", "5", "--e2e-windows", "2", "--e2e-epochs", "2",
+                 "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    recipe = read_recipe(out / "recipe.json")
+    assert all(b["quantizer"].endswith("+cbq+e2e") for b in recipe["blocks"])
+    assert recipe["calibration"]["e2e_windows"] == 2 and recipe["allocation"]["end_to_end"]["steps"] == 4
+    m = recipe["metrics"]
+    assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 1e-4
+
+
+@pytest.mark.parametrize("flags", [["--e2e-epochs", "3"], ["--e2e-windows", "2", "--reconstruct", "0"],
+                                   ["--e2e-windows", "-1"], ["--e2e-windows", "2", "--e2e-epochs", "0"]])
+def test_end_to_end_flags_are_checked_before_any_work(tiny_model_dir, tmp_path, capsys, flags):
+    from qublast.export import main
+
+    out = tmp_path / "r"
+    assert main(["--model", str(tiny_model_dir), "--uniform", "w4", *flags, "--out", str(out),
+                 "--cache-dir", str(tmp_path / "c")]) == 2
+    assert not out.exists() and "e2e" in capsys.readouterr().err
