@@ -271,6 +271,8 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
         allocation["end_to_end"] = builder.e2e_record(formats, allocation.get("reconstructed", True))
     if builder.count:
         costs.update(reconstruction_s=builder.seconds, reconstructions=builder.count)
+    if builder.e2e_seconds:
+        costs["e2e_s"] = builder.e2e_seconds
     peaks = allocation.pop("peaks", None)
     with transforms_applied(model, spec, transforms, vocab) as qweights:
         if "heldout_ce_quant" not in allocation:  # not measured by the repair: a fixed or size-budget plan
@@ -378,7 +380,7 @@ class _Builder:
         self.cache: dict[tuple, tuple] = {}
         self.kept: dict[tuple, tuple] = {}
         self.windows = WindowCache(retune=cfg.retune)  # tuned windows shared by plans with the same leading formats
-        self.seconds, self.count = 0.0, 0
+        self.seconds, self.count, self.e2e_seconds = 0.0, 0, 0.0
 
     def build(self, formats, *, reconstructed: bool = True) -> tuple[list, VocabTransform, list]:
         """(block transforms, vocabulary transform, reconstruction records) of a plan; reconstructed
@@ -414,6 +416,7 @@ class _Builder:
                                                          device=self.cfg.device, log=self.log)
                     self.e2e[key] = record
                     self.seconds += time.perf_counter() - started
+                    self.e2e_seconds += time.perf_counter() - started
             self.cache = {key: (transforms, vocab, records)}
         return self.cache[key]
 

@@ -240,7 +240,8 @@ def _reconstruction_cost(costs: dict) -> str:
     if "reconstruction_s" not in costs:
         return ""
     runs = costs.get("reconstructions", 1)
-    return f"cross-block reconstruction {costs['reconstruction_s']:.0f} s ({runs} plan{'s' if runs != 1 else ''} reconstructed), "
+    e2e = f", end-to-end tuning {costs['e2e_s']:.0f} s of it" if "e2e_s" in costs else ""
+    return f"cross-block reconstruction {costs['reconstruction_s']:.0f} s ({runs} plan{'s' if runs != 1 else ''} reconstructed{e2e}), "
 
 
 def _timings(run: dict) -> str:

@@ -439,6 +439,9 @@ def test_end_to_end_tuned_bundle_replays_exactly(tiny_model_dir, tmp_path):
     recipe = read_recipe(out / "recipe.json")
     assert all(b["quantizer"].endswith("+cbq+e2e") for b in recipe["blocks"])
     assert recipe["calibration"]["e2e_windows"] == 2 and recipe["allocation"]["end_to_end"]["steps"] == 4
+    costs = json.loads((out / "run.json").read_text())["calibration_costs"]
+    assert 0 < costs["e2e_s"] <= costs["reconstruction_s"]
+    assert f"end-to-end tuning {costs['e2e_s']:.0f} s of it" in (out / "report.md").read_text()
     m = recipe["metrics"]
     assert abs(m["ppl_quant_ort"] / m["ppl_quant_torch"] - 1) < 1e-4
 
