@@ -33,17 +33,10 @@ from qublast.evaluate import perplexity
 from qublast.models import load_model, resolve_source
 from qublast.quant import QuantizedWeight
 from qublast.recipe import block_linears, read_recipe, read_tensors, validate
-from qublast.reconstruct import _Dequantized
+from qublast.reconstruct import _Dequantized, kl_passes, logit_kl
 from qublast.text import calib_text, calib_windows, eval_text, eval_windows, tokenize
 
 USED = (8, 16, 32)  # the sweep's, held-out and GPTQ windows of a default calibration (seed 0)
-
-
-def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), in nats, in fp32."""
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    s = torch.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
 
 
 @torch.no_grad()
@@ -53,7 +46,7 @@ def mean_kl(student, teacher, windows) -> tuple[float, float]:
     for row in windows:
         ids = torch.from_numpy(row[None]).long()
         s, t = student(input_ids=ids, use_cache=False).logits, teacher(input_ids=ids, use_cache=False).logits
-        total += float(kl(s, t))
+        total += float(logit_kl(s, t))
         labels = ids[0, 1:]
         dce += float(torch.nn.functional.cross_entropy(s[0, :-1].float(), labels)
                      - torch.nn.functional.cross_entropy(t[0, :-1].float(), labels))
@@ -117,23 +110,10 @@ def main() -> None:
         linear = get_module(model, path)
         parametrize.register_parametrization(linear, "weight", _Dequantized(qw))
         modules[path] = linear.parametrizations.weight[0]
-    optimizer = torch.optim.Adam([m.gain for m in modules.values()], lr=args.lr)
-    generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
-    step = 0
-    for epoch in range(args.epochs):
-        running = 0.0
-        for row in torch.randperm(len(tune), generator=generator).tolist():
-            batch = torch.from_numpy(tune[row][None]).long()
-            with torch.no_grad():
-                target = teacher(input_ids=batch, use_cache=False).logits
-            optimizer.zero_grad()
-            loss = kl(model(input_ids=batch, use_cache=False).logits, target)
-            loss.backward()
-            optimizer.step()
-            running += float(loss)
-            step += 1
-        print(f"epoch {epoch + 1}: mean tuning KL {running / len(tune):.5f}, {step} steps ({time.perf_counter() - started:.0f} s)", flush=True)
+    kl_passes(model, teacher, [m.gain for m in modules.values()], torch.from_numpy(tune).long(),
+              epochs=args.epochs, lr=args.lr, log=lambda line: print(line, flush=True))
+    step = args.epochs * len(tune)
     tuned = {path: m.tuned(codes[path]) for path, m in modules.items()}
     for path in modules:
         parametrize.remove_parametrizations(get_module(model, path), "weight", leave_parametrized=False)

@@ -377,6 +377,31 @@ def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+def kl_passes(model, teacher, gains: list[torch.Tensor], ids: torch.Tensor, *, epochs: int, lr: float = E2E_LR,
+              device: str = "cpu", log=print) -> list[float]:
+    """Adam on ``gains`` so ``model``'s next-token distribution matches ``teacher``'s (``logit_kl``)
+    on token windows ``ids`` [N, S], one window a step, ``epochs`` passes in a seeded order; the
+    mean KL of each pass (logged as it ends)."""
+    started = time.perf_counter()
+    optimizer = torch.optim.Adam(gains, lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    passes = []
+    for epoch in range(epochs):
+        total = 0.0
+        for row in torch.randperm(ids.shape[0], generator=generator).tolist():
+            window = ids[row:row + 1].to(device)
+            with torch.no_grad():
+                target = teacher(input_ids=window, use_cache=False).logits
+            optimizer.zero_grad()
+            loss = logit_kl(model(input_ids=window, use_cache=False).logits, target)
+            loss.backward()
+            optimizer.step()
+            total += float(loss)
+        passes.append(total / ids.shape[0])
+        log(f"end-to-end tuning: pass {epoch + 1} of {epochs}, mean KL {passes[-1]:.5f} ({time.perf_counter() - started:.0f} s)")
+    return passes
+
+
 def tune_end_to_end(model, teacher, spec: ArchSpec, transforms: list[BlockTransform], vocab, ids: torch.Tensor, *,
                     epochs: int, lr: float = E2E_LR, device: str = "cpu", log=print) -> tuple[list[BlockTransform], dict]:
     """Tune every quantized block linear's scales, all blocks at once, so the quantized model's
@@ -391,7 +416,6 @@ def tune_end_to_end(model, teacher, spec: ArchSpec, transforms: list[BlockTransf
     for p, _ in frozen:
         p.requires_grad_(False)
     modules: dict[str, _Dequantized] = {}
-    passes: list[float] = []
     try:
         with transforms_applied(model, spec, transforms, vocab) as qweights, \
                 kept_on([*layers, *blocks_of(teacher, spec)], device):
@@ -401,22 +425,8 @@ def tune_end_to_end(model, teacher, spec: ArchSpec, transforms: list[BlockTransf
                 parametrize.register_parametrization(linear, "weight", _Dequantized(qweights[path]))
                 modules[path] = linear.parametrizations.weight[0]
             try:
-                optimizer = torch.optim.Adam([m.gain for m in modules.values()], lr=lr)
-                generator = torch.Generator().manual_seed(0)
-                for epoch in range(epochs):
-                    total = 0.0
-                    for row in torch.randperm(ids.shape[0], generator=generator).tolist():
-                        window = ids[row:row + 1].to(device)
-                        with torch.no_grad():
-                            target = teacher(input_ids=window, use_cache=False).logits
-                        optimizer.zero_grad()
-                        loss = logit_kl(model(input_ids=window, use_cache=False).logits, target)
-                        loss.backward()
-                        optimizer.step()
-                        total += float(loss)
-                    passes.append(total / ids.shape[0])
-                    log(f"end-to-end tuning: pass {epoch + 1} of {epochs}, mean KL {passes[-1]:.5f} "
-                        f"({time.perf_counter() - started:.0f} s)")
+                passes = kl_passes(model, teacher, [m.gain for m in modules.values()], ids, epochs=epochs, lr=lr,
+                                   device=device, log=log)
                 tuned = {path: m.tuned(qweights[path]) for path, m in modules.items()}
             finally:
                 for path in modules:
