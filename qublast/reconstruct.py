@@ -396,7 +396,7 @@ def kl_passes(model, teacher, gains: list[torch.Tensor], ids: torch.Tensor, *, e
             loss = logit_kl(model(input_ids=window, use_cache=False).logits, target)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
         passes.append(total / ids.shape[0])
         log(f"end-to-end tuning: pass {epoch + 1} of {epochs}, mean KL {passes[-1]:.5f} ({time.perf_counter() - started:.0f} s)")
     return passes
