@@ -267,8 +267,9 @@ def calibrate(model, spec: ArchSpec, *, model_info: dict, calib_ids: np.ndarray,
     transforms, vocab, records = builder.build(formats, reconstructed=allocation.get("reconstructed", True))
     if records:
         allocation["reconstruction"] = records
-    if builder.e2e_record(formats, allocation.get("reconstructed", True)):
-        allocation["end_to_end"] = builder.e2e_record(formats, allocation.get("reconstructed", True))
+    e2e = builder.e2e_record(formats, allocation.get("reconstructed", True))
+    if e2e:
+        allocation["end_to_end"] = e2e
     if builder.count:
         costs.update(reconstruction_s=builder.seconds, reconstructions=builder.count)
     if builder.e2e_seconds:
