@@ -139,7 +139,7 @@ def repair(
 
 def spend(formats: list[str], options: list[list[Choice]], history: list[dict], *, max_loss: float,
           measure: Callable[[list[str]], float], tries: int, log: Callable[[str], None] = print,
-          min_saving: float = MIN_SAVING) -> list[str]:
+          min_saving: float = MIN_SAVING, slope: float | None = None) -> list[str]:
     """Two-sided repair: while the measured bound leaves room under ``max_loss``, move to a smaller plan.
 
     The predictions are calibrated by the last accepted measurement (ratio = measured bound /
@@ -150,12 +150,28 @@ def spend(formats: list[str], options: list[list[Choice]], history: list[dict], 
     one) is measured instead: one plan's ratio is a noisy calibration, and the measurement, not
     the prediction, decides. A plan that saves less than ``min_saving`` of the accepted plan's
     bytes is not worth a measurement (after reconstruction each one is a reconstruction too) and
-    counts as no smaller plan. At most ``tries`` measurements; appends each to ``history``."""
+    counts as no smaller plan. At most ``tries`` measurements; appends each to ``history``.
+
+    ``slope`` (measured per predicted nat) replaces the ratio where the accepted plan's own ratio
+    says nothing: after reconstruction, whose gain is an offset (it took a plan at the bound to
+    0.00 measured; the ratio then sends the first try to the smallest plan). The target is then the
+    accepted plan's predicted loss plus the room left over the slope, and once a smaller plan is
+    accepted, the secant between the last two accepted plans (where it is positive) is the slope:
+    measured loss grows ever slower with predicted loss on the plans repair reaches, so the secant
+    behind is the cautious estimate ahead."""
     accepted, ceiling = history[-1], float("inf")  # ceiling: predicted loss of the smallest plan that did not fit
     frontier = pareto_frontier(options)  # bytes ascending, predicted loss descending
+    before = None  # the accepted plan before ``accepted`` (for the secant, with ``slope``)
     for _ in range(tries):
-        ratio = max(accepted["measured"], 1e-9) / max(accepted["predicted"], 1e-9)
-        target = max_loss / ratio
+        if slope is None:
+            ratio = max(accepted["measured"], 1e-9) / max(accepted["predicted"], 1e-9)
+            target = max_loss / ratio
+        else:
+            rate = slope
+            if before is not None and accepted["predicted"] > before["predicted"]:
+                secant = (accepted["measured"] - before["measured"]) / (accepted["predicted"] - before["predicted"])
+                rate = secant if secant > 0 else slope
+            target = accepted["predicted"] + (max_loss - accepted["measured"]) / max(rate, 1e-9)
         if ceiling < float("inf"):
             target = min(target, (accepted["predicted"] + ceiling) / 2)
         worth = accepted["bytes"] * (1 - min_saving)  # a plan must store at most this many bytes
@@ -173,7 +189,7 @@ def spend(formats: list[str], options: list[list[Choice]], history: list[dict], 
         log(f"spend: predicted {step['predicted']:.5f}, measured {step['measured']:.5f} "
             f"({'fits' if step['measured'] <= max_loss else 'over'} {max_loss:.5f}), {step['bytes']} bytes")
         if step["measured"] <= max_loss:
-            accepted = step
+            before, accepted = accepted, step
         else:
             ceiling = step["predicted"]
     history.append({**accepted, "action": "kept"})

@@ -489,9 +489,12 @@ def _allocate(model, spec, options, holdout, cfg: CalibConfig, builder: _Builder
                                    measure=lambda f: measure(f, reconstructed=True), log=log)
             history += [{**step, "action": f"reconstructed {step['action']}"} for step in more[1:]]
         elif reconstructed and cfg.spend_tries:
+            # reconstruction lowered the kept plan's loss by an offset, not a factor: the spend aims with
+            # the measured/predicted ratio the plan had before it (the sweep's own calibration)
+            slope = kept["measured"] / kept["predicted"] if kept["measured"] > 0 and kept["predicted"] > 0 else 1.0
             more = [history[-1]]
             formats = spend(formats, options, more, max_loss=target, measure=lambda f: measure(f, reconstructed=True),
-                            tries=cfg.spend_tries, log=log)
+                            tries=cfg.spend_tries, log=log, slope=slope)
             history += [{**step, "action": f"reconstructed {step['action']}"} for step in more[1:]]
     for step in history:
         shift = shifts[(tuple(step["formats"]), step["action"].startswith("reconstruct"))]

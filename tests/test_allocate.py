@@ -320,6 +320,40 @@ def test_spend_measures_no_plan_that_saves_next_to_nothing():
     assert measured == [11000, 10999] and formats == ["fp16", "b"]
 
 
+def test_spend_after_reconstruction_aims_with_the_slope_not_the_kept_plans_ratio():
+    """Reconstruction takes the kept plan to about zero measured loss (an offset, not a factor), and
+    measured loss grows ever slower with predicted loss (as the twenty-first session measured). Aimed
+    with the kept plan's own ratio (about zero), the first try is the smallest plan, far over the
+    bound; aimed with the slope the plan had before reconstruction, the first try fits. With two
+    tries the slope keeps a smaller plan; the ratio keeps none."""
+    from qublast.allocate import _step, spend
+
+    options = [[Choice("fp16", 100, 0.0), Choice("w8", 50, 0.0005), Choice("w4", 25, 0.002 + 0.0003 * i)]
+               for i in range(30)]
+
+    def measure(formats):  # concave in the prediction, zero at predicted 0.035
+        return 0.07 * (1 - math.exp(-(predicted(formats, options)[1] - 0.035) / 0.04))
+
+    plan = solve_for_loss(options, 0.035)
+    smallest = pareto_frontier(options)[0]
+    kept = {}
+    for slope in (None, 1.2):
+        history = [_step(list(plan.formats), options, measure(list(plan.formats)), action="reconstructed")]
+        assert history[0]["measured"] <= 0
+        formats = spend(list(plan.formats), options, history, max_loss=0.0415, measure=measure, tries=2,
+                        log=lambda _m: None, slope=slope)
+        downs = [h for h in history if h["action"] == "down"]
+        assert 1 <= len(downs) <= 2
+        assert history[-1]["action"] == "kept" and history[-1]["measured"] <= 0.0415
+        assert measure(formats) <= 0.0415
+        kept[slope] = (downs, history[-1]["bytes"])
+    ratio_downs, ratio_bytes = kept[None]
+    slope_downs, slope_bytes = kept[1.2]
+    assert ratio_downs[0]["bytes"] == smallest.bytes and ratio_downs[0]["measured"] > 0.0415
+    assert all(h["measured"] > 0.0415 for h in ratio_downs) and ratio_bytes == plan.bytes
+    assert slope_downs[0]["measured"] <= 0.0415 and slope_bytes < plan.bytes
+
+
 @pytest.mark.parametrize("loss", ["kl", "dce"])
 def test_calibrate_allocates_on_the_chosen_loss(tmp_path, monkeypatch, loss):
     """A block whose dCE is negative (favourable noise) but whose KL is the largest: the KL
